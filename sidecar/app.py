@@ -1,0 +1,73 @@
+"""The sidecar's HTTP app: health and store inspection for one engine.
+
+Routes (all JSON unless noted):
+  ``GET /health``          → ``{"status": "ok", "instance_id", "controller_id"}``
+  ``GET /store``           → store statistics, KV layout and fingerprint
+  ``GET /chunks``          → ``{"chunks": [{"key": hex, "num_tokens"}...]}`` (``?limit=``, default 1000)
+  ``GET /chunks/{key}``    → the chunk's valid bytes, ``application/octet-stream`` (pinned while read)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sidecar.errors import ERROR_HANDLERS, ApiError, json_response
+from vllm_kvmove.store import ChunkMissing
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Sidecar
+
+
+def _key_param(request: Request) -> bytes:
+    raw = request.path_params["key"]
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        raise ApiError("bad_request", f"chunk key must be 32 hex digits, got {raw!r}")
+    return key
+
+
+def create_sidecar_app(sidecar: "Sidecar") -> Starlette:
+    store = sidecar.store
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok", "instance_id": sidecar.config.instance_id,
+                              "controller_id": sidecar.controller_id})
+
+    async def store_info(request: Request) -> Response:
+        return json_response({"instance_id": sidecar.config.instance_id, "location": "LocalCPUBackend",
+                              "fingerprint": sidecar.fingerprint, "layout": sidecar.layout.to_dict(),
+                              **store.stats(), "transfers": dict(sidecar.stats)})
+
+    async def chunks(request: Request) -> Response:
+        raw = request.query_params.get("limit", "1000")
+        if not raw.isdigit():
+            raise ApiError("bad_request", f"limit must be a non-negative integer, got {raw!r}")
+        _, held = store.snapshot()
+        return json_response({"total": len(held), "chunks": [
+            {"key": k.hex(), "num_tokens": n} for k, n in held[:int(raw)]]})
+
+    async def chunk_bytes(request: Request) -> Response:
+        key = _key_param(request)
+        try:
+            (info,) = store.pin([key], checksums=False)
+        except ChunkMissing:
+            raise ApiError("not_found", f"chunk {key.hex()} is not held") from None
+        try:
+            data = store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes()
+        finally:
+            store.unpin([key])
+        return Response(data, media_type="application/octet-stream",
+                        headers={"x-kvmove-num-tokens": str(info.num_tokens)})
+
+    return Starlette(
+        routes=[Route("/health", health), Route("/store", store_info), Route("/chunks", chunks),
+                Route("/chunks/{key}", chunk_bytes)],
+        exception_handlers=ERROR_HANDLERS)

@@ -1,0 +1,564 @@
+"""The kvmove controller: federates the engines' sidecars and runs move jobs.
+
+Contract
+--------
+* One process, one asyncio loop: a Starlette app on uvicorn (HTTP API) plus two ZMQ sockets
+  opened in the app's lifespan — a ROUTER on the reply port (sidecars register, heartbeat,
+  and answer commands on it) and a PULL on the pull port (store events).
+* The index (:class:`ChunkIndex`) — which instance holds which chunk — is built only from
+  sidecar snapshots and sequence-numbered events; ``/lookup`` answers from it without asking
+  any sidecar. A gap in an instance's sequence (or a heartbeat showing events it never got)
+  triggers a :class:`~sidecar.wire.Resync` and a fresh snapshot.
+* A move or copy is a job (:class:`MoveJob`): ``POST /move`` validates, creates the job and
+  answers at once; the job then pins the chunks at the source, has the destination read them
+  over NIXL (the destination verifies checksums before publishing), unpins them, and — for a
+  move only, and only once the destination has them — deletes them at the source. The job's
+  state is one of ``pending``, ``running``, ``done``, ``failed``.
+* Every command to a sidecar carries a request id and a timeout; any number may be in flight
+  to one sidecar. Errors map to HTTP statuses in one place (:mod:`sidecar.errors`).
+
+HTTP routes:
+  ``POST /move``, ``GET /events/{event_id}``, ``POST /check_finish``, ``POST /lookup``,
+  ``GET /instances``, ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import httpx
+import msgspec
+import zmq
+import zmq.asyncio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sidecar import wire
+from sidecar.errors import ERROR_HANDLERS, ApiError, json_response, read_json
+from vllm_kvmove.hashing import ChunkSpan, chunk_spans
+
+logger = logging.getLogger("vllm_kvmove.controller")
+
+MAX_TOKENS = 1 << 20
+# How long a heartbeat may show events we never received before we ask for a snapshot.
+_RESYNC_GRACE_S = 1.0
+_TOKEN_LIMIT = 1 << 31
+
+
+@dataclass
+class ControllerSettings:
+    """Controller options (see ``kvmove-controller --help``)."""
+
+    host: str = "localhost"
+    port: int = 9000
+    pull_port: int = 8300
+    reply_port: int = 8400
+    heartbeat_timeout_s: float = 5.0
+    command_timeout_s: float = 60.0
+    tokenize_timeout_s: float = 10.0
+    max_jobs: int = 10000
+
+
+@dataclass
+class Instance:
+    """What the controller knows of one engine (from its Register and heartbeats)."""
+
+    reg: wire.Register
+    identity: bytes
+    registered_at: float
+    last_heartbeat: float
+    applied_seq: int = 0
+    behind_since: float | None = None
+    num_chunks: int = 0
+    used_bytes: int = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self.reg.instance_id
+
+
+class ChunkIndex:
+    """Which instance holds which chunk: ``key -> {instance_id: num_tokens}``."""
+
+    def __init__(self) -> None:
+        self._holders: dict[bytes, dict[str, int]] = {}
+        self._by_instance: dict[str, set[bytes]] = {}
+
+    def add(self, instance_id: str, key: bytes, num_tokens: int) -> None:
+        self._holders.setdefault(key, {})[instance_id] = num_tokens
+        self._by_instance.setdefault(instance_id, set()).add(key)
+
+    def remove(self, instance_id: str, key: bytes) -> None:
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.pop(instance_id, None)
+            if not holders:
+                del self._holders[key]
+        self._by_instance.get(instance_id, set()).discard(key)
+
+    def replace(self, instance_id: str, chunks: Sequence[wire.ChunkRecord]) -> None:
+        self.drop_instance(instance_id)
+        for c in chunks:
+            self.add(instance_id, c.key, c.num_tokens)
+
+    def drop_instance(self, instance_id: str) -> None:
+        for key in self._by_instance.pop(instance_id, set()):
+            holders = self._holders.get(key)
+            if holders is not None:
+                holders.pop(instance_id, None)
+                if not holders:
+                    del self._holders[key]
+
+    def held_prefix(self, instance_id: str, spans: Sequence[ChunkSpan]) -> int:
+        """Number of leading ``spans`` that ``instance_id`` holds."""
+        n = 0
+        for s in spans:
+            if instance_id not in self._holders.get(s.key, ()):
+                break
+            n += 1
+        return n
+
+    def count(self, instance_id: str) -> int:
+        return len(self._by_instance.get(instance_id, ()))
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+
+@dataclass
+class MoveJob:
+    """One move or copy of a prefix's chunks from ``source`` to ``destination``."""
+
+    event_id: str
+    kind: str
+    source: str
+    destination: str
+    keys: list[bytes]
+    num_tokens: int
+    status: str = "pending"
+    bytes: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    def to_status(self) -> wire.MoveStatus:
+        end = self.ended if self.ended is not None else time.monotonic()
+        return wire.MoveStatus(
+            event_id=self.event_id, status=self.status, kind=self.kind, source=self.source,
+            destination=self.destination, num_tokens=self.num_tokens, num_chunks=len(self.keys),
+            bytes=self.bytes, elapsed_s=round(end - self.created, 6), error=self.error)
+
+
+class Controller:
+    """State and protocol of the controller; the HTTP app is a thin layer over it."""
+
+    def __init__(self, settings: ControllerSettings):
+        self.settings = settings
+        self.controller_id = uuid.uuid4().hex
+        self.instances: dict[str, Instance] = {}
+        self.index = ChunkIndex()
+        self.jobs: OrderedDict[str, MoveJob] = OrderedDict()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._req_ids = itertools.count(1)
+        self._router: zmq.asyncio.Socket | None = None
+        self._pull: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._job_tasks: set[asyncio.Task] = set()
+        self._http: httpx.AsyncClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        host = "127.0.0.1" if self.settings.host == "localhost" else self.settings.host
+        self._router = ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted sidecar takes its name back
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(f"tcp://{host}:{self.settings.reply_port}")
+        self._pull = ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(f"tcp://{host}:{self.settings.pull_port}")
+        self._http = httpx.AsyncClient(timeout=self.settings.tokenize_timeout_s)
+        self._tasks = [asyncio.create_task(self._router_loop()),
+                       asyncio.create_task(self._pull_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks + list(self._job_tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._job_tasks, return_exceptions=True)
+        for s in (self._router, self._pull):
+            if s is not None:
+                s.close(0)
+        if self._http is not None:
+            await self._http.aclose()
+
+    # -- sidecar protocol ------------------------------------------------------------------
+    async def _send(self, identity: bytes, msg: Any) -> None:
+        assert self._router is not None
+        try:
+            await self._router.send_multipart([identity, wire.sidecar_encoder.encode(msg)],
+                                              flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity, e)
+
+    async def _router_loop(self) -> None:
+        assert self._router is not None
+        while True:
+            identity, raw = await self._router.recv_multipart()
+            try:
+                msg = wire.sidecar_msg_decoder.decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("dropping undecodable message from %r", identity)
+                continue
+            try:
+                await self._on_sidecar_message(identity, msg)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the controller
+                logger.exception("error handling %s from %r", type(msg).__name__, identity)
+
+    async def _on_sidecar_message(self, identity: bytes, msg: Any) -> None:
+        now = time.monotonic()
+        if isinstance(msg, wire.Reply):
+            fut = self._pending.pop(msg.req_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        if isinstance(msg, wire.Register):
+            if msg.protocol != wire.PROTOCOL_VERSION or identity != msg.instance_id.encode():
+                logger.warning("refusing registration of %r (protocol %d)", identity, msg.protocol)
+                return
+            old = self.instances.get(msg.instance_id)
+            self.instances[msg.instance_id] = Instance(msg, identity, now, now)
+            if old is not None and old.reg.pid != msg.pid:
+                self.index.drop_instance(msg.instance_id)
+            logger.info("instance %s registered (engine %s, sidecar %s)", msg.instance_id,
+                        msg.engine_url, msg.sidecar_url)
+            await self._send(identity, wire.RegisterAck(self.controller_id))
+            return
+        inst = self.instances.get(identity.decode(errors="replace"))
+        if inst is None:
+            await self._send(identity, wire.Resync("unknown instance"))
+            return
+        if isinstance(msg, wire.Snapshot):
+            self.index.replace(inst.instance_id, msg.chunks)
+            inst.applied_seq, inst.behind_since = msg.seq, None
+            inst.num_chunks = len(msg.chunks)
+        elif isinstance(msg, wire.Heartbeat):
+            inst.last_heartbeat = now
+            inst.num_chunks, inst.used_bytes = msg.num_chunks, msg.used_bytes
+            if msg.seq == inst.applied_seq:
+                inst.behind_since = None
+            elif msg.seq < inst.applied_seq:
+                await self._send(identity, wire.Resync("store sequence went backwards"))
+            elif inst.behind_since is None:
+                inst.behind_since = now  # events may still be in flight on the other socket
+            elif now - inst.behind_since > _RESYNC_GRACE_S:
+                inst.behind_since = None
+                await self._send(identity, wire.Resync("missed store events"))
+
+    async def _pull_loop(self) -> None:
+        assert self._pull is not None
+        while True:
+            raw = await self._pull.recv()
+            try:
+                batch = wire.event_batch_decoder.decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("dropping undecodable event batch")
+                continue
+            inst = self.instances.get(batch.instance_id)
+            if inst is None:
+                continue  # not registered yet: its snapshot will cover these
+            for ev in batch.events:
+                if ev.seq <= inst.applied_seq:
+                    continue  # already covered by a snapshot
+                if ev.seq != inst.applied_seq + 1:
+                    logger.warning("instance %s: event gap (%d after %d); resyncing",
+                                   inst.instance_id, ev.seq, inst.applied_seq)
+                    await self._send(inst.identity, wire.Resync("event gap"))
+                    break
+                if ev.kind == "admit":
+                    self.index.add(inst.instance_id, ev.key, ev.num_tokens)
+                else:
+                    self.index.remove(inst.instance_id, ev.key)
+                inst.applied_seq = ev.seq
+
+    async def command(self, instance_id: str, msg: Any, timeout: float | None = None) -> wire.Reply:
+        """Send one command (its ``req_id`` is assigned here) and await the reply.
+
+        Returns a failed :class:`~sidecar.wire.Reply` of kind ``timeout`` or ``unavailable``
+        instead of raising, so jobs can report the cause.
+        """
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return wire.Reply(req_id=0, ok=False, error_kind="unavailable",
+                              error=f"instance {instance_id} is not registered")
+        msg.req_id = next(self._req_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[msg.req_id] = fut
+        await self._send(inst.identity, msg)
+        timeout = self.settings.command_timeout_s if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return wire.Reply(req_id=msg.req_id, ok=False, error_kind="timeout",
+                              error=f"{type(msg).__name__} to {instance_id}: no answer in {timeout} s")
+        finally:
+            self._pending.pop(msg.req_id, None)
+
+    # -- queries ---------------------------------------------------------------------------
+    def is_up(self, inst: Instance) -> bool:
+        return time.monotonic() - inst.last_heartbeat <= self.settings.heartbeat_timeout_s
+
+    def instance(self, instance_id: str) -> Instance:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            known = ", ".join(sorted(self.instances)) or "none"
+            raise ApiError("not_found", f"unknown instance {instance_id!r} (registered: {known})")
+        return inst
+
+    async def tokens_of(self, tokens: list[int] | None, prompt: str | None,
+                        tokenizer: Instance | None) -> list[int]:
+        """Validate ``tokens``, or tokenize ``prompt`` through an engine's own ``/tokenize``."""
+        if (tokens is None) == (prompt is None):
+            raise ApiError("bad_request", "give exactly one of 'tokens' and 'prompt'")
+        if tokens is not None:
+            if not tokens:
+                raise ApiError("bad_request", "'tokens' is empty")
+            if len(tokens) > MAX_TOKENS:
+                raise ApiError("bad_request", f"'tokens' has {len(tokens)} ids; at most {MAX_TOKENS}")
+            for i, t in enumerate(tokens):
+                if not 0 <= t < _TOKEN_LIMIT:
+                    raise ApiError("bad_request", f"tokens[{i}] = {t} is not a valid token id")
+            return tokens
+        if not prompt:
+            raise ApiError("bad_request", "'prompt' is empty")
+        if tokenizer is None:
+            raise ApiError("unavailable", "no registered engine to tokenize the prompt")
+        assert self._http is not None
+        url = tokenizer.reg.engine_url.rstrip("/") + "/tokenize"
+        try:
+            r = await self._http.post(url, json={"prompt": prompt})
+        except httpx.HTTPError as e:
+            raise ApiError("unavailable", f"cannot tokenize through {url}: {e}") from None
+        if r.status_code != 200:
+            raise ApiError("unavailable", f"{url} answered {r.status_code}: {r.text[:200]}")
+        try:
+            return list(r.json()["tokens"])
+        except (ValueError, KeyError, TypeError):
+            raise ApiError("unavailable", f"{url} returned no token list") from None
+
+    def lookup(self, tokens: list[int]) -> dict[str, int]:
+        """Matched prefix tokens per instance that holds at least one chunk of ``tokens``."""
+        spans_by_fp: dict[tuple[str, int], list[ChunkSpan]] = {}
+        out: dict[str, int] = {}
+        for iid, inst in self.instances.items():
+            fp = (inst.reg.fingerprint, inst.reg.chunk_size)
+            spans = spans_by_fp.get(fp)
+            if spans is None:
+                spans = spans_by_fp[fp] = chunk_spans(tokens, fp[1], fp[0])
+            n = self.index.held_prefix(iid, spans)
+            if n:
+                out[iid] = spans[n - 1].end
+        return out
+
+    # -- jobs ------------------------------------------------------------------------------
+    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool) -> MoveJob:
+        """Validate a move and start its job. Raises ApiError; changes nothing on error."""
+        if src.instance_id == dst.instance_id:
+            raise ApiError("bad_request", "source and destination are the same instance")
+        for inst, role in ((src, "source"), (dst, "destination")):
+            if not self.is_up(inst):
+                raise ApiError("unavailable", f"{role} instance {inst.instance_id} is down "
+                                              f"(no heartbeat for {self.settings.heartbeat_timeout_s} s)")
+        if src.reg.fingerprint != dst.reg.fingerprint:
+            diffs = [f"{k}: {src.reg.layout.get(k)!r} != {dst.reg.layout.get(k)!r}"
+                     for k in sorted(set(src.reg.layout) | set(dst.reg.layout))
+                     if src.reg.layout.get(k) != dst.reg.layout.get(k)]
+            raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
+                                           f"compatible: {'; '.join(diffs) or 'fingerprints differ'}")
+        spans = chunk_spans(tokens, src.reg.chunk_size, src.reg.fingerprint)
+        n = self.index.held_prefix(src.instance_id, spans)
+        if n == 0:
+            raise ApiError("not_found", f"{src.instance_id} holds no KV for a prefix of these "
+                                        f"{len(tokens)} tokens")
+        job = MoveJob(uuid.uuid4().hex, "copy" if copy else "move", src.instance_id,
+                      dst.instance_id, [s.key for s in spans[:n]], spans[n - 1].end)
+        self.jobs[job.event_id] = job
+        while len(self.jobs) > self.settings.max_jobs:
+            old_id, old = next(iter(self.jobs.items()))
+            if old.status not in wire.FINAL_STATES:
+                break
+            del self.jobs[old_id]
+        task = asyncio.create_task(self._run_job(job))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
+        return job
+
+    async def _run_job(self, job: MoveJob) -> None:
+        job.status = "running"
+        try:
+            job.error = await self._transfer(job)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("job %s crashed", job.event_id)
+            job.error = f"internal error: {type(e).__name__}: {e}"
+        job.status = "failed" if job.error else "done"
+        job.ended = time.monotonic()
+        logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
+                    job.destination, job.status, job.bytes, job.ended - job.created,
+                    f" ({job.error})" if job.error else "")
+
+    async def _transfer(self, job: MoveJob) -> str | None:
+        """Run the job's steps; return None on success or the cause of failure."""
+        src, dst = self.instances.get(job.source), self.instances.get(job.destination)
+        if src is None or dst is None:
+            return "an instance unregistered before the job started"
+        pin = await self.command(job.source, wire.PinChunks(0, job.keys))
+        if not pin.ok:
+            return f"pin at {job.source} failed: {pin.error}"
+        fetched = False
+        try:
+            peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url)
+            fetch = await self.command(job.destination, wire.FetchChunks(0, peer, pin.chunks))
+            if not fetch.ok:
+                return f"fetch at {job.destination} failed ({fetch.error_kind}): {fetch.error}"
+            job.bytes, fetched = fetch.bytes, True
+            if job.kind == "move":
+                # Only now that the destination holds every chunk may the source let go.
+                delete = await self.command(job.source, wire.DeleteChunks(0, job.keys))
+                if not delete.ok:
+                    return f"destination holds the KV, but delete at {job.source} failed: {delete.error}"
+        finally:
+            unpin = await self.command(job.source, wire.UnpinChunks(0, job.keys))
+            if not unpin.ok:
+                logger.warning("unpin at %s failed after job %s: %s", job.source, job.event_id,
+                               unpin.error)
+        return None if fetched else "fetch did not complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP app
+# ---------------------------------------------------------------------------------------------
+def _position(pos: tuple[str, str], what: str, ctl: Controller) -> Instance:
+    instance_id, location = pos
+    inst = ctl.instance(instance_id)
+    if location != wire.LOCATION:
+        raise ApiError("bad_request", f"{what}: unknown location {location!r}; "
+                                      f"vllm-kvmove stores KV in {wire.LOCATION!r}")
+    return inst
+
+
+def create_controller_app(settings: ControllerSettings | None = None) -> Starlette:
+    """Build the controller's Starlette app; sockets open and close with its lifespan."""
+    ctl = Controller(settings or ControllerSettings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await ctl.start()
+        try:
+            yield
+        finally:
+            await ctl.stop()
+
+    async def move(request: Request) -> Response:
+        body = await read_json(request, wire.MoveRequest)
+        src = _position(body.old_position, "old_position", ctl)
+        dst = _position(body.new_position, "new_position", ctl)
+        tokens = await ctl.tokens_of(body.tokens, body.prompt, src)
+        copy = bool(body.copy if body.copy is not None else body.should_copy)
+        job = ctl.create_move(src, dst, tokens, copy)
+        return json_response(wire.MoveResponse(job.num_tokens, job.event_id))
+
+    def _job(event_id: str) -> MoveJob:
+        job = ctl.jobs.get(event_id)
+        if job is None:
+            raise ApiError("not_found", f"unknown event_id {event_id!r}")
+        return job
+
+    async def event(request: Request) -> Response:
+        return json_response(_job(request.path_params["event_id"]).to_status())
+
+    async def check_finish(request: Request) -> Response:
+        body = await read_json(request, wire.EventIdRequest)
+        return json_response(_job(body.event_id).to_status())
+
+    async def lookup(request: Request) -> Response:
+        body = await read_json(request, wire.LookupRequest)
+        tokenizer = None
+        if body.prompt is not None:
+            if body.instance_id is not None:
+                tokenizer = ctl.instance(body.instance_id)
+            else:
+                tokenizer = next((i for i in ctl.instances.values() if ctl.is_up(i)), None)
+        tokens = await ctl.tokens_of(body.tokens, body.prompt, tokenizer)
+        matched = ctl.lookup(tokens)
+        return json_response({"event_id": uuid.uuid4().hex, "layout_info": {
+            iid: [wire.LOCATION, n] for iid, n in matched.items()}})
+
+    async def instances(request: Request) -> Response:
+        now = time.monotonic()
+        return json_response({"instances": [{
+            "instance_id": i.instance_id, "up": ctl.is_up(i), "engine_url": i.reg.engine_url,
+            "sidecar_url": i.reg.sidecar_url, "p2p_url": i.reg.p2p_url, "model": i.reg.model,
+            "fingerprint": i.reg.fingerprint, "layout": i.reg.layout,
+            "chunk_size": i.reg.chunk_size, "num_chunks": ctl.index.count(i.instance_id),
+            "used_bytes": i.used_bytes, "capacity_bytes": i.reg.capacity_bytes,
+            "last_heartbeat_s_ago": round(now - i.last_heartbeat, 3)}
+            for i in ctl.instances.values()]})
+
+    async def health(request: Request) -> Response:
+        up = sum(1 for i in ctl.instances.values() if ctl.is_up(i))
+        return json_response({"status": "ok", "controller_id": ctl.controller_id,
+                              "instances": len(ctl.instances), "instances_up": up,
+                              "chunks_indexed": len(ctl.index)})
+
+    app = Starlette(
+        routes=[Route("/move", move, methods=["POST"]),
+                Route("/events/{event_id}", event, methods=["GET"]),
+                Route("/check_finish", check_finish, methods=["POST"]),
+                Route("/lookup", lookup, methods=["POST"]),
+                Route("/instances", instances, methods=["GET"]),
+                Route("/health", health, methods=["GET"])],
+        exception_handlers=ERROR_HANDLERS, lifespan=lifespan)
+    app.state.controller = ctl
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``kvmove-controller``."""
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="kvmove-controller",
+                                description="Federate vllm-kvmove sidecars and move KV between engines.")
+    p.add_argument("--host", default="localhost", help="interface for HTTP and ZMQ (default localhost)")
+    p.add_argument("--port", type=int, default=9000, help="HTTP port (default 9000)")
+    p.add_argument("--monitor-ports", default='{"pull": 8300, "reply": 8400}',
+                   help='JSON {"pull": PORT, "reply": PORT}: ZMQ ports sidecars connect to')
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds without heartbeat before an instance counts as down")
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    try:
+        ports = json.loads(a.monitor_ports)
+        pull, reply = int(ports["pull"]), int(ports["reply"])
+    except (ValueError, KeyError, TypeError):
+        p.error('--monitor-ports must be JSON like {"pull": 8300, "reply": 8400}')
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ControllerSettings(host=a.host, port=a.port, pull_port=pull, reply_port=reply,
+                                  heartbeat_timeout_s=a.heartbeat_timeout)
+    uvicorn.run(create_controller_app(settings), host=a.host, port=a.port,
+                log_level=a.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

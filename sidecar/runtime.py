@@ -1,0 +1,303 @@
+"""The per-engine sidecar: control-plane agent living in the engine's worker process.
+
+Contract
+--------
+* Started by the connector's worker side, once the store exists: :func:`start_sidecar`. It
+  runs on one daemon thread with its own asyncio loop and never calls into vLLM, so the
+  engine's forward pass only ever competes with it for the GIL, briefly.
+* It owns the engine's :class:`~vllm_kvmove.transfer.NixlTransfer` (created on the sidecar
+  thread: ~0.45 s that engine start-up does not wait for) and three sockets:
+    - DEALER to the controller's ROUTER (``controller_reply_url``): :class:`~sidecar.wire.Register`
+      and :class:`~sidecar.wire.Snapshot` on start and on every :class:`~sidecar.wire.Resync`,
+      a :class:`~sidecar.wire.Heartbeat` every ``heartbeat_interval_s``, and one
+      :class:`~sidecar.wire.Reply` per command. Commands run concurrently, each in its own task.
+    - PUSH to the controller's PULL (``controller_pull_url``): store events in batches, every
+      20 ms and right before a command's reply (so the controller's index is current when it
+      learns the command finished).
+    - the NIXL metadata server (inside ``NixlTransfer``).
+  Sends never block: while the controller is away they are dropped, and the controller heals
+  the gap with a resync when it (re)appears. Engines may therefore start before or after
+  the controller, and survive its restarts.
+* HTTP (``sidecar_host:sidecar_port``, :mod:`sidecar.app`): health and store info.
+* Commands touch the store only through its public, thread-safe API. A fetch publishes
+  nothing unless every chunk arrived and matched its checksum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from sidecar import wire
+from vllm_kvmove.config import KVMoveConfig
+from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.store import ChunkStore, StoreError, crc32
+from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError
+
+logger = logging.getLogger("vllm_kvmove.sidecar")
+
+_EVENT_PERIOD_S = 0.02
+
+
+class IntegrityError(Exception):
+    kind = "integrity"
+
+
+class CommandError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _tcp(url: str) -> str:
+    return url if "://" in url else f"tcp://{url}"
+
+
+class Sidecar:
+    """One engine's sidecar. See the module docstring.
+
+    Args:
+        config: the engine's kvmove config.
+        store: the engine's chunk store.
+        layout: the engine's KV layout.
+    """
+
+    def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout):
+        self.config = config
+        self.store = store
+        self.layout = layout
+        self.fingerprint = layout.fingerprint()
+        self.transfer: NixlTransfer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ready = threading.Event()
+        self.controller_id: str | None = None
+        self.stats = {"fetches": 0, "fetch_failures": 0, "bytes_in": 0, "pins": 0}
+        self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
+        self._stopping: asyncio.Event | None = None
+        self._server: Any = None
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._push: zmq.asyncio.Socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._event_lock: asyncio.Lock | None = None
+
+    @property
+    def sidecar_url(self) -> str:
+        host = "127.0.0.1" if self.config.sidecar_host in ("0.0.0.0", "") else self.config.sidecar_host
+        return f"http://{host}:{self.config.sidecar_port}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Sidecar":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and close sockets; safe to call twice."""
+        loop, stopping = self.loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
+        self._thread.join(timeout=timeout)
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:  # noqa: BLE001 - the engine must keep serving without its sidecar
+            logger.exception("kvmove sidecar stopped with an error")
+
+    async def _main(self) -> None:
+        import uvicorn
+
+        from sidecar.app import create_sidecar_app
+
+        self.loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._event_lock = asyncio.Lock()
+        cfg = self.config
+        self.transfer = await asyncio.to_thread(
+            NixlTransfer, cfg.instance_id, self.store.base_addr, self.store.pool_bytes,
+            cfg.p2p_host, cfg.p2p_init_port)
+        ctx = zmq.asyncio.Context.instance()
+        if cfg.controller_reply_url:
+            self._dealer = ctx.socket(zmq.DEALER)
+            self._dealer.setsockopt(zmq.IDENTITY, cfg.instance_id.encode())
+            self._dealer.setsockopt(zmq.IMMEDIATE, 1)
+            self._dealer.setsockopt(zmq.LINGER, 0)
+            self._dealer.connect(_tcp(cfg.controller_reply_url))
+        if cfg.controller_pull_url:
+            self._push = ctx.socket(zmq.PUSH)
+            self._push.setsockopt(zmq.IMMEDIATE, 1)
+            self._push.setsockopt(zmq.LINGER, 0)
+            self._push.connect(_tcp(cfg.controller_pull_url))
+        app = create_sidecar_app(self)
+        self._server = uvicorn.Server(uvicorn.Config(
+            app, host=cfg.sidecar_host, port=cfg.sidecar_port, log_level="warning",
+            lifespan="off", access_log=False))
+        serve = asyncio.create_task(self._server.serve())
+        loops = [asyncio.create_task(c) for c in (self._recv_loop(), self._heartbeat_loop(),
+                                                  self._event_loop())]
+        await self._send_registration()
+        self.ready.set()
+        logger.info("kvmove sidecar %s: http %s, nixl %s, controller %s", cfg.instance_id,
+                    self.sidecar_url, self.transfer.p2p_url, cfg.controller_reply_url or "none")
+        await self._stopping.wait()
+        self._server.should_exit = True
+        for t in loops + list(self._tasks):
+            t.cancel()
+        await asyncio.gather(serve, *loops, return_exceptions=True)
+        for s in (self._dealer, self._push):
+            if s is not None:
+                s.close(0)
+        self.transfer.close()
+
+    # -- sending ---------------------------------------------------------------------------
+    async def _send(self, sock: zmq.asyncio.Socket | None, msg: Any) -> bool:
+        if sock is None:
+            return False
+        try:
+            await sock.send(wire.sidecar_encoder.encode(msg), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False  # controller away: dropped; the resync protocol heals the gap
+
+    async def _send_registration(self) -> None:
+        cfg, store = self.config, self.store
+        assert self.transfer is not None
+        reg = wire.Register(
+            instance_id=cfg.instance_id, engine_url=cfg.engine_url, sidecar_url=self.sidecar_url,
+            p2p_url=self.transfer.p2p_url, agent_name=self.transfer.agent_name,
+            model=self.layout.model, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
+            chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
+            pid=os.getpid())
+        async with self._event_lock:  # no event batch may slip between snapshot and its seq
+            seq, chunks = store.snapshot()
+            store.drain_events()  # covered by the snapshot
+            if await self._send(self._dealer, reg):
+                await self._send(self._dealer, wire.Snapshot(
+                    cfg.instance_id, seq, [wire.ChunkRecord(k, n) for k, n in chunks]))
+
+    async def flush_events(self) -> None:
+        """Push every buffered store event to the controller now."""
+        async with self._event_lock:
+            events = self.store.drain_events()
+            if events:
+                await self._send(self._push, wire.EventBatch(self.config.instance_id, [
+                    wire.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events]))
+
+    async def _event_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_EVENT_PERIOD_S)
+            await self.flush_events()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            st = self.store.stats()
+            await self._send(self._dealer, wire.Heartbeat(
+                self.config.instance_id, st["seq"], st["num_chunks"], st["used_bytes"],
+                st["capacity_bytes"]))
+
+    # -- commands --------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        if self._dealer is None:
+            return
+        while True:
+            raw = await self._dealer.recv()
+            try:
+                msg = wire.controller_msg_decoder.decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("dropping undecodable controller message (%d bytes)", len(raw))
+                continue
+            if isinstance(msg, wire.RegisterAck):
+                self.controller_id = msg.controller_id
+            elif isinstance(msg, wire.Resync):
+                await self._send_registration()
+            else:
+                task = asyncio.create_task(self._run_command(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run_command(self, msg: Any) -> None:
+        try:
+            reply = await self.execute(msg)
+        except (StoreError, TransferError, IntegrityError, CommandError) as e:
+            reply = wire.Reply(req_id=msg.req_id, ok=False, error_kind=e.kind, error=str(e))
+        except Exception as e:  # noqa: BLE001
+            logger.exception("command %s failed", type(msg).__name__)
+            reply = wire.Reply(req_id=msg.req_id, ok=False, error_kind="internal",
+                               error=f"{type(e).__name__}: {e}")
+        await self.flush_events()
+        await self._send(self._dealer, reply)
+
+    async def execute(self, msg: Any) -> wire.Reply:
+        """Run one command against the store / transfer layer and build its reply."""
+        store = self.store
+        if isinstance(msg, wire.PinChunks):
+            infos = await asyncio.to_thread(store.pin, msg.keys)
+            self.stats["pins"] += len(infos)
+            base = store.base_addr
+            return wire.Reply(req_id=msg.req_id, ok=True, count=len(infos), chunks=[
+                wire.ChunkDesc(i.key, i.num_tokens, base + i.offset, i.nbytes, i.checksum)
+                for i in infos])
+        if isinstance(msg, wire.UnpinChunks):
+            store.unpin(msg.keys)
+            return wire.Reply(req_id=msg.req_id, ok=True, count=len(msg.keys))
+        if isinstance(msg, wire.DeleteChunks):
+            return wire.Reply(req_id=msg.req_id, ok=True, count=store.delete(msg.keys))
+        if isinstance(msg, wire.FetchChunks):
+            try:
+                nbytes, count = await asyncio.to_thread(self._fetch, msg)
+            except Exception:
+                self.stats["fetch_failures"] += 1
+                raise
+            self.stats["fetches"] += 1
+            self.stats["bytes_in"] += nbytes
+            return wire.Reply(req_id=msg.req_id, ok=True, count=count, bytes=nbytes)
+        raise CommandError("bad_request", f"unknown command {type(msg).__name__}")
+
+    def _fetch(self, msg: wire.FetchChunks) -> tuple[int, int]:
+        """Read, verify and publish chunks from a peer (runs on a worker thread)."""
+        store, layout, transfer = self.store, self.layout, self.transfer
+        assert transfer is not None
+        timeout = self.config.command_timeout_s
+        for c in msg.chunks:
+            if not 0 < c.num_tokens <= layout.chunk_size or c.nbytes != layout.valid_bytes(c.num_tokens):
+                raise CommandError("incompatible",
+                                   f"chunk {c.key.hex()}: {c.nbytes} bytes for {c.num_tokens} "
+                                   f"tokens does not fit this engine's layout")
+        transfer.connect_peer(msg.source.agent_name, msg.source.p2p_url, timeout)
+        reserved: list[tuple[wire.ChunkDesc, int]] = []
+        try:
+            for c in msg.chunks:
+                slot = store.reserve(c.key, c.num_tokens)
+                if slot is not None:
+                    reserved.append((c, slot * store.slot_bytes))
+            ranges = [ReadRange(c.addr, store.base_addr + off, c.nbytes) for c, off in reserved]
+            try:
+                moved = transfer.read(msg.source.agent_name, ranges, timeout)
+            except TransferError:
+                transfer.forget_peer(msg.source.agent_name)  # re-handshake next time
+                raise
+            for c, off in reserved:
+                got = crc32(store.pool[off:off + c.nbytes])
+                if got != c.checksum:
+                    raise IntegrityError(
+                        f"chunk {c.key.hex()} from {msg.source.instance_id}: checksum "
+                        f"{got:08x} != {c.checksum:08x}")
+        except BaseException:
+            for c, _ in reserved:
+                store.abort(c.key)
+            raise
+        for c, _ in reserved:
+            store.commit(c.key, c.checksum)
+        return moved, len(reserved)
+
+
+def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout) -> Sidecar:
+    """Start the sidecar of this engine on its own thread; returns at once."""
+    return Sidecar(config, store, layout).start()

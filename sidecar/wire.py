@@ -1,0 +1,324 @@
+"""Wire types shared by the sidecar and the controller.
+
+Two transports, one set of types:
+
+* **ZMQ, msgpack** (tagged ``msgspec.Struct`` unions, the tag is the class name):
+    - sidecar DEALER → controller ROUTER (``controller_reply_url``, seed :8400):
+      :data:`SidecarMessage` — registration, snapshots, heartbeats and command replies;
+    - controller ROUTER → sidecar DEALER: :data:`ControllerMessage` — acks, resync requests and
+      commands, each command carrying a ``req_id`` that its :class:`Reply` echoes, so any number
+      of commands can be in flight to one sidecar at once;
+    - sidecar PUSH → controller PULL (``controller_pull_url``, seed :8300): :class:`EventBatch`.
+* **HTTP, JSON**: the controller's request and response bodies (``*Request``/``*Response``),
+  decoded strictly (unknown fields are ignored, wrong types are a 400 that names the field).
+
+Sequence numbers: each store numbers its admit/evict events 1, 2, 3... without gaps. A
+heartbeat and a snapshot carry the store's latest ``seq``; a controller that sees an event
+batch start past ``last_seq + 1``, or a heartbeat ahead of what it applied, asks for a
+:class:`Resync`, and rebuilds that instance's holdings from the :class:`Snapshot`.
+
+Keys are 16-byte chunk keys (:mod:`vllm_kvmove.hashing`): raw bytes over msgpack, lowercase
+hex over JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+LOCATION = "LocalCPUBackend"
+
+# The states a move job can be in; "done" and "failed" are final.
+JobStatus = Literal["pending", "running", "done", "failed"]
+FINAL_STATES = frozenset({"done", "failed"})
+
+
+class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecar → controller (DEALER → ROUTER)
+# ---------------------------------------------------------------------------------------------
+class Register(_Tagged):
+    """A sidecar announces itself (on start, and whenever the controller asks to resync).
+
+    Attributes:
+        instance_id: the engine's name, unique in the fleet.
+        engine_url: base URL of the engine's OpenAI server (for ``/tokenize``).
+        sidecar_url: base URL of the sidecar's HTTP app.
+        p2p_url: ``host:port`` of the NIXL metadata server.
+        agent_name: NIXL agent name.
+        model: model identity served by the engine.
+        fingerprint: KV-compatibility fingerprint (``KVLayout.fingerprint()``).
+        layout: every field of the engine's ``KVLayout``.
+        chunk_size: tokens per chunk.
+        capacity_bytes: store capacity.
+        pid: worker process id (diagnostics).
+        protocol: wire protocol version.
+    """
+
+    instance_id: str
+    engine_url: str
+    sidecar_url: str
+    p2p_url: str
+    agent_name: str
+    model: str
+    fingerprint: str
+    layout: dict[str, str | int]
+    chunk_size: int
+    capacity_bytes: int
+    pid: int
+    protocol: int = PROTOCOL_VERSION
+
+
+class ChunkRecord(msgspec.Struct, array_like=True):
+    """A chunk a store holds: ``[key, num_tokens]``."""
+
+    key: bytes
+    num_tokens: int
+
+
+class Snapshot(_Tagged):
+    """Everything a store holds, consistent with its event ``seq``.
+
+    Attributes:
+        instance_id: sender.
+        seq: the store's last event sequence number when the snapshot was taken.
+        chunks: every ready chunk.
+    """
+
+    instance_id: str
+    seq: int
+    chunks: list[ChunkRecord]
+
+
+class Heartbeat(_Tagged):
+    """Liveness and store summary, every ``heartbeat_interval_s``.
+
+    Attributes:
+        instance_id: sender.
+        seq: the store's last event sequence number.
+        num_chunks: chunks held.
+        used_bytes: pool bytes in use.
+        capacity_bytes: pool size.
+    """
+
+    instance_id: str
+    seq: int
+    num_chunks: int
+    used_bytes: int
+    capacity_bytes: int
+
+
+class ChunkDesc(msgspec.Struct, array_like=True):
+    """A pinned chunk at a source, as needed to read it.
+
+    Attributes:
+        key: chunk key.
+        num_tokens: tokens in the chunk.
+        addr: address of its bytes in the source's registered pool.
+        nbytes: valid bytes (contiguous).
+        checksum: CRC-32 of those bytes.
+    """
+
+    key: bytes
+    num_tokens: int
+    addr: int
+    nbytes: int
+    checksum: int
+
+
+class Reply(_Tagged):
+    """Answer to one command.
+
+    Attributes:
+        req_id: the command's ``req_id``.
+        ok: whether it succeeded.
+        error_kind: on failure, a key of the controller's error map (e.g. ``"not_found"``).
+        error: on failure, a human-readable cause.
+        chunks: for :class:`PinChunks`, the pinned chunks in request order.
+        count: chunks affected (pin, unpin, delete, fetch).
+        bytes: bytes moved (fetch).
+    """
+
+    req_id: int
+    ok: bool
+    error_kind: str = ""
+    error: str = ""
+    chunks: list[ChunkDesc] = []
+    count: int = 0
+    bytes: int = 0
+
+
+SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply]
+
+
+# ---------------------------------------------------------------------------------------------
+# Controller → sidecar (ROUTER → DEALER)
+# ---------------------------------------------------------------------------------------------
+class RegisterAck(_Tagged):
+    """The controller accepted a :class:`Register`. ``controller_id`` changes per restart."""
+
+    controller_id: str
+
+
+class Resync(_Tagged):
+    """Send :class:`Register` and :class:`Snapshot` again (gap seen, or unknown sender)."""
+
+    reason: str = ""
+
+
+class PinChunks(_Tagged):
+    """Pin chunks (all or none) and describe them; a pinned chunk is never evicted."""
+
+    req_id: int
+    keys: list[bytes]
+
+
+class UnpinChunks(_Tagged):
+    """Release one pin per key."""
+
+    req_id: int
+    keys: list[bytes]
+
+
+class DeleteChunks(_Tagged):
+    """Delete chunks (a pinned chunk goes at its last unpin)."""
+
+    req_id: int
+    keys: list[bytes]
+
+
+class PeerInfo(msgspec.Struct):
+    """How to reach another sidecar's NIXL agent."""
+
+    instance_id: str
+    agent_name: str
+    p2p_url: str
+
+
+class FetchChunks(_Tagged):
+    """Read pinned chunks from ``source`` into this store; verify; then publish them.
+
+    Chunks this store already holds are skipped. On any failure nothing is published.
+    """
+
+    req_id: int
+    source: PeerInfo
+    chunks: list[ChunkDesc]
+
+
+ControllerMessage = Union[RegisterAck, Resync, PinChunks, UnpinChunks, DeleteChunks, FetchChunks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecar → controller (PUSH → PULL)
+# ---------------------------------------------------------------------------------------------
+class StoreEventMsg(msgspec.Struct, array_like=True):
+    """One store change: ``[seq, kind, key, num_tokens]``; ``kind`` is "admit" or "evict"."""
+
+    seq: int
+    kind: Literal["admit", "evict"]
+    key: bytes
+    num_tokens: int
+
+
+class EventBatch(_Tagged):
+    """Store events in ``seq`` order."""
+
+    instance_id: str
+    events: list[StoreEventMsg]
+
+
+# ---------------------------------------------------------------------------------------------
+# Controller HTTP API (JSON)
+# ---------------------------------------------------------------------------------------------
+class MoveRequest(msgspec.Struct, forbid_unknown_fields=False):
+    """``POST /move``. Exactly one of ``tokens`` and ``prompt``.
+
+    Attributes:
+        old_position: ``[instance_id, location]`` of the source.
+        new_position: ``[instance_id, location]`` of the destination.
+        tokens: prompt token ids.
+        prompt: prompt text, tokenized by the source engine's ``/tokenize``.
+        copy: keep the source's chunks (default: move, deleting them once the destination
+            holds them).
+        should_copy: LMCache's name for ``copy``.
+    """
+
+    old_position: tuple[str, str]
+    new_position: tuple[str, str]
+    tokens: list[int] | None = None
+    prompt: str | None = None
+    copy: bool | None = None
+    should_copy: bool | None = None
+
+
+class MoveResponse(msgspec.Struct):
+    """Answer to ``POST /move``: tokens whose KV will move, and the job's id."""
+
+    num_tokens: int
+    event_id: str
+
+
+class LookupRequest(msgspec.Struct):
+    """``POST /lookup``: exactly one of ``tokens`` and ``prompt``; ``instance_id`` picks the
+    engine that tokenizes a prompt (default: any live one)."""
+
+    tokens: list[int] | None = None
+    prompt: str | None = None
+    instance_id: str | None = None
+
+
+class EventIdRequest(msgspec.Struct):
+    """``POST /check_finish``."""
+
+    event_id: str
+
+
+class MoveStatus(msgspec.Struct):
+    """A move job as reported by ``GET /events/{event_id}`` and ``POST /check_finish``.
+
+    Attributes:
+        event_id: the job id.
+        status: one of :data:`JobStatus`.
+        kind: "move" or "copy".
+        source: source instance id.
+        destination: destination instance id.
+        num_tokens: tokens covered.
+        num_chunks: chunks covered.
+        bytes: bytes moved so far.
+        elapsed_s: seconds since creation (until the end, once final).
+        error: cause, when failed.
+    """
+
+    event_id: str
+    status: str
+    kind: str
+    source: str
+    destination: str
+    num_tokens: int
+    num_chunks: int
+    bytes: int
+    elapsed_s: float
+    error: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    kind: str
+    message: str
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """Every error response: ``{"error": {"kind": ..., "message": ...}}``."""
+
+    error: ErrorBody
+
+
+sidecar_encoder = msgspec.msgpack.Encoder()
+controller_msg_decoder = msgspec.msgpack.Decoder(ControllerMessage)
+sidecar_msg_decoder = msgspec.msgpack.Decoder(SidecarMessage)
+event_batch_decoder = msgspec.msgpack.Decoder(EventBatch)

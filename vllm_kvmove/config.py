@@ -1,0 +1,147 @@
+"""Configuration of one vllm-kvmove engine instance.
+
+Where it comes from, in order of precedence (later wins):
+  1. defaults below;
+  2. a YAML file named by ``KVMOVE_CONFIG_FILE``;
+  3. ``kv_connector_extra_config`` inside vLLM's ``--kv-transfer-config``.
+
+Every process of an engine (API server, EngineCore, Worker) loads the same config the same
+way, so they agree on it without talking. Unknown keys are an error at start-up that names
+the key: a typo must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+CONFIG_FILE_ENV = "KVMOVE_CONFIG_FILE"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class KVMoveConfig:
+    """Settings of one engine's connector, store and sidecar.
+
+    Attributes:
+        instance_id: Name of this engine in the controller (unique per fleet).
+        controller_pull_url: ``host:port`` of the controller's PULL socket (store events).
+            Empty string: run without a controller.
+        controller_reply_url: ``host:port`` of the controller's ROUTER socket
+            (registration, heartbeats, commands).
+        sidecar_host: Interface the sidecar's HTTP app binds to.
+        sidecar_port: Port of the sidecar's HTTP app.
+        p2p_host: Interface the NIXL metadata handshake socket binds to, and the address peers
+            use to reach it.
+        p2p_init_port: Port of the NIXL metadata handshake socket.
+        engine_url: Base URL of this engine's OpenAI server (the controller tokenizes there).
+        chunk_size: Tokens per store chunk; a multiple of the engine's KV block size.
+        max_local_cpu_size: Store capacity in GiB of host memory (``LocalCPUBackend``).
+        hash_seed: Extra salt for chunk keys; engines with different seeds never share KV.
+        heartbeat_interval_s: Seconds between sidecar heartbeats to the controller.
+        command_timeout_s: Upper bound on any single wait on a peer (NIXL handshake, read).
+    """
+
+    instance_id: str = "kvmove_instance"
+    controller_pull_url: str = "localhost:8300"
+    controller_reply_url: str = "localhost:8400"
+    sidecar_host: str = "127.0.0.1"
+    sidecar_port: int = 8500
+    p2p_host: str = "127.0.0.1"
+    p2p_init_port: int = 8200
+    engine_url: str = "http://localhost:8000"
+    chunk_size: int = 256
+    max_local_cpu_size: float = 1.0
+    hash_seed: str = ""
+    heartbeat_interval_s: float = 1.0
+    command_timeout_s: float = 30.0
+
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self.max_local_cpu_size * (1 << 30))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(KVMoveConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = _FIELDS[key].type
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: expected {kind}, got {value!r}") from None
+    return value
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {CONFIG_FILE_ENV}={path!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(*layers: Mapping[str, Any] | None) -> KVMoveConfig:
+    """Merge key/value layers (later wins) into a validated :class:`KVMoveConfig`.
+
+    Raises:
+        ConfigError: on an unknown key, a value of the wrong type or out of range.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in _FIELDS:
+                raise ConfigError(
+                    f"unknown vllm-kvmove config key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
+            merged[key] = _coerce(key, value)
+    cfg = KVMoveConfig(**merged)
+    if cfg.chunk_size <= 0:
+        raise ConfigError(f"config key 'chunk_size' must be positive, got {cfg.chunk_size}")
+    if cfg.max_local_cpu_size <= 0:
+        raise ConfigError(f"config key 'max_local_cpu_size' must be positive, got {cfg.max_local_cpu_size}")
+    for key in ("sidecar_port", "p2p_init_port"):
+        port = getattr(cfg, key)
+        if not 0 < port < 65536:
+            raise ConfigError(f"config key {key!r} must be a TCP port, got {port}")
+    if not cfg.instance_id:
+        raise ConfigError("config key 'instance_id' must not be empty")
+    return cfg
+
+
+def load_config(extra_config: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None) -> KVMoveConfig:
+    """Load the config: the file named by ``KVMOVE_CONFIG_FILE`` overlaid by ``extra_config``.
+
+    Args:
+        extra_config: ``kv_connector_extra_config`` from vLLM (may be None).
+        env: environment to read ``KVMOVE_CONFIG_FILE`` from (default ``os.environ``).
+    Returns:
+        The validated config.
+    Raises:
+        ConfigError: as :func:`build_config`, or when the file cannot be read.
+    """
+    env = os.environ if env is None else env
+    path = env.get(CONFIG_FILE_ENV)
+    file_layer = _read_yaml(path) if path else {}
+    return build_config(file_layer, extra_config)

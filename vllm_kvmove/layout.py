@@ -1,0 +1,160 @@
+"""KV layout: how one engine's paged KV cache maps onto store chunks, and its fingerprint.
+
+vLLM's CPU backend keeps, per attention layer, a tensor ``[num_blocks, kv_heads, block_size,
+2*head_size]`` (K transposed inside a block slab, then V; the exact packing depends on the CPU
+ISA). Instead of converting to a token-major layout, a chunk stores whole block slabs,
+byte for byte, **block-major**::
+
+    chunk = [blocks_per_chunk][num_layers][block slab bytes]
+
+Block-major keeps the valid part of a partial chunk (its first ``ceil(n / block_size)``
+blocks) one contiguous byte range, so a transfer of a partial chunk moves only valid bytes in
+one descriptor. Byte-for-byte slabs make save and load plain memcpys, but only engines with an
+identical layout can share them; the fingerprint therefore covers every field here, and
+chunk keys are salted with it (:mod:`vllm_kvmove.hashing`).
+
+Nothing here touches vLLM at import time; :func:`layout_from_vllm` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What makes two engines' KV chunks interchangeable.
+
+    Attributes:
+        model: model identity (vLLM's ``model_config.model``).
+        dtype: KV cache element type name, e.g. ``"bfloat16"``.
+        num_layers: attention layers holding KV.
+        num_kv_heads: KV heads per layer (per worker).
+        head_size: elements per head.
+        block_size: tokens per paged-cache block.
+        chunk_size: tokens per store chunk (a multiple of ``block_size``).
+        backend: attention backend and its slab packing, e.g. ``"cpu_attn/vec"``.
+        hash_seed: user salt; engines with different seeds never share keys.
+    """
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+    chunk_size: int
+    backend: str
+    hash_seed: str = ""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size % self.block_size:
+            raise ValueError(
+                f"chunk_size {self.chunk_size} must be a multiple of the engine's KV block size "
+                f"{self.block_size}")
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_size // self.block_size
+
+    @property
+    def block_slab_bytes(self) -> int:
+        """Bytes of one layer's slab of one block: ``kv_heads * block_size * 2 * head_size``."""
+        return self.num_kv_heads * self.block_size * 2 * self.head_size * _DTYPE_BYTES[self.dtype]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers (one row of the block-major chunk)."""
+        return self.num_layers * self.block_slab_bytes
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.blocks_per_chunk * self.block_bytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.block_bytes // self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold ``num_tokens`` tokens of one chunk."""
+        return -(-num_tokens // self.block_size)
+
+    def valid_bytes(self, num_tokens: int) -> int:
+        """Bytes of a chunk of ``num_tokens`` tokens that carry data (a contiguous prefix)."""
+        return self.blocks_for(num_tokens) * self.block_bytes
+
+    def fingerprint(self) -> str:
+        """Stable hex digest of every field; equal fingerprints mean shareable chunks."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def mismatch(self, other: "KVLayout") -> list[str]:
+        """Names and values of the fields that differ from ``other`` (empty if compatible)."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def _cpu_backend_name(dtype: "torch.dtype", block_size: int, head_size: int) -> str:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return "cpu_attn/" + _get_attn_isa(dtype, block_size, head_size)
+    except Exception:  # noqa: BLE001 - any other platform: name it by device only
+        return "unknown"
+
+
+def layout_from_vllm(vllm_config: Any, kv_cache_config: Any, chunk_size: int,
+                     hash_seed: str = "") -> KVLayout:
+    """Describe the KV layout of the engine configured by ``vllm_config``.
+
+    Works in the scheduler and in the worker process alike (it reads configs only), so both
+    compute the same fingerprint and the same chunk keys. The worker later checks the real
+    tensors against it with :func:`check_kv_caches`.
+    """
+    import torch
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(f"vllm-kvmove supports one KV cache group, this model has {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    dtype = spec.dtype if isinstance(spec.dtype, torch.dtype) else torch.bfloat16
+    dtype_name = str(dtype).removeprefix("torch.")
+    return KVLayout(
+        model=str(vllm_config.model_config.model),
+        dtype=dtype_name,
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_size=int(spec.head_size),
+        block_size=int(spec.block_size),
+        chunk_size=int(chunk_size),
+        backend=_cpu_backend_name(dtype, int(spec.block_size), int(spec.head_size)),
+        hash_seed=hash_seed,
+    )
+
+
+def layer_order(kv_cache_config: Any) -> list[str]:
+    """Layer names in the order their slabs appear inside a chunk row."""
+    return list(kv_cache_config.kv_cache_groups[0].layer_names)
+
+
+def check_kv_caches(layout: KVLayout, kv_caches: Sequence["torch.Tensor"]) -> None:
+    """Raise ValueError unless every per-layer tensor has the shape the layout assumes."""
+    if len(kv_caches) != layout.num_layers:
+        raise ValueError(f"expected {layout.num_layers} KV layers, got {len(kv_caches)}")
+    for t in kv_caches:
+        slab = t[0].numel() * t.element_size()
+        if slab != layout.block_slab_bytes or not t.is_contiguous():
+            raise ValueError(
+                f"KV cache tensor {tuple(t.shape)} {t.dtype} does not match the layout "
+                f"({layout.block_slab_bytes} bytes per block slab, contiguous)")

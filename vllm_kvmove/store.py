@@ -1,0 +1,333 @@
+"""ChunkStore: the engine's bounded host-memory KV store (location ``LocalCPUBackend``).
+
+Contract
+--------
+* Owner: one ``ChunkStore`` per engine, created in the **worker** process by the connector
+  (the KV tensors live there). Other processes reach it only through the lookup channel
+  (:mod:`vllm_kvmove.lookup`) and the sidecar.
+* Callers: the connector's worker side (``reserve``/``commit`` on save, ``pin``/``unpin`` around
+  a load, ``match_prefix`` via the lookup server), and the sidecar's command handlers and
+  transfer layer (``pin``/``unpin``/``delete``/``reserve``/``commit``/``abort``, ``snapshot``,
+  ``drain_events``). Every public method is thread-safe and O(chunks touched); none copies
+  chunk data or blocks on I/O while holding the lock.
+* Memory: one pool of ``capacity_bytes // chunk_bytes`` fixed-size slots, allocated once, so the
+  transfer layer registers it with NIXL once. A chunk's bytes live at
+  ``pool[slot * chunk_bytes : slot * chunk_bytes + valid_bytes]``.
+* Visibility: a chunk is *writing* from ``reserve`` until ``commit`` and invisible to
+  ``match_prefix``, ``pin`` and ``snapshot`` until then; ``abort`` frees it without a trace.
+  Readers therefore never see a half-written chunk.
+* Eviction: when a slot is needed and none is free, the least recently used *ready, unpinned*
+  chunk is evicted. Pinned chunks are never evicted; ``delete`` of a pinned chunk is deferred
+  until its last ``unpin`` (so a source keeps KV until a destination has it).
+* Events: every admit (commit) and evict/delete appends a :class:`StoreEvent` with a sequence
+  number that increases by one per event; a consumer that sees a gap must re-read
+  ``snapshot()``. The event buffer is bounded; overflowing it drops the oldest events, which
+  consumers detect as a gap.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Sequence
+
+import torch
+
+from vllm_kvmove.layout import KVLayout
+
+LOCATION = "LocalCPUBackend"
+_EVENT_BUFFER = 1 << 16
+
+
+class StoreError(Exception):
+    """Base of store errors; ``kind`` names it for the control plane's error map."""
+
+    kind = "store_error"
+
+
+class StoreFull(StoreError):
+    """No free slot and nothing evictable (everything pinned or being written)."""
+
+    kind = "store_full"
+
+
+class ChunkMissing(StoreError):
+    """A key named by the caller is not (or no longer) held, or not ready."""
+
+    kind = "not_found"
+
+
+class StoreEvent(NamedTuple):
+    """One change of the store's contents.
+
+    Attributes:
+        seq: position in this store's event stream, starting at 1, no gaps.
+        kind: ``"admit"`` (chunk became visible) or ``"evict"`` (chunk is gone, by eviction,
+            delete or clear).
+        key: the chunk key.
+        num_tokens: tokens in the chunk.
+    """
+
+    seq: int
+    kind: str
+    key: bytes
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """Where a ready chunk lives, as handed to the transfer layer.
+
+    Attributes:
+        key: chunk key.
+        num_tokens: tokens in the chunk.
+        offset: byte offset of the chunk in the pool.
+        nbytes: valid bytes (a contiguous prefix of the slot).
+        checksum: CRC-32 of the valid bytes.
+    """
+
+    key: bytes
+    num_tokens: int
+    offset: int
+    nbytes: int
+    checksum: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    key: bytes
+    slot: int
+    num_tokens: int
+    ready: bool = False
+    pins: int = 0
+    doomed: bool = False
+    checksum: int | None = None
+
+
+class ChunkStore:
+    """A bounded, LRU, pinnable map from chunk key to KV bytes in one host-memory pool.
+
+    Args:
+        layout: KV layout of the engine (fixes the slot size).
+        capacity_bytes: pool size; rounded down to whole slots (at least one).
+    """
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int):
+        self.layout = layout
+        self.slot_bytes = layout.chunk_bytes
+        self.num_slots = max(1, capacity_bytes // self.slot_bytes)
+        # torch.empty does not touch the pages: memory is committed as chunks are written.
+        self.pool = torch.empty(self.num_slots * self.slot_bytes, dtype=torch.uint8)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU order: oldest first
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._events: deque[StoreEvent] = deque(maxlen=_EVENT_BUFFER)
+        self._seq = 0
+        self.evictions = 0
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def base_addr(self) -> int:
+        return self.pool.data_ptr()
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.pool.numel()
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The slot's bytes as ``uint8[blocks_per_chunk, num_layers, block_slab_bytes]``."""
+        lay = self.layout
+        start = slot * self.slot_bytes
+        return self.pool[start:start + self.slot_bytes].view(
+            lay.blocks_per_chunk, lay.num_layers, lay.block_slab_bytes)
+
+    # -- queries ---------------------------------------------------------------------------
+    def match_prefix(self, keys: Sequence[bytes]) -> int:
+        """Number of leading ``keys`` held and ready. Touches nothing."""
+        with self._lock:
+            n = 0
+            for k in keys:
+                e = self._entries.get(k)
+                if e is None or not e.ready or e.doomed:
+                    break
+                n += 1
+            return n
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            e = self._entries.get(key)
+            return e is not None and e.ready and not e.doomed
+
+    def snapshot(self) -> tuple[int, list[tuple[bytes, int]]]:
+        """``(seq, [(key, num_tokens), ...])`` of every ready chunk, consistent with ``seq``."""
+        with self._lock:
+            return self._seq, [(e.key, e.num_tokens) for e in self._entries.values()
+                               if e.ready and not e.doomed]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            ready = [e for e in self._entries.values() if e.ready and not e.doomed]
+            return {
+                "num_chunks": len(ready),
+                "num_tokens": sum(e.num_tokens for e in ready),
+                "used_bytes": len(self._entries) * self.slot_bytes,
+                "capacity_bytes": self.num_slots * self.slot_bytes,
+                "num_slots": self.num_slots,
+                "free_slots": len(self._free),
+                "pinned_chunks": sum(1 for e in self._entries.values() if e.pins),
+                "writing_chunks": sum(1 for e in self._entries.values() if not e.ready),
+                "evictions": self.evictions,
+                "seq": self._seq,
+            }
+
+    def drain_events(self, limit: int | None = None) -> list[StoreEvent]:
+        """Pop buffered events, oldest first (at most ``limit``)."""
+        with self._lock:
+            n = len(self._events) if limit is None else min(limit, len(self._events))
+            return [self._events.popleft() for _ in range(n)]
+
+    # -- writes ----------------------------------------------------------------------------
+    def reserve(self, key: bytes, num_tokens: int) -> int | None:
+        """Reserve a slot for a new chunk; return the slot, or None if ``key`` is already held.
+
+        The chunk stays invisible until :meth:`commit`. Evicts LRU unpinned chunks if needed.
+
+        Raises:
+            StoreFull: no slot could be freed.
+            ValueError: ``num_tokens`` outside ``1..chunk_size``.
+        """
+        if not 0 < num_tokens <= self.layout.chunk_size:
+            raise ValueError(f"num_tokens {num_tokens} outside 1..{self.layout.chunk_size}")
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None:
+                if e.ready and not e.doomed:
+                    self._entries.move_to_end(key)
+                return None
+            slot = self._take_slot()
+            self._entries[key] = _Entry(key, slot, num_tokens)
+            return slot
+
+    def commit(self, key: bytes, checksum: int | None = None) -> None:
+        """Make a reserved chunk visible (emits ``admit``)."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.ready:
+                raise ChunkMissing(f"no reservation for chunk {key.hex()}")
+            e.ready, e.checksum = True, checksum
+            self._entries.move_to_end(key)
+            self._emit("admit", e)
+
+    def abort(self, key: bytes) -> None:
+        """Drop a reservation made by :meth:`reserve` (no event: it was never visible)."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None and not e.ready:
+                del self._entries[key]
+                self._free.append(e.slot)
+
+    def pin(self, keys: Iterable[bytes], checksums: bool = True) -> list[ChunkInfo]:
+        """Pin ready chunks (all or none) and describe them; pinned chunks are never evicted.
+
+        Args:
+            keys: chunk keys.
+            checksums: compute missing checksums (done once per chunk, off the save path);
+                False leaves ``checksum`` as 0 where unknown (for local loads).
+
+        Raises:
+            ChunkMissing: a key is not held or not ready; nothing was pinned.
+        """
+        keys = list(keys)
+        with self._lock:
+            entries = []
+            for k in keys:
+                e = self._entries.get(k)
+                if e is None or not e.ready or e.doomed:
+                    raise ChunkMissing(f"chunk {k.hex()} is not held")
+                entries.append(e)
+            for e in entries:
+                e.pins += 1
+                self._entries.move_to_end(e.key)
+        infos = []
+        for e in entries:
+            nbytes = self.layout.valid_bytes(e.num_tokens)
+            offset = e.slot * self.slot_bytes
+            if e.checksum is None and checksums:
+                e.checksum = crc32(self.pool[offset:offset + nbytes])
+            infos.append(ChunkInfo(e.key, e.num_tokens, offset, nbytes, e.checksum or 0))
+        return infos
+
+    def unpin(self, keys: Iterable[bytes]) -> None:
+        """Release one pin per key; completes deferred deletes. Unknown keys are ignored."""
+        with self._lock:
+            for k in keys:
+                e = self._entries.get(k)
+                if e is None or e.pins == 0:
+                    continue
+                e.pins -= 1
+                if e.pins == 0 and e.doomed:
+                    self._drop(e, emit=False)  # its evict event went out at delete()
+
+    def delete(self, keys: Iterable[bytes]) -> int:
+        """Delete chunks; a pinned one goes at its last unpin. Returns chunks affected."""
+        n = 0
+        with self._lock:
+            for k in keys:
+                e = self._entries.get(k)
+                if e is None or not e.ready or e.doomed:
+                    continue
+                n += 1
+                if e.pins:
+                    e.doomed = True  # invisible from now on; the slot frees at the last unpin
+                    self._emit("evict", e)
+                else:
+                    self._drop(e)
+        return n
+
+    def clear(self) -> int:
+        """Delete every ready chunk (pinned ones at their last unpin). Returns chunks affected."""
+        with self._lock:
+            keys = [e.key for e in self._entries.values() if e.ready]
+        return self.delete(keys)
+
+    def touch(self, key: bytes) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+
+    def entry_slot(self, key: bytes) -> tuple[int, int] | None:
+        """``(slot, num_tokens)`` of a ready chunk, or None. For loads under a pin."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or not e.ready:
+                return None
+            return e.slot, e.num_tokens
+
+    # -- internals (lock held) -------------------------------------------------------------
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for e in self._entries.values():  # oldest first
+            if e.ready and e.pins == 0:
+                self._drop(e)
+                self.evictions += 1
+                return self._free.pop()
+        raise StoreFull(
+            f"store full: {self.num_slots} slots, none evictable (pinned or being written)")
+
+    def _drop(self, e: _Entry, emit: bool = True) -> None:
+        del self._entries[e.key]
+        self._free.append(e.slot)
+        if emit:
+            self._emit("evict", e)
+
+    def _emit(self, kind: str, e: _Entry) -> None:
+        self._seq += 1
+        self._events.append(StoreEvent(self._seq, kind, e.key, e.num_tokens))
+
+
+def crc32(data: torch.Tensor) -> int:
+    """CRC-32 of a contiguous uint8 tensor's bytes (zlib; releases the GIL)."""
+    return zlib.crc32(data.numpy()) & 0xFFFFFFFF

@@ -1,0 +1,215 @@
+"""NixlTransfer: peer-to-peer chunk reads between two engines' store pools over NIXL (UCX).
+
+Contract
+--------
+* Owner: one ``NixlTransfer`` per engine, created by the sidecar in the worker process,
+  around the engine's :class:`~vllm_kvmove.store.ChunkStore`. It knows nothing of HTTP or the
+  controller: callers hand it peer addresses and byte ranges.
+* Set-up, once: one NIXL agent (~0.45 s), the store's pool registered once as one region, and
+  a metadata server — a ZMQ REP socket on ``host:port`` — that hands this agent's metadata to
+  peers. The NIXL progress thread's poll delay is raised from 0 (NIXL's Python default, which
+  spins a whole core even when idle) to ``progress_delay_us``.
+* Per peer, once: :meth:`connect_peer` fetches the peer's metadata (with a timeout: a closed
+  port must not hang the caller) and adds the peer; later calls are no-ops.
+* Per transfer: :meth:`read` READs ranges of the peer's pool into ranges of ours (the
+  destination pulls, which is NIXL's fast direction here), polls to completion or timeout,
+  and always releases the transfer handle. It blocks the calling thread (NIXL releases the
+  GIL while copying): call it from a worker thread, never from the engine's forward thread or
+  an event loop.
+* Failure: every error surfaces as :class:`TransferError` with the cause; nothing here
+  changes the store (the caller reserves, verifies and commits or aborts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import zmq
+
+logger = logging.getLogger(__name__)
+
+_MD_REQUEST = b"kvmove-md/1"
+_agent_lock = threading.Lock()
+
+
+class TransferError(Exception):
+    """A NIXL handshake or transfer failed; the message says why."""
+
+    kind = "transfer_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRange:
+    """Copy ``nbytes`` from the peer's address ``remote_addr`` to our ``local_addr``."""
+
+    remote_addr: int
+    local_addr: int
+    nbytes: int
+
+
+def _make_agent(name: str, progress_delay_us: int):
+    """Create a NIXL agent whose progress thread sleeps ``progress_delay_us`` between polls.
+
+    NIXL's ``nixl_agent`` hard-codes ``pthrDelay = 0``; the binding's agent constructor is
+    wrapped for the duration of the call to set the delay before the agent starts.
+    """
+    from nixl._api import nixl_agent, nixl_agent_config
+    import nixl._api as api
+
+    bindings = api.nixlBind
+    real_ctor = bindings.nixlAgent
+
+    def ctor(agent_name, cfg):
+        cfg.pthrDelay = progress_delay_us
+        return real_ctor(agent_name, cfg)
+
+    with _agent_lock:
+        bindings.nixlAgent = ctor
+        try:
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        finally:
+            bindings.nixlAgent = real_ctor
+
+
+class NixlTransfer:
+    """One engine's NIXL endpoint.
+
+    Args:
+        agent_name: unique agent name (the instance id is a good one).
+        pool_addr: address of the memory to register (the store pool).
+        pool_bytes: its size.
+        host: interface for the metadata server; peers reach us at ``host:port``.
+        port: metadata server port.
+        progress_delay_us: NIXL progress-thread poll delay.
+    """
+
+    def __init__(self, agent_name: str, pool_addr: int, pool_bytes: int, host: str, port: int,
+                 progress_delay_us: int = 1000):
+        self.agent_name = agent_name
+        self.agent = _make_agent(agent_name, progress_delay_us)
+        self._reg = self.agent.register_memory([(pool_addr, pool_bytes, 0, "")], "DRAM")
+        self._metadata = self.agent.get_agent_metadata()
+        self._peers: dict[str, str] = {}
+        self._peers_lock = threading.Lock()
+        self._ctx = zmq.Context.instance()
+        self._md_sock = self._ctx.socket(zmq.REP)
+        self._md_sock.setsockopt(zmq.LINGER, 0)
+        self._md_sock.bind(f"tcp://{host}:{port}")
+        self.p2p_url = f"{host}:{port}"
+        self._stop = threading.Event()
+        self._md_thread = threading.Thread(target=self._serve_metadata, name="kvmove-nixl-md",
+                                           daemon=True)
+        self._md_thread.start()
+
+    def _serve_metadata(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._md_sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(200):
+                continue
+            req = self._md_sock.recv()
+            self._md_sock.send(self._metadata if req == _MD_REQUEST else b"")
+        self._md_sock.close()
+
+    def connect_peer(self, peer_name: str, peer_url: str, timeout_s: float) -> None:
+        """Make sure ``peer_name`` (metadata server at ``host:port``) is known to our agent.
+
+        Raises:
+            TransferError: the peer did not answer within ``timeout_s``, or its metadata is
+                not a NIXL agent's / names another agent.
+        """
+        with self._peers_lock:
+            if self._peers.get(peer_name) == peer_url:
+                return
+            sock = self._ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            ms = int(timeout_s * 1000)
+            sock.setsockopt(zmq.RCVTIMEO, ms)
+            sock.setsockopt(zmq.SNDTIMEO, ms)
+            try:
+                sock.connect(f"tcp://{peer_url}")
+                sock.send(_MD_REQUEST)
+                md = sock.recv()
+            except zmq.ZMQError as e:
+                raise TransferError(f"NIXL handshake with {peer_name} at {peer_url}: {e}") from None
+            finally:
+                sock.close()
+            if not md:
+                raise TransferError(f"NIXL handshake with {peer_name} at {peer_url}: empty answer")
+            if peer_name in self._peers:
+                # The peer restarted (new address or new agent): forget the old one first.
+                self.agent.remove_remote_agent(peer_name)
+                del self._peers[peer_name]
+            try:
+                added = self.agent.add_remote_agent(md)
+            except Exception as e:  # noqa: BLE001 - nixl raises its own exception types
+                raise TransferError(f"NIXL rejected metadata of {peer_name}: {e}") from None
+            added = added.decode() if isinstance(added, bytes) else str(added)
+            if added != peer_name:
+                self.agent.remove_remote_agent(added)
+                raise TransferError(f"peer at {peer_url} is agent {added!r}, not {peer_name!r}")
+            self._peers[peer_name] = peer_url
+
+    def forget_peer(self, peer_name: str) -> None:
+        """Drop a peer (e.g. after it failed); the next :meth:`connect_peer` handshakes anew."""
+        with self._peers_lock:
+            if self._peers.pop(peer_name, None) is not None:
+                try:
+                    self.agent.remove_remote_agent(peer_name)
+                except Exception:  # noqa: BLE001
+                    logger.debug("remove_remote_agent(%s) failed", peer_name, exc_info=True)
+
+    def read(self, peer_name: str, ranges: Sequence[ReadRange], timeout_s: float) -> int:
+        """READ ``ranges`` from ``peer_name``'s registered memory into ours.
+
+        Args:
+            peer_name: a peer added by :meth:`connect_peer`.
+            ranges: byte ranges to copy; each lies inside the peer's pool and ours.
+            timeout_s: longest time to wait for completion.
+        Returns:
+            Bytes moved (the sum of ``nbytes``).
+        Raises:
+            TransferError: NIXL refused the descriptors, the peer went away, or the timeout
+                passed. Our destination ranges may hold partial data; callers must not publish
+                them.
+        """
+        if not ranges:
+            return 0
+        agent = self.agent
+        try:
+            local = agent.get_xfer_descs([(r.local_addr, r.nbytes, 0) for r in ranges], "DRAM")
+            remote = agent.get_xfer_descs([(r.remote_addr, r.nbytes, 0) for r in ranges], "DRAM")
+            handle = agent.initialize_xfer("READ", local, remote, peer_name)
+        except Exception as e:  # noqa: BLE001
+            raise TransferError(f"NIXL refused the read from {peer_name}: {e}") from None
+        deadline = time.monotonic() + timeout_s
+        try:
+            state = agent.transfer(handle)
+            delay = 20e-6
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise TransferError(f"read from {peer_name} timed out after {timeout_s} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 2e-3)
+                state = agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise TransferError(f"read from {peer_name} ended in state {state}")
+        except TransferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. nixlRemoteDisconnectError
+            raise TransferError(f"read from {peer_name} failed: {type(e).__name__}: {e}") from None
+        finally:
+            try:
+                agent.release_xfer_handle(handle)
+            except Exception:  # noqa: BLE001
+                logger.debug("release_xfer_handle failed", exc_info=True)
+        return sum(r.nbytes for r in ranges)
+
+    def close(self) -> None:
+        """Stop the metadata server. The agent itself is released with the process."""
+        self._stop.set()
+        self._md_thread.join(timeout=2)
