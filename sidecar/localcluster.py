@@ -1,0 +1,176 @@
+"""LocalCluster: start and stop real vLLM engines (with the connector) and a controller on
+this machine. Used by the demo, the end-to-end tests and the benchmarks, so all three launch
+processes the same way.
+
+Every process is started in its own session and stopped by PID: SIGINT first (vLLM shuts its
+engine-core and worker children down and calls the connector's ``shutdown``), then SIGKILL of
+the whole process group if it has not exited in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ENGINE_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "UCX_NET_DEVICES": "lo",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class Proc:
+    """A started process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    url: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class LocalCluster:
+    """Engines and a controller on localhost.
+
+    Args:
+        model_dir: model directory every engine serves.
+        workdir: where logs and generated config files go.
+        python: interpreter of the environment with vllm and vllm-kvmove installed.
+    """
+
+    def __init__(self, model_dir: str | Path, workdir: str | Path, python: str = sys.executable):
+        self.model_dir = str(model_dir)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.python = python
+        self.procs: list[Proc] = []
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], url: str) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        log = open(log_path, "ab")
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True, cwd=self.workdir)
+        log.close()
+        proc = Proc(name, popen, log_path, url)
+        self.procs.append(proc)
+        return proc
+
+    def start_controller(self, port: int = 9000, pull_port: int = 8300, reply_port: int = 8400,
+                         extra_args: list[str] | None = None) -> Proc:
+        """Start ``kvmove-controller``; returns at once (see :meth:`wait_ready`)."""
+        argv = [self.python, "-m", "sidecar.controller", "--host", "localhost", "--port", str(port),
+                "--monitor-ports", json.dumps({"pull": pull_port, "reply": reply_port}),
+                *(extra_args or [])]
+        return self._spawn(f"controller-{port}", argv, {**os.environ}, f"http://localhost:{port}")
+
+    def start_engine(self, instance_id: str, port: int, *, config_file: str | Path | None = None,
+                     extra_config: dict[str, Any] | None = None, cpu: int | None = None,
+                     kv_cache_gib: float = 1, max_model_len: int = 4096,
+                     extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Proc:
+        """Start one vLLM engine with the KVMoveConnector; returns at once.
+
+        Args:
+            instance_id: used for the log name only (the config names the instance).
+            port: the engine's HTTP port.
+            config_file: ``KVMOVE_CONFIG_FILE`` for the engine.
+            extra_config: ``kv_connector_extra_config`` (overrides the file). None with no
+                config file: run without the connector.
+            cpu: core to bind the engine's OpenMP threads to.
+            kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE``.
+        """
+        full_env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+                    **(env or {})}
+        if cpu is not None:
+            full_env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
+        if config_file is not None:
+            full_env["KVMOVE_CONFIG_FILE"] = str(config_file)
+        argv = [self.python, "-m", "vllm_kvmove.launch", self.model_dir, "--host", "127.0.0.1",
+                "--port", str(port), "--enforce-eager", "--max-model-len", str(max_model_len),
+                "--enable-prompt-tokens-details"]
+        if config_file is not None or extra_config is not None:
+            kv = {"kv_connector": "KVMoveConnector", "kv_role": "kv_both"}
+            if extra_config:
+                kv["kv_connector_extra_config"] = extra_config
+            argv += ["--kv-transfer-config", json.dumps(kv)]
+        argv += extra_args or []
+        return self._spawn(f"engine-{instance_id}", argv, full_env, f"http://127.0.0.1:{port}")
+
+    @staticmethod
+    def wait_ready(proc: Proc, path: str = "/health", timeout: float = 240.0) -> float:
+        """Poll ``proc.url + path`` until 200; return seconds waited. Raises RuntimeError."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
+            try:
+                if httpx.get(proc.url + path, timeout=2).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{proc.name} not ready after {timeout} s:\n{proc.log_tail()}")
+
+    def stop(self, proc: Proc, timeout: float = 30.0) -> None:
+        """SIGINT by PID; SIGKILL the process group if it has not exited within ``timeout``."""
+        if proc.alive():
+            try:
+                os.kill(proc.pid, signal.SIGINT)
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # children (engine core, worker) included
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.popen.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL the process and its children at once (fault injection)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.popen.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()

@@ -1,0 +1,45 @@
+"""Shared test helpers: free ports, a tiny KV layout, chunk fillers."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from vllm_kvmove.layout import KVLayout
+
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_layout(**over) -> KVLayout:
+    """A KV layout small enough for unit tests: 32-token chunks of 2 blocks, 2 layers."""
+    fields = dict(model="tiny", dtype="bfloat16", num_layers=2, num_kv_heads=1, head_size=8,
+                  block_size=16, chunk_size=32, backend="test")
+    fields.update(over)
+    return KVLayout(**fields)
+
+
+def put_chunk(store, key: bytes, num_tokens: int, seed: int) -> bytes:
+    """Write a chunk of random bytes into ``store``; return its valid bytes."""
+    slot = store.reserve(key, num_tokens)
+    assert slot is not None
+    n = store.layout.valid_bytes(num_tokens)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    start = slot * store.slot_bytes
+    store.pool[start:start + n].copy_(data)
+    store.commit(key)
+    return data.numpy().tobytes()
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return tiny_layout()

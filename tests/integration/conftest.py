@@ -1,0 +1,88 @@
+"""A real controller process and real sidecars (real stores, real NIXL agents), no vLLM.
+
+The sidecars run in this test process, exactly as they run inside an engine's worker: each
+on its own thread with its own NIXL agent, around a ChunkStore filled by the test.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import httpx
+import pytest
+
+from sidecar.localcluster import LocalCluster
+from sidecar.runtime import Sidecar
+from tests.conftest import free_port, tiny_layout
+from vllm_kvmove.config import build_config
+from vllm_kvmove.store import ChunkStore
+
+
+class Fleet:
+    def __init__(self, tmp_path):
+        self.cluster = LocalCluster("unused", tmp_path, python=sys.executable)
+        self.pull, self.reply = free_port(), free_port()
+        self.controller = self.cluster.start_controller(free_port(), self.pull, self.reply,
+                                                        extra_args=["--heartbeat-timeout", "3"])
+        self.url = self.controller.url
+        self.cluster.wait_ready(self.controller, timeout=30)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self.sidecars: dict[str, Sidecar] = {}
+
+    def add_sidecar(self, instance_id: str, slots: int = 64, **layout_over) -> Sidecar:
+        layout = tiny_layout(**layout_over)
+        cfg = build_config({
+            "instance_id": instance_id, "controller_pull_url": f"localhost:{self.pull}",
+            "controller_reply_url": f"localhost:{self.reply}", "sidecar_port": free_port(),
+            "p2p_init_port": free_port(), "engine_url": "http://127.0.0.1:9",
+            "chunk_size": layout.chunk_size, "heartbeat_interval_s": 0.2,
+            "command_timeout_s": 5})
+        store = ChunkStore(layout, slots * layout.chunk_bytes)
+        sc = Sidecar(cfg, store, layout).start()
+        assert sc.ready.wait(30), "sidecar did not start"
+        self.sidecars[instance_id] = sc
+        self.wait_registered(instance_id)
+        return sc
+
+    def wait_registered(self, instance_id: str, timeout: float = 10) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            ids = {i["instance_id"] for i in self.http.get("/instances").json()["instances"]}
+            if instance_id in ids:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{instance_id} never registered")
+
+    def wait_job(self, event_id: str, timeout: float = 20) -> dict:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            st = self.http.get(f"/events/{event_id}").json()
+            if st["status"] in ("done", "failed"):
+                return st
+            time.sleep(0.01)
+        raise AssertionError(f"job {event_id} did not end: {st}")
+
+    def wait_lookup(self, tokens, expect: dict, timeout: float = 5) -> dict:
+        t0 = time.monotonic()
+        while True:
+            got = self.http.post("/lookup", json={"tokens": tokens}).json()["layout_info"]
+            got = {k: v[1] for k, v in got.items()}
+            if got == expect or time.monotonic() - t0 > timeout:
+                return got
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for sc in self.sidecars.values():
+            sc.stop()
+        self.http.close()
+        self.cluster.stop_all()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        yield f
+    finally:
+        f.close()

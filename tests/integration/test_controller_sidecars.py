@@ -1,0 +1,157 @@
+"""Controller + real sidecars + real NIXL between them (no vLLM): the move protocol."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.conftest import put_chunk
+from vllm_kvmove.hashing import chunk_spans
+
+LOC = "LocalCPUBackend"
+
+
+def fill(sidecar, tokens, seed=0) -> dict[bytes, bytes]:
+    """Store every chunk of ``tokens`` in the sidecar's store, as the connector would."""
+    spans = chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)
+    return {s.key: put_chunk(sidecar.store, s.key, s.num_tokens, seed + i) for i, s in enumerate(spans)}
+
+
+def chunk_bytes(sidecar, key) -> bytes:
+    (info,) = sidecar.store.pin([key], checksums=False)
+    try:
+        return sidecar.store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes()
+    finally:
+        sidecar.store.unpin([key])
+
+
+@pytest.fixture(scope="module")
+def pair(fleet):
+    return fleet.add_sidecar("a"), fleet.add_sidecar("b")
+
+
+def test_instances_lists_both(fleet, pair):
+    inst = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}
+    assert set(inst) >= {"a", "b"}
+    assert inst["a"]["fingerprint"] == pair[0].fingerprint
+    assert inst["a"]["up"] is True and inst["a"]["layout"]["chunk_size"] == 32
+
+
+def test_move_is_byte_exact_and_deletes_source(fleet, pair):
+    a, b = pair
+    tokens = [random.Random(1).randrange(5000) for _ in range(100)]  # 3 full chunks + 4-token tail
+    written = fill(a, tokens)
+    assert fleet.wait_lookup(tokens, {"a": 100}) == {"a": 100}
+    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
+                                       "tokens": tokens})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_tokens"] == 100
+    st = fleet.wait_job(r.json()["event_id"])
+    assert st["status"] == "done", st
+    assert st["num_chunks"] == 4 and st["bytes"] == sum(len(v) for v in written.values())
+    for k, data in written.items():
+        assert chunk_bytes(b, k) == data
+        assert not a.store.contains(k)
+    assert fleet.wait_lookup(tokens, {"b": 100}) == {"b": 100}
+    for s in (a, b):
+        assert s.store.stats()["pinned_chunks"] == 0
+
+
+def test_copy_keeps_both_and_lookup_lists_every_holder(fleet, pair):
+    a, b = pair
+    tokens = list(range(7, 7 + 40))
+    written = fill(a, tokens, seed=50)
+    fleet.wait_lookup(tokens, {"a": 40})
+    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
+                                       "tokens": tokens, "should_copy": True})
+    assert fleet.wait_job(r.json()["event_id"])["status"] == "done"
+    assert fleet.wait_lookup(tokens, {"a": 40, "b": 40}) == {"a": 40, "b": 40}
+    for k, data in written.items():
+        assert chunk_bytes(a, k) == chunk_bytes(b, k) == data
+
+
+def test_check_finish_lmcache_style(fleet, pair):
+    a, _ = pair
+    tokens = list(range(300, 310))
+    fill(a, tokens, seed=9)
+    fleet.wait_lookup(tokens, {"a": 10})
+    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
+                                       "tokens": tokens, "copy": True})
+    eid = r.json()["event_id"]
+    fleet.wait_job(eid)
+    st = fleet.http.post("/check_finish", json={"event_id": eid}).json()
+    assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
+    assert set(st) == {"event_id", "status", "kind", "source", "destination", "num_tokens",
+                       "num_chunks", "bytes", "elapsed_s", "error"}
+
+
+def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):
+    a, b = pair
+    tokens = list(range(1000, 1080))
+    fill(a, tokens[:64], seed=3)  # two full chunks only
+    fleet.wait_lookup(tokens[:64], {"a": 64})
+    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
+                                       "tokens": tokens})
+    assert r.json()["num_tokens"] == 64
+    assert fleet.wait_job(r.json()["event_id"])["status"] == "done"
+
+
+BAD = [
+    ({"old_position": ["nope", LOC], "new_position": ["b", LOC], "tokens": [1]}, 404, "unknown instance"),
+    ({"old_position": ["a", "LocalDiskBackend"], "new_position": ["b", LOC], "tokens": [1]}, 400, "location"),
+    ({"old_position": ["a", LOC], "new_position": ["b", LOC], "tokens": []}, 400, "empty"),
+    ({"old_position": ["a", LOC], "new_position": ["a", LOC], "tokens": [1]}, 400, "same instance"),
+    ({"old_position": ["a", LOC], "new_position": ["b", LOC], "tokens": ["x"]}, 400, "tokens"),
+    ({"old_position": ["a", LOC], "new_position": ["b", LOC], "tokens": [-1]}, 400, "token id"),
+    ({"old_position": ["a", LOC], "new_position": ["b", LOC]}, 400, "exactly one"),
+    ({"old_position": ["a"], "new_position": ["b", LOC], "tokens": [1]}, 400, "old_position"),
+    ({"new_position": ["b", LOC], "tokens": [1]}, 400, "old_position"),
+    ({"old_position": ["a", LOC], "new_position": ["b", LOC], "tokens": [4242, 4243]}, 404, "holds no KV"),
+]
+
+
+@pytest.mark.parametrize("body,status,msg", BAD)
+def test_bad_moves_get_a_4xx_json_error_and_change_nothing(fleet, pair, body, status, msg):
+    before = [s.store.snapshot() for s in pair]
+    r = fleet.http.post("/move", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert msg in err["message"] and err["kind"]
+    assert [s.store.snapshot() for s in pair] == before
+
+
+@pytest.mark.parametrize("raw,ctype,status", [(b"{not json", "application/json", 400),
+                                              (b"", "application/json", 400),
+                                              (b"[1,2]", "application/json", 400),
+                                              (b"tokens=1", "application/x-www-form-urlencoded", 415)])
+def test_malformed_bodies(fleet, pair, raw, ctype, status):
+    r = fleet.http.post("/move", content=raw, headers={"content-type": ctype})
+    assert r.status_code == status and "error" in r.json()
+
+
+def test_unknown_event_and_route(fleet):
+    assert fleet.http.get("/events/deadbeef").status_code == 404
+    assert fleet.http.post("/check_finish", json={"event_id": "x"}).json()["error"]["kind"] == "not_found"
+    r = fleet.http.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found"
+
+
+def test_incompatible_layouts_are_refused_with_409(fleet, pair):
+    a, _ = pair
+    c = fleet.add_sidecar("c-other-dtype", dtype="float16")
+    tokens = list(range(2000, 2010))
+    fill(a, tokens, seed=1)
+    fleet.wait_lookup(tokens, {"a": 10})
+    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["c-other-dtype", LOC],
+                                       "tokens": tokens})
+    assert r.status_code == 409
+    assert "dtype" in r.json()["error"]["message"]
+    assert c.store.stats()["num_chunks"] == 0
+
+
+def test_lookup_bad_input(fleet, pair):
+    assert fleet.http.post("/lookup", json={}).status_code == 400
+    assert fleet.http.post("/lookup", json={"tokens": []}).status_code == 400
+    r = fleet.http.post("/lookup", json={"tokens": [1, 2, 3]})
+    assert r.status_code == 200 and r.json()["layout_info"] == {}

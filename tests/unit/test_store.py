@@ -1,0 +1,146 @@
+import pytest
+
+from tests.conftest import put_chunk
+from vllm_kvmove.store import ChunkMissing, ChunkStore, StoreFull
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def make_store(layout, slots: int) -> ChunkStore:
+    return ChunkStore(layout, slots * layout.chunk_bytes)
+
+
+def test_pool_is_one_region_of_whole_slots(layout):
+    store = ChunkStore(layout, 3 * layout.chunk_bytes + 5)
+    assert store.num_slots == 3
+    assert store.pool_bytes == 3 * layout.chunk_bytes
+
+
+def test_reserved_chunk_is_invisible_until_commit(layout):
+    store = make_store(layout, 2)
+    assert store.reserve(key(1), 32) is not None
+    assert store.match_prefix([key(1)]) == 0
+    with pytest.raises(ChunkMissing):
+        store.pin([key(1)])
+    assert store.snapshot() == (0, [])
+    store.commit(key(1))
+    assert store.match_prefix([key(1)]) == 1
+    assert store.snapshot() == (1, [(key(1), 32)])
+
+
+def test_abort_frees_the_slot_without_events(layout):
+    store = make_store(layout, 1)
+    store.reserve(key(1), 32)
+    store.abort(key(1))
+    assert store.stats()["free_slots"] == 1
+    assert store.drain_events() == []
+
+
+def test_reserve_of_held_key_returns_none(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 0)
+    assert store.reserve(key(1), 32) is None
+
+
+def test_match_prefix_stops_at_first_gap(layout):
+    store = make_store(layout, 4)
+    put_chunk(store, key(1), 32, 0)
+    put_chunk(store, key(3), 32, 0)
+    assert store.match_prefix([key(1), key(2), key(3)]) == 1
+
+
+def test_lru_eviction_skips_pinned_chunks(layout):
+    store = make_store(layout, 3)
+    for i in (1, 2, 3):
+        put_chunk(store, key(i), 32, i)
+    store.pin([key(1)])  # oldest, but pinned
+    put_chunk(store, key(4), 32, 4)  # evicts key(2), the oldest unpinned
+    held = {k for k, _ in store.snapshot()[1]}
+    assert held == {key(1), key(3), key(4)}
+    assert store.evictions == 1
+
+
+def test_touch_on_reserve_hit_refreshes_lru(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    put_chunk(store, key(2), 32, 2)
+    assert store.reserve(key(1), 32) is None  # a save of a held chunk refreshes it
+    put_chunk(store, key(3), 32, 3)
+    assert {k for k, _ in store.snapshot()[1]} == {key(1), key(3)}
+
+
+def test_store_full_when_everything_is_pinned(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    put_chunk(store, key(2), 32, 2)
+    store.pin([key(1), key(2)])
+    with pytest.raises(StoreFull):
+        store.reserve(key(3), 32)
+    store.unpin([key(1)])
+    assert store.reserve(key(3), 32) is not None
+
+
+def test_pin_is_all_or_nothing(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    with pytest.raises(ChunkMissing):
+        store.pin([key(1), key(2)])
+    assert store.stats()["pinned_chunks"] == 0
+
+
+def test_delete_of_pinned_chunk_is_deferred_to_last_unpin(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    store.pin([key(1)])
+    store.pin([key(1)])
+    assert store.delete([key(1)]) == 1
+    assert store.match_prefix([key(1)]) == 0  # invisible at once
+    store.unpin([key(1)])
+    assert store.stats()["free_slots"] == 1  # still pinned once: slot not reused
+    store.unpin([key(1)])
+    assert store.stats()["free_slots"] == 2
+    assert store.stats()["pinned_chunks"] == 0
+
+
+def test_pin_describes_valid_bytes_and_checksum(layout):
+    store = make_store(layout, 2)
+    data = put_chunk(store, key(1), 20, 7)  # partial chunk: 2 blocks of 16 tokens
+    (info,) = store.pin([key(1)])
+    assert info.nbytes == layout.valid_bytes(20) == len(data)
+    import zlib
+    assert info.checksum == zlib.crc32(data)
+    assert store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes() == data
+
+
+def test_events_have_consecutive_sequence_numbers(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    put_chunk(store, key(2), 32, 2)
+    put_chunk(store, key(3), 32, 3)  # evicts key(1)
+    store.delete([key(2)])
+    events = store.drain_events()
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [(e.kind, e.key) for e in events] == [
+        ("admit", key(1)), ("admit", key(2)), ("evict", key(1)), ("admit", key(3)), ("evict", key(2))]
+    assert store.drain_events() == []
+    assert store.snapshot() == (5, [(key(3), 32)])
+
+
+def test_clear_removes_everything_and_leaks_nothing(layout):
+    store = make_store(layout, 4)
+    for i in range(4):
+        put_chunk(store, key(i), 32, i)
+    store.pin([key(0)])
+    assert store.clear() == 4
+    store.unpin([key(0)])
+    st = store.stats()
+    assert (st["num_chunks"], st["pinned_chunks"], st["free_slots"]) == (0, 0, 4)
+
+
+def test_reserve_rejects_bad_token_counts(layout):
+    store = make_store(layout, 1)
+    for n in (0, 33):
+        with pytest.raises(ValueError):
+            store.reserve(key(1), n)
