@@ -1,0 +1,133 @@
+"""One real cluster per test session: a controller and two vLLM engines with the connector.
+
+Engines run the small local model made by ``examples/make_model.py`` (random-init Llama and a
+locally trained tokenizer), eager mode, one core each. Start-up is shared by every e2e test;
+teardown stops every process by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.localcluster import LocalCluster
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+LOC = "LocalCPUBackend"
+
+
+def model_dir() -> Path:
+    path = Path(os.environ.get("KVMOVE_TEST_MODEL", REPO / ".work" / "models" / "tiny-llama"))
+    subprocess.run([sys.executable, str(REPO / "examples" / "make_model.py"), str(path)], check=True,
+                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return path
+
+
+class Engine:
+    def __init__(self, instance_id: str, proc, sidecar_url: str, model: str):
+        self.instance_id = instance_id
+        self.model = model
+        self.proc = proc
+        self.url = proc.url
+        self.sidecar_url = sidecar_url
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+
+    def complete(self, prompt, max_tokens: int = 8) -> dict:
+        r = self.http.post("/v1/completions", json={"model": self.model, "prompt": prompt,
+                                                    "max_tokens": max_tokens, "temperature": 0})
+        r.raise_for_status()
+        return r.json()
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a counter on the engine's /metrics over series matching ``labels``."""
+        total = 0.0
+        for line in self.http.get("/metrics").text.splitlines():
+            m = re.match(rf"^{re.escape(name)}(\{{.*\}})? ([0-9.e+-]+)$", line)
+            if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
+
+    def sidecar(self, path: str) -> httpx.Response:
+        return httpx.get(self.sidecar_url + path, timeout=10)
+
+
+class Cluster:
+    def __init__(self, workdir: Path):
+        self.local = LocalCluster(model_dir(), workdir)
+        pull, reply = free_port(), free_port()
+        self.controller_proc = self.local.start_controller(free_port(), pull, reply)
+        self.engines: dict[str, Engine] = {}
+        t0 = time.monotonic()
+        for i in (1, 2):
+            iid, port, sc_port = f"e2e_instance_{i}", free_port(), free_port()
+            proc = self.local.start_engine(iid, port, cpu=i - 1, extra_config={
+                "instance_id": iid, "controller_pull_url": f"localhost:{pull}",
+                "controller_reply_url": f"localhost:{reply}", "sidecar_port": sc_port,
+                "p2p_init_port": free_port(), "engine_url": f"http://127.0.0.1:{port}",
+                "max_local_cpu_size": 0.25})
+            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sc_port}",
+                                       str(self.local.model_dir))
+        self.local.wait_ready(self.controller_proc, timeout=60)
+        for e in self.engines.values():
+            self.local.wait_ready(e.proc, timeout=300)
+        self.startup_s = time.monotonic() - t0
+        self.http = httpx.Client(base_url=self.controller_proc.url, timeout=60)
+        self.wait_instances(set(self.engines))
+
+    def wait_instances(self, ids: set[str], timeout: float = 30) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            up = {i["instance_id"] for i in self.http.get("/instances").json()["instances"] if i["up"]}
+            if ids <= up:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"instances not registered: {ids}")
+
+    def move(self, src: str, dst: str, **body) -> httpx.Response:
+        return self.http.post("/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
+                                             **body})
+
+    def wait_job(self, event_id: str, timeout: float = 60) -> dict:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            st = self.http.get(f"/events/{event_id}").json()
+            if st["status"] in ("done", "failed"):
+                return st
+            time.sleep(0.01)
+        raise AssertionError(f"job {event_id} still {st['status']} after {timeout} s")
+
+    def lookup(self, tokens: list[int]) -> dict[str, int]:
+        info = self.http.post("/lookup", json={"tokens": tokens}).json()["layout_info"]
+        return {k: v[1] for k, v in info.items()}
+
+    def wait_lookup(self, tokens: list[int], expect: dict[str, int], timeout: float = 5) -> dict:
+        t0 = time.monotonic()
+        got = self.lookup(tokens)
+        while got != expect and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+            got = self.lookup(tokens)
+        return got
+
+    def close(self) -> None:
+        self.local.stop_all()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("e2e"))
+    print(f"\n[e2e] controller + 2 engines ready in {c.startup_s:.1f} s")
+    try:
+        yield c
+    finally:
+        c.close()
