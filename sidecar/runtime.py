@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
+import time
 from typing import Any
 
 import msgspec
@@ -77,6 +79,7 @@ class Sidecar:
         self.transfer: NixlTransfer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
+        self.error: BaseException | None = None
         self.controller_id: str | None = None
         self.stats = {"fetches": 0, "fetch_failures": 0, "bytes_in": 0, "pins": 0}
         self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
@@ -104,10 +107,21 @@ class Sidecar:
             loop.call_soon_threadsafe(stopping.set)
         self._thread.join(timeout=timeout)
 
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the sidecar serves. Raises RuntimeError if it failed or timed out."""
+        t0 = time.monotonic()
+        while not self.ready.wait(0.05):
+            if self.error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"kvmove sidecar {self.config.instance_id} failed to start: "
+                                   f"{self.error!r}") from self.error
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"kvmove sidecar {self.config.instance_id} not ready after {timeout} s")
+
     def _thread_main(self) -> None:
         try:
             asyncio.run(self._main())
-        except Exception:  # noqa: BLE001 - the engine must keep serving without its sidecar
+        except BaseException as e:  # noqa: BLE001 - reported through wait_ready / logs
+            self.error = e
             logger.exception("kvmove sidecar stopped with an error")
 
     async def _main(self) -> None:
@@ -138,7 +152,11 @@ class Sidecar:
         self._server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.sidecar_host, port=cfg.sidecar_port, log_level="warning",
             lifespan="off", access_log=False))
-        serve = asyncio.create_task(self._server.serve())
+        # Bind here (not inside serve()) so a taken port is an error start-up can report.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.sidecar_host, cfg.sidecar_port))
+        serve = asyncio.create_task(self._server.serve(sockets=[sock]))
         loops = [asyncio.create_task(c) for c in (self._recv_loop(), self._heartbeat_loop(),
                                                   self._event_loop())]
         await self._send_registration()
@@ -298,6 +316,14 @@ class Sidecar:
         return moved, len(reserved)
 
 
-def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout) -> Sidecar:
-    """Start the sidecar of this engine on its own thread; returns at once."""
-    return Sidecar(config, store, layout).start()
+def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
+                  timeout: float = 30.0) -> Sidecar:
+    """Start the sidecar of this engine on its own thread and wait until it serves.
+
+    Raises:
+        RuntimeError: it could not start (e.g. a port is taken); the engine should not start
+            half-connected.
+    """
+    sidecar = Sidecar(config, store, layout).start()
+    sidecar.wait_ready(timeout)
+    return sidecar

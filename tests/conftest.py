@@ -13,10 +13,21 @@ from vllm_kvmove.layout import KVLayout
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
+_next_port = [20000 + (os.getpid() * 37) % 8000]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the ephemeral range (32768+), so no outgoing connection of vLLM,
+    ZMQ or UCX can take it between this check and its use."""
+    while True:
+        port = _next_port[0]
+        _next_port[0] = 20000 + (port - 20000 + 1) % 12000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def tiny_layout(**over) -> KVLayout:

@@ -20,17 +20,27 @@ from vllm_kvmove.store import ChunkStore
 
 
 class Fleet:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, start_controller: bool = True):
         self.cluster = LocalCluster("unused", tmp_path, python=sys.executable)
-        self.pull, self.reply = free_port(), free_port()
-        self.controller = self.cluster.start_controller(free_port(), self.pull, self.reply,
-                                                        extra_args=["--heartbeat-timeout", "3"])
-        self.url = self.controller.url
-        self.cluster.wait_ready(self.controller, timeout=30)
-        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self.pull, self.reply, self.port = free_port(), free_port(), free_port()
+        self.http = httpx.Client(base_url=f"http://localhost:{self.port}", timeout=10)
         self.sidecars: dict[str, Sidecar] = {}
+        self.controller = None
+        if start_controller:
+            self.start_controller()
 
-    def add_sidecar(self, instance_id: str, slots: int = 64, **layout_over) -> Sidecar:
+    def start_controller(self) -> None:
+        """Start the controller process (again, after :meth:`kill_controller`) on the same ports."""
+        self.controller = self.cluster.start_controller(self.port, self.pull, self.reply,
+                                                        extra_args=["--heartbeat-timeout", "3"])
+        self.cluster.wait_ready(self.controller, timeout=30)
+
+    def kill_controller(self) -> None:
+        self.cluster.kill(self.controller)
+        self.controller = None
+
+    def add_sidecar(self, instance_id: str, slots: int = 64, wait: bool = True,
+                    **layout_over) -> Sidecar:
         layout = tiny_layout(**layout_over)
         cfg = build_config({
             "instance_id": instance_id, "controller_pull_url": f"localhost:{self.pull}",
@@ -42,13 +52,17 @@ class Fleet:
         sc = Sidecar(cfg, store, layout).start()
         assert sc.ready.wait(30), "sidecar did not start"
         self.sidecars[instance_id] = sc
-        self.wait_registered(instance_id)
+        if wait:
+            self.wait_registered(instance_id)
         return sc
 
     def wait_registered(self, instance_id: str, timeout: float = 10) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            ids = {i["instance_id"] for i in self.http.get("/instances").json()["instances"]}
+            try:
+                ids = {i["instance_id"] for i in self.http.get("/instances").json()["instances"]}
+            except httpx.HTTPError:
+                ids = set()
             if instance_id in ids:
                 return
             time.sleep(0.05)
