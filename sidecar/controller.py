@@ -9,7 +9,7 @@ Contract
   sidecar snapshots and sequence-numbered events; ``/lookup`` answers from it without asking
   any sidecar. A gap in an instance's sequence (or a heartbeat showing events it never got)
   triggers a :class:`~sidecar.wire.Resync` and a fresh snapshot.
-* A move or copy is a job (:class:`MoveJob`): ``POST /move`` validates, creates the job and
+* A move or copy is a job (:class:`Job`): ``POST /move`` validates, creates the job and
   answers at once; the job then pins the chunks at the source, has the destination read them
   over NIXL (the destination verifies checksums before publishing), unpins them, and — for a
   move only, and only once the destination has them — deletes them at the source. The job's
@@ -18,8 +18,9 @@ Contract
   to one sidecar. Errors map to HTTP statuses in one place (:mod:`sidecar.errors`).
 
 HTTP routes:
-  ``POST /move``, ``GET /events/{event_id}``, ``POST /check_finish``, ``POST /lookup``,
-  ``GET /instances``, ``GET /health``.
+  ``POST /move``, ``GET /events``, ``GET /events/{event_id}``, ``POST /check_finish``,
+  ``POST /lookup``, ``POST /pin``, ``POST /unpin``, ``POST /clear``, ``GET /instances``,
+  ``GET /health``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
@@ -52,6 +54,9 @@ from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 logger = logging.getLogger("vllm_kvmove.controller")
 
 MAX_TOKENS = 1 << 20
+# A move's fetch is split into commands of at most this many bytes, so its progress (bytes
+# moved) advances while it runs; each command is still one NIXL transfer of many chunks.
+FETCH_BATCH_BYTES = 64 << 20
 # How long a heartbeat may show events we never received before we ask for a snapshot.
 _RESYNC_GRACE_S = 1.0
 _TOKEN_LIMIT = 1 << 31
@@ -138,8 +143,12 @@ class ChunkIndex:
 
 
 @dataclass
-class MoveJob:
-    """One move or copy of a prefix's chunks from ``source`` to ``destination``."""
+class Job:
+    """One operation on chunks, reported by event id.
+
+    ``kind`` is "move" or "copy" (asynchronous: ``source`` → ``destination``), or "pin",
+    "unpin", "clear" (one instance, ``source``; they complete before their HTTP answer).
+    """
 
     event_id: str
     kind: str
@@ -147,18 +156,21 @@ class MoveJob:
     destination: str
     keys: list[bytes]
     num_tokens: int
+    num_chunks: int = 0
     status: str = "pending"
     bytes: int = 0
+    total_bytes: int = 0
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
     ended: float | None = None
 
-    def to_status(self) -> wire.MoveStatus:
+    def to_status(self) -> wire.JobStatusBody:
         end = self.ended if self.ended is not None else time.monotonic()
-        return wire.MoveStatus(
+        return wire.JobStatusBody(
             event_id=self.event_id, status=self.status, kind=self.kind, source=self.source,
-            destination=self.destination, num_tokens=self.num_tokens, num_chunks=len(self.keys),
-            bytes=self.bytes, elapsed_s=round(end - self.created, 6), error=self.error)
+            destination=self.destination, num_tokens=self.num_tokens, num_chunks=self.num_chunks,
+            bytes=self.bytes, total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
+            error=self.error)
 
 
 class Controller:
@@ -169,7 +181,7 @@ class Controller:
         self.controller_id = uuid.uuid4().hex
         self.instances: dict[str, Instance] = {}
         self.index = ChunkIndex()
-        self.jobs: OrderedDict[str, MoveJob] = OrderedDict()
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._pending: dict[int, asyncio.Future] = {}
         self._req_ids = itertools.count(1)
         self._router: zmq.asyncio.Socket | None = None
@@ -372,7 +384,7 @@ class Controller:
         return out
 
     # -- jobs ------------------------------------------------------------------------------
-    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool) -> MoveJob:
+    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool) -> Job:
         """Validate a move and start its job. Raises ApiError; changes nothing on error."""
         if src.instance_id == dst.instance_id:
             raise ApiError("bad_request", "source and destination are the same instance")
@@ -391,20 +403,57 @@ class Controller:
         if n == 0:
             raise ApiError("not_found", f"{src.instance_id} holds no KV for a prefix of these "
                                         f"{len(tokens)} tokens")
-        job = MoveJob(uuid.uuid4().hex, "copy" if copy else "move", src.instance_id,
-                      dst.instance_id, [s.key for s in spans[:n]], spans[n - 1].end)
+        job = self._new_job("copy" if copy else "move", src.instance_id, dst.instance_id,
+                            [s.key for s in spans[:n]], spans[n - 1].end)
+        task = asyncio.create_task(self._run_job(job))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
+        return job
+
+    def _new_job(self, kind: str, source: str, destination: str, keys: list[bytes],
+                 num_tokens: int) -> Job:
+        job = Job(uuid.uuid4().hex, kind, source, destination, keys, num_tokens, len(keys))
         self.jobs[job.event_id] = job
         while len(self.jobs) > self.settings.max_jobs:
             old_id, old = next(iter(self.jobs.items()))
             if old.status not in wire.FINAL_STATES:
                 break
             del self.jobs[old_id]
-        task = asyncio.create_task(self._run_job(job))
-        self._job_tasks.add(task)
-        task.add_done_callback(self._job_tasks.discard)
         return job
 
-    async def _run_job(self, job: MoveJob) -> None:
+    async def run_store_op(self, kind: str, inst: Instance, tokens: list[int] | None) -> Job:
+        """Pin, unpin or clear (all chunks when ``tokens`` is None) at one instance; waits.
+
+        Raises:
+            ApiError: instance down, nothing held for ``tokens``, or the sidecar failed.
+        """
+        if not self.is_up(inst):
+            raise ApiError("unavailable", f"instance {inst.instance_id} is down")
+        keys: list[bytes] | None = None
+        num_tokens = 0
+        if tokens is not None:
+            spans = chunk_spans(tokens, inst.reg.chunk_size, inst.reg.fingerprint)
+            n = self.index.held_prefix(inst.instance_id, spans)
+            if n == 0:
+                raise ApiError("not_found", f"{inst.instance_id} holds no KV for a prefix of "
+                                            f"these {len(tokens)} tokens")
+            keys, num_tokens = [s.key for s in spans[:n]], spans[n - 1].end
+        job = self._new_job(kind, inst.instance_id, "", keys or [], num_tokens)
+        job.status = "running"
+        if kind == "clear":
+            msg: Any = wire.ClearChunks(0, keys)
+        else:
+            msg = wire.PersistChunks(0, keys or [], persistent=(kind == "pin"))
+        reply = await self.command(inst.instance_id, msg)
+        job.ended = time.monotonic()
+        if not reply.ok:
+            job.status, job.error = "failed", reply.error
+            raise ApiError(reply.error_kind or "internal", f"{kind} at {inst.instance_id}: {reply.error}")
+        job.status = "done"
+        job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
+        return job
+
+    async def _run_job(self, job: Job) -> None:
         job.status = "running"
         try:
             job.error = await self._transfer(job)
@@ -417,7 +466,7 @@ class Controller:
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
 
-    async def _transfer(self, job: MoveJob) -> str | None:
+    async def _transfer(self, job: Job) -> str | None:
         """Run the job's steps; return None on success or the cause of failure."""
         src, dst = self.instances.get(job.source), self.instances.get(job.destination)
         if src is None or dst is None:
@@ -425,13 +474,16 @@ class Controller:
         pin = await self.command(job.source, wire.PinChunks(0, job.keys))
         if not pin.ok:
             return f"pin at {job.source} failed: {pin.error}"
+        job.total_bytes = sum(c.nbytes for c in pin.chunks)
         fetched = False
         try:
             peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url)
-            fetch = await self.command(job.destination, wire.FetchChunks(0, peer, pin.chunks))
-            if not fetch.ok:
-                return f"fetch at {job.destination} failed ({fetch.error_kind}): {fetch.error}"
-            job.bytes, fetched = fetch.bytes, True
+            for batch in _batches(pin.chunks, FETCH_BATCH_BYTES):
+                fetch = await self.command(job.destination, wire.FetchChunks(0, peer, batch))
+                if not fetch.ok:
+                    return f"fetch at {job.destination} failed ({fetch.error_kind}): {fetch.error}"
+                job.bytes += fetch.bytes
+            fetched = True
             if job.kind == "move":
                 # Only now that the destination holds every chunk may the source let go.
                 delete = await self.command(job.source, wire.DeleteChunks(0, job.keys))
@@ -443,6 +495,19 @@ class Controller:
                 logger.warning("unpin at %s failed after job %s: %s", job.source, job.event_id,
                                unpin.error)
         return None if fetched else "fetch did not complete"
+
+
+def _batches(chunks: list[wire.ChunkDesc], max_bytes: int) -> list[list[wire.ChunkDesc]]:
+    """Split chunks into consecutive groups of at most ``max_bytes`` (at least one chunk each)."""
+    out: list[list[wire.ChunkDesc]] = [[]]
+    size = 0
+    for c in chunks:
+        if out[-1] and size + c.nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(c)
+        size += c.nbytes
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +543,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         job = ctl.create_move(src, dst, tokens, copy)
         return json_response(wire.MoveResponse(job.num_tokens, job.event_id))
 
-    def _job(event_id: str) -> MoveJob:
+    def _job(event_id: str) -> Job:
         job = ctl.jobs.get(event_id)
         if job is None:
             raise ApiError("not_found", f"unknown event_id {event_id!r}")
@@ -486,6 +551,25 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
 
     async def event(request: Request) -> Response:
         return json_response(_job(request.path_params["event_id"]).to_status())
+
+    async def events(request: Request) -> Response:
+        raw = request.query_params.get("limit", "100")
+        if not raw.isdigit():
+            raise ApiError("bad_request", f"limit must be a non-negative integer, got {raw!r}")
+        recent = list(itertools.islice(reversed(ctl.jobs.values()), int(raw)))
+        return json_response({"events": [j.to_status() for j in recent]})
+
+    def store_op(kind: str):
+        async def handler(request: Request) -> Response:
+            body = await read_json(request, wire.PinRequest)
+            inst = _position((body.instance_id, body.location), "position", ctl)
+            tokens = None
+            if body.tokens is not None or body.prompt is not None or kind != "clear":
+                tokens = await ctl.tokens_of(body.tokens, body.prompt, inst)
+            job = await ctl.run_store_op(kind, inst, tokens)
+            return json_response({"event_id": job.event_id, "num_tokens": job.num_tokens,
+                                  "num_chunks": job.num_chunks})
+        return handler
 
     async def check_finish(request: Request) -> Response:
         body = await read_json(request, wire.EventIdRequest)
@@ -515,6 +599,11 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
             "last_heartbeat_s_ago": round(now - i.last_heartbeat, 3)}
             for i in ctl.instances.values()]})
 
+    status_page = (Path(__file__).parent / "static" / "status.html").read_bytes()
+
+    async def index(request: Request) -> Response:
+        return Response(status_page, media_type="text/html; charset=utf-8")
+
     async def health(request: Request) -> Response:
         up = sum(1 for i in ctl.instances.values() if ctl.is_up(i))
         return json_response({"status": "ok", "controller_id": ctl.controller_id,
@@ -522,8 +611,13 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
                               "chunks_indexed": len(ctl.index)})
 
     app = Starlette(
-        routes=[Route("/move", move, methods=["POST"]),
+        routes=[Route("/", index, methods=["GET"]),
+                Route("/move", move, methods=["POST"]),
+                Route("/events", events, methods=["GET"]),
                 Route("/events/{event_id}", event, methods=["GET"]),
+                Route("/pin", store_op("pin"), methods=["POST"]),
+                Route("/unpin", store_op("unpin"), methods=["POST"]),
+                Route("/clear", store_op("clear"), methods=["POST"]),
                 Route("/check_finish", check_finish, methods=["POST"]),
                 Route("/lookup", lookup, methods=["POST"]),
                 Route("/instances", instances, methods=["GET"]),

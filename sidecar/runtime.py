@@ -267,6 +267,12 @@ class Sidecar:
             return wire.Reply(req_id=msg.req_id, ok=True, count=len(msg.keys))
         if isinstance(msg, wire.DeleteChunks):
             return wire.Reply(req_id=msg.req_id, ok=True, count=store.delete(msg.keys))
+        if isinstance(msg, wire.PersistChunks):
+            return wire.Reply(req_id=msg.req_id, ok=True,
+                              count=store.persist(msg.keys, msg.persistent))
+        if isinstance(msg, wire.ClearChunks):
+            n = store.clear() if msg.keys is None else store.delete(msg.keys)
+            return wire.Reply(req_id=msg.req_id, ok=True, count=n)
         if isinstance(msg, wire.FetchChunks):
             try:
                 nbytes, count = await asyncio.to_thread(self._fetch, msg)

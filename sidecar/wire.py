@@ -30,7 +30,7 @@ import msgspec
 PROTOCOL_VERSION = 1
 LOCATION = "LocalCPUBackend"
 
-# The states a move job can be in; "done" and "failed" are final.
+# The states a job can be in; "done" and "failed" are final.
 JobStatus = Literal["pending", "running", "done", "failed"]
 FINAL_STATES = frozenset({"done", "failed"})
 
@@ -192,6 +192,22 @@ class DeleteChunks(_Tagged):
     keys: list[bytes]
 
 
+class PersistChunks(_Tagged):
+    """Set (``persistent=True``, the controller's ``/pin``) or clear (``/unpin``) the never-evict
+    flag of held chunks. Idempotent."""
+
+    req_id: int
+    keys: list[bytes]
+    persistent: bool = True
+
+
+class ClearChunks(_Tagged):
+    """Delete the given chunks, or every chunk when ``keys`` is None (the controller's ``/clear``)."""
+
+    req_id: int
+    keys: list[bytes] | None = None
+
+
 class PeerInfo(msgspec.Struct):
     """How to reach another sidecar's NIXL agent."""
 
@@ -211,7 +227,8 @@ class FetchChunks(_Tagged):
     chunks: list[ChunkDesc]
 
 
-ControllerMessage = Union[RegisterAck, Resync, PinChunks, UnpinChunks, DeleteChunks, FetchChunks]
+ControllerMessage = Union[RegisterAck, Resync, PinChunks, UnpinChunks, DeleteChunks, FetchChunks,
+                          PersistChunks, ClearChunks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,24 +290,43 @@ class LookupRequest(msgspec.Struct):
     instance_id: str | None = None
 
 
+class PinRequest(msgspec.Struct):
+    """``POST /pin``, ``/unpin`` and ``/clear``: the chunks of a prefix at one instance.
+
+    Attributes:
+        instance_id: the instance (LMCache's field name).
+        location: must be ``"LocalCPUBackend"``.
+        tokens: the prefix's token ids.
+        prompt: or its text, tokenized by that instance's engine.
+    For ``/clear``, giving neither ``tokens`` nor ``prompt`` clears the whole store.
+    """
+
+    instance_id: str
+    location: str = LOCATION
+    tokens: list[int] | None = None
+    prompt: str | None = None
+
+
 class EventIdRequest(msgspec.Struct):
     """``POST /check_finish``."""
 
     event_id: str
 
 
-class MoveStatus(msgspec.Struct):
-    """A move job as reported by ``GET /events/{event_id}`` and ``POST /check_finish``.
+class JobStatusBody(msgspec.Struct):
+    """A job as reported by ``GET /events/{event_id}``, ``GET /events`` and ``POST /check_finish``.
 
     Attributes:
         event_id: the job id.
         status: one of :data:`JobStatus`.
-        kind: "move" or "copy".
-        source: source instance id.
-        destination: destination instance id.
+        kind: "move", "copy", "pin", "unpin" or "clear".
+        source: source instance id (the instance acted on, for pin/unpin/clear).
+        destination: destination instance id ("" for pin/unpin/clear).
         num_tokens: tokens covered.
         num_chunks: chunks covered.
         bytes: bytes moved so far.
+        total_bytes: bytes the job will move (known once the source pinned the chunks; chunks
+            the destination already holds are not moved, so ``bytes`` may end below it).
         elapsed_s: seconds since creation (until the end, once final).
         error: cause, when failed.
     """
@@ -303,6 +339,7 @@ class MoveStatus(msgspec.Struct):
     num_tokens: int
     num_chunks: int
     bytes: int
+    total_bytes: int
     elapsed_s: float
     error: str | None = None
 

@@ -16,9 +16,13 @@ Contract
 * Visibility: a chunk is *writing* from ``reserve`` until ``commit`` and invisible to
   ``match_prefix``, ``pin`` and ``snapshot`` until then; ``abort`` frees it without a trace.
   Readers therefore never see a half-written chunk.
-* Eviction: when a slot is needed and none is free, the least recently used *ready, unpinned*
-  chunk is evicted. Pinned chunks are never evicted; ``delete`` of a pinned chunk is deferred
-  until its last ``unpin`` (so a source keeps KV until a destination has it).
+* Pins and persistence: ``pin``/``unpin`` are counted, short-lived references taken around a
+  load or a transfer; ``persist``/``unpersist`` set an operator's flag (the controller's
+  ``/pin``), idempotent. Eviction: when a slot is needed and none is free, the least recently
+  used *ready* chunk that is neither pinned nor persistent is evicted. ``delete`` (and
+  ``clear``) removes persistent chunks too — it is an explicit request, not eviction — but a
+  pinned chunk's slot is freed only at its last ``unpin`` (so a source keeps KV until a
+  destination has it).
 * Events: every admit (commit) and evict/delete appends a :class:`StoreEvent` with a sequence
   number that increases by one per event; a consumer that sees a gap must re-read
   ``snapshot()``. The event buffer is bounded; overflowing it drops the oldest events, which
@@ -102,6 +106,7 @@ class _Entry:
     num_tokens: int
     ready: bool = False
     pins: int = 0
+    persistent: bool = False
     doomed: bool = False
     checksum: int | None = None
 
@@ -177,6 +182,7 @@ class ChunkStore:
                 "num_slots": self.num_slots,
                 "free_slots": len(self._free),
                 "pinned_chunks": sum(1 for e in self._entries.values() if e.pins),
+                "persistent_chunks": sum(1 for e in self._entries.values() if e.persistent),
                 "writing_chunks": sum(1 for e in self._entries.values() if not e.ready),
                 "evictions": self.evictions,
                 "seq": self._seq,
@@ -270,6 +276,18 @@ class ChunkStore:
                 if e.pins == 0 and e.doomed:
                     self._drop(e, emit=False)  # its evict event went out at delete()
 
+    def persist(self, keys: Iterable[bytes], persistent: bool = True) -> int:
+        """Set or clear the operator's never-evict flag on held chunks; returns chunks changed
+        or already in that state. Unknown keys are ignored."""
+        n = 0
+        with self._lock:
+            for k in keys:
+                e = self._entries.get(k)
+                if e is not None and e.ready and not e.doomed:
+                    e.persistent = persistent
+                    n += 1
+        return n
+
     def delete(self, keys: Iterable[bytes]) -> int:
         """Delete chunks; a pinned one goes at its last unpin. Returns chunks affected."""
         n = 0
@@ -310,12 +328,12 @@ class ChunkStore:
         if self._free:
             return self._free.pop()
         for e in self._entries.values():  # oldest first
-            if e.ready and e.pins == 0:
+            if e.ready and e.pins == 0 and not e.persistent:
                 self._drop(e)
                 self.evictions += 1
                 return self._free.pop()
         raise StoreFull(
-            f"store full: {self.num_slots} slots, none evictable (pinned or being written)")
+            f"store full: {self.num_slots} slots, none evictable (pinned, persistent or being written)")
 
     def _drop(self, e: _Entry, emit: bool = True) -> None:
         del self._entries[e.key]

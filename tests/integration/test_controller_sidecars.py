@@ -83,7 +83,7 @@ def test_check_finish_lmcache_style(fleet, pair):
     st = fleet.http.post("/check_finish", json={"event_id": eid}).json()
     assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
     assert set(st) == {"event_id", "status", "kind", "source", "destination", "num_tokens",
-                       "num_chunks", "bytes", "elapsed_s", "error"}
+                       "num_chunks", "bytes", "total_bytes", "elapsed_s", "error"}
 
 
 def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):
@@ -155,3 +155,39 @@ def test_lookup_bad_input(fleet, pair):
     assert fleet.http.post("/lookup", json={"tokens": []}).status_code == 400
     r = fleet.http.post("/lookup", json={"tokens": [1, 2, 3]})
     assert r.status_code == 200 and r.json()["layout_info"] == {}
+
+
+def test_pin_protects_from_eviction_unpin_and_clear(fleet):
+    s = fleet.add_sidecar("small", slots=4)
+    pinned = list(range(3000, 3032))  # one full chunk
+    fill(s, pinned, seed=1)
+    fleet.wait_lookup(pinned, {"small": 32})
+    r = fleet.http.post("/pin", json={"instance_id": "small", "location": LOC, "tokens": pinned})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_chunks"] == 1 and r.json()["num_tokens"] == 32
+    assert s.store.stats()["persistent_chunks"] == 1
+    for i in range(6):  # more than the store holds: LRU eviction, but never the pinned chunk
+        fill(s, list(range(4000 + 100 * i, 4000 + 100 * i + 32)), seed=i)
+    assert s.store.match_prefix([k for k in [s.store.snapshot()[1][0][0]]]) == 1
+    assert fleet.wait_lookup(pinned, {"small": 32}) == {"small": 32}
+    assert fleet.http.post("/unpin", json={"instance_id": "small", "tokens": pinned}).status_code == 200
+    assert s.store.stats()["persistent_chunks"] == 0
+    st = fleet.http.get(f"/events/{r.json()['event_id']}").json()
+    assert st["kind"] == "pin" and st["status"] == "done"
+    # clear by tokens, then the whole store
+    c = fleet.http.post("/clear", json={"instance_id": "small", "tokens": pinned})
+    assert c.json()["num_chunks"] == 1
+    assert fleet.wait_lookup(pinned, {}) == {}
+    c = fleet.http.post("/clear", json={"instance_id": "small", "location": LOC})
+    assert c.status_code == 200 and c.json()["num_chunks"] == 3
+    assert s.store.stats()["num_chunks"] == 0
+    events = fleet.http.get("/events?limit=3").json()["events"]
+    assert [e["kind"] for e in events] == ["clear", "clear", "unpin"]
+
+
+def test_pin_bad_input(fleet, pair):
+    assert fleet.http.post("/pin", json={"instance_id": "zzz", "tokens": [1]}).status_code == 404
+    assert fleet.http.post("/pin", json={"instance_id": "a", "location": "Disk", "tokens": [1]}).status_code == 400
+    assert fleet.http.post("/pin", json={"instance_id": "a"}).status_code == 400
+    assert fleet.http.post("/pin", json={"instance_id": "a", "tokens": [77777]}).status_code == 404
+    assert fleet.http.get("/events?limit=x").status_code == 400
