@@ -5,6 +5,7 @@ Routes (all JSON unless noted):
   ``GET /store``           → store statistics, KV layout and fingerprint
   ``GET /chunks``          → ``{"chunks": [{"key": hex, "num_tokens"}...]}`` (``?limit=``, default 1000)
   ``GET /chunks/{key}``    → the chunk's valid bytes, ``application/octet-stream`` (pinned while read)
+  ``GET /metrics``         → Prometheus text (store and transfer metrics)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.errors import ERROR_HANDLERS, ApiError, json_response
+from sidecar.metrics import metrics_endpoint, sidecar_registry
 from vllm_kvmove.store import ChunkMissing
 
 if TYPE_CHECKING:
@@ -69,5 +71,6 @@ def create_sidecar_app(sidecar: "Sidecar") -> Starlette:
 
     return Starlette(
         routes=[Route("/health", health), Route("/store", store_info), Route("/chunks", chunks),
-                Route("/chunks/{key}", chunk_bytes)],
+                Route("/chunks/{key}", chunk_bytes),
+                Route("/metrics", metrics_endpoint(sidecar_registry(sidecar)))],
         exception_handlers=ERROR_HANDLERS)

@@ -20,7 +20,7 @@ Contract
 HTTP routes:
   ``POST /move``, ``GET /events``, ``GET /events/{event_id}``, ``POST /check_finish``,
   ``POST /lookup``, ``POST /pin``, ``POST /unpin``, ``POST /clear``, ``GET /instances``,
-  ``GET /health``.
+  ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (status page).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from starlette.routing import Route
 
 from sidecar import wire
 from sidecar.errors import ERROR_HANDLERS, ApiError, json_response, read_json
+from sidecar.metrics import ControllerMetrics, metrics_endpoint
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 
 logger = logging.getLogger("vllm_kvmove.controller")
@@ -189,6 +190,7 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
         self._job_tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
+        self.metrics = ControllerMetrics(self)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -414,6 +416,7 @@ class Controller:
                  num_tokens: int) -> Job:
         job = Job(uuid.uuid4().hex, kind, source, destination, keys, num_tokens, len(keys))
         self.jobs[job.event_id] = job
+        self.metrics.job_started(job)
         while len(self.jobs) > self.settings.max_jobs:
             old_id, old = next(iter(self.jobs.items()))
             if old.status not in wire.FINAL_STATES:
@@ -445,23 +448,27 @@ class Controller:
         else:
             msg = wire.PersistChunks(0, keys or [], persistent=(kind == "pin"))
         reply = await self.command(inst.instance_id, msg)
-        job.ended = time.monotonic()
+        if reply.ok:
+            job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
+        self._end_job(job, None if reply.ok else reply.error)
         if not reply.ok:
-            job.status, job.error = "failed", reply.error
             raise ApiError(reply.error_kind or "internal", f"{kind} at {inst.instance_id}: {reply.error}")
-        job.status = "done"
-        job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
         return job
+
+    def _end_job(self, job: Job, error: str | None) -> None:
+        job.error = error
+        job.status = "failed" if error else "done"
+        job.ended = time.monotonic()
+        self.metrics.job_ended(job)
 
     async def _run_job(self, job: Job) -> None:
         job.status = "running"
         try:
-            job.error = await self._transfer(job)
+            error = await self._transfer(job)
         except Exception as e:  # noqa: BLE001
             logger.exception("job %s crashed", job.event_id)
-            job.error = f"internal error: {type(e).__name__}: {e}"
-        job.status = "failed" if job.error else "done"
-        job.ended = time.monotonic()
+            error = f"internal error: {type(e).__name__}: {e}"
+        self._end_job(job, error)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
@@ -490,7 +497,7 @@ class Controller:
                 if not delete.ok:
                     return f"destination holds the KV, but delete at {job.source} failed: {delete.error}"
         finally:
-            unpin = await self.command(job.source, wire.UnpinChunks(0, job.keys))
+            unpin = await self.command(job.source, wire.UnpinChunks(0, job.keys, job.bytes))
             if not unpin.ok:
                 logger.warning("unpin at %s failed after job %s: %s", job.source, job.event_id,
                                unpin.error)
@@ -584,7 +591,9 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
             else:
                 tokenizer = next((i for i in ctl.instances.values() if ctl.is_up(i)), None)
         tokens = await ctl.tokens_of(body.tokens, body.prompt, tokenizer)
+        t0 = time.perf_counter()
         matched = ctl.lookup(tokens)
+        ctl.metrics.lookup_seconds.observe(time.perf_counter() - t0)
         return json_response({"event_id": uuid.uuid4().hex, "layout_info": {
             iid: [wire.LOCATION, n] for iid, n in matched.items()}})
 
@@ -621,7 +630,8 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
                 Route("/check_finish", check_finish, methods=["POST"]),
                 Route("/lookup", lookup, methods=["POST"]),
                 Route("/instances", instances, methods=["GET"]),
-                Route("/health", health, methods=["GET"])],
+                Route("/health", health, methods=["GET"]),
+                Route("/metrics", metrics_endpoint(ctl.metrics.registry), methods=["GET"])],
         exception_handlers=ERROR_HANDLERS, lifespan=lifespan)
     app.state.controller = ctl
     return app

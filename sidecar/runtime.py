@@ -81,7 +81,7 @@ class Sidecar:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.controller_id: str | None = None
-        self.stats = {"fetches": 0, "fetch_failures": 0, "bytes_in": 0, "pins": 0}
+        self.stats = {"fetches": 0, "fetch_failures": 0, "bytes_in": 0, "bytes_out": 0, "pins": 0}
         self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
         self._stopping: asyncio.Event | None = None
         self._server: Any = None
@@ -264,6 +264,7 @@ class Sidecar:
                 for i in infos])
         if isinstance(msg, wire.UnpinChunks):
             store.unpin(msg.keys)
+            self.stats["bytes_out"] += msg.transferred_bytes
             return wire.Reply(req_id=msg.req_id, ok=True, count=len(msg.keys))
         if isinstance(msg, wire.DeleteChunks):
             return wire.Reply(req_id=msg.req_id, ok=True, count=store.delete(msg.keys))

@@ -179,10 +179,12 @@ class PinChunks(_Tagged):
 
 
 class UnpinChunks(_Tagged):
-    """Release one pin per key."""
+    """Release one pin per key; ``transferred_bytes`` is what a peer read while they were
+    pinned (the source cannot see a one-sided READ, so the controller tells it)."""
 
     req_id: int
     keys: list[bytes]
+    transferred_bytes: int = 0
 
 
 class DeleteChunks(_Tagged):
