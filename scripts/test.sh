@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup-browser.sh   # Debian chromium + playwright, for the status-page test
 exec .venv/bin/python -m pytest -v --durations=15 "$@"

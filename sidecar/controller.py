@@ -20,7 +20,8 @@ Contract
 HTTP routes:
   ``POST /move``, ``GET /events``, ``GET /events/{event_id}``, ``POST /check_finish``,
   ``POST /lookup``, ``POST /pin``, ``POST /unpin``, ``POST /clear``, ``GET /instances``,
-  ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (status page).
+  ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (status page); LMCache's
+  ``POST /health`` and ``POST /query_worker_info`` shapes.
 """
 
 from __future__ import annotations
@@ -614,10 +615,26 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         return Response(status_page, media_type="text/html; charset=utf-8")
 
     async def health(request: Request) -> Response:
+        if request.method == "POST":  # LMCache: {"instance_id"} -> per-worker error codes
+            body = await read_json(request, wire.InstanceRequest)
+            inst = ctl.instance(body.instance_id)
+            return json_response({"event_id": uuid.uuid4().hex,
+                                  "error_codes": {"0": 0 if ctl.is_up(inst) else 1}})
         up = sum(1 for i in ctl.instances.values() if ctl.is_up(i))
         return json_response({"status": "ok", "controller_id": ctl.controller_id,
                               "instances": len(ctl.instances), "instances_up": up,
                               "chunks_indexed": len(ctl.index)})
+
+    async def query_worker_info(request: Request) -> Response:
+        """LMCache's worker listing: one worker (the sidecar) per instance."""
+        body = await read_json(request, wire.InstanceRequest)
+        inst = ctl.instance(body.instance_id)
+        host, _, port = inst.reg.sidecar_url.removeprefix("http://").rpartition(":")
+        wall = time.time() - time.monotonic()  # monotonic -> epoch seconds
+        return json_response({"event_id": uuid.uuid4().hex, "worker_infos": [{
+            "instance_id": inst.instance_id, "worker_id": 0, "ip": host, "port": int(port),
+            "peer_init_url": inst.reg.p2p_url, "registration_time": inst.registered_at + wall,
+            "last_heartbeat_time": inst.last_heartbeat + wall}]})
 
     app = Starlette(
         routes=[Route("/", index, methods=["GET"]),
@@ -630,7 +647,8 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
                 Route("/check_finish", check_finish, methods=["POST"]),
                 Route("/lookup", lookup, methods=["POST"]),
                 Route("/instances", instances, methods=["GET"]),
-                Route("/health", health, methods=["GET"]),
+                Route("/health", health, methods=["GET", "POST"]),
+                Route("/query_worker_info", query_worker_info, methods=["POST"]),
                 Route("/metrics", metrics_endpoint(ctl.metrics.registry), methods=["GET"])],
         exception_handlers=ERROR_HANDLERS, lifespan=lifespan)
     app.state.controller = ctl

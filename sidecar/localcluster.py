@@ -9,6 +9,7 @@ the whole process group if it has not exited in time.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -71,6 +72,7 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.python = python
         self.procs: list[Proc] = []
+        atexit.register(self.stop_all)  # safety net: nothing outlives the process that started it
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], url: str) -> Proc:
         log_path = self.workdir / f"{name}.log"

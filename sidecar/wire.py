@@ -309,6 +309,14 @@ class PinRequest(msgspec.Struct):
     prompt: str | None = None
 
 
+class InstanceRequest(msgspec.Struct):
+    """LMCache's ``POST /health`` and ``POST /query_worker_info``: one instance
+    (``worker_ids`` is accepted and ignored: one worker per instance here)."""
+
+    instance_id: str
+    worker_ids: list[int] | None = None
+
+
 class EventIdRequest(msgspec.Struct):
     """``POST /check_finish``."""
 

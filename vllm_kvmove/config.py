@@ -2,7 +2,8 @@
 
 Where it comes from, in order of precedence (later wins):
   1. defaults below;
-  2. a YAML file named by ``KVMOVE_CONFIG_FILE``;
+  2. a YAML file named by ``KVMOVE_CONFIG_FILE`` — or, if that is unset, an LMCache config
+     file named by ``LMCACHE_CONFIG_FILE``, translated by :mod:`vllm_kvmove.lmcache_compat`;
   3. ``kv_connector_extra_config`` inside vLLM's ``--kv-transfer-config``.
 
 Every process of an engine (API server, EngineCore, Worker) loads the same config the same
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 CONFIG_FILE_ENV = "KVMOVE_CONFIG_FILE"
+LMCACHE_CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 
 
 class ConfigError(ValueError):
@@ -60,13 +62,15 @@ class KVMoveConfig:
     hash_seed: str = ""
     heartbeat_interval_s: float = 1.0
     command_timeout_s: float = 30.0
+    # LMCache keys that were accepted without effect (reported once at start-up).
+    notes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def capacity_bytes(self) -> int:
         return int(self.max_local_cpu_size * (1 << 30))
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(KVMoveConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(KVMoveConfig) if f.name != "notes"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -89,20 +93,22 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def _read_yaml(path: str, env_name: str) -> dict[str, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except OSError as e:
-        raise ConfigError(f"cannot read {CONFIG_FILE_ENV}={path!r}: {e}") from None
+        raise ConfigError(f"cannot read {env_name}={path!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{env_name}={path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
 
 
-def build_config(*layers: Mapping[str, Any] | None) -> KVMoveConfig:
+def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ()) -> KVMoveConfig:
     """Merge key/value layers (later wins) into a validated :class:`KVMoveConfig`.
 
     Raises:
@@ -115,7 +121,7 @@ def build_config(*layers: Mapping[str, Any] | None) -> KVMoveConfig:
                 raise ConfigError(
                     f"unknown vllm-kvmove config key {key!r}; known keys: {', '.join(sorted(_FIELDS))}")
             merged[key] = _coerce(key, value)
-    cfg = KVMoveConfig(**merged)
+    cfg = KVMoveConfig(**merged, notes=notes)
     if cfg.chunk_size <= 0:
         raise ConfigError(f"config key 'chunk_size' must be positive, got {cfg.chunk_size}")
     if cfg.max_local_cpu_size <= 0:
@@ -131,7 +137,8 @@ def build_config(*layers: Mapping[str, Any] | None) -> KVMoveConfig:
 
 def load_config(extra_config: Mapping[str, Any] | None = None,
                 env: Mapping[str, str] | None = None) -> KVMoveConfig:
-    """Load the config: the file named by ``KVMOVE_CONFIG_FILE`` overlaid by ``extra_config``.
+    """Load the config: the file named by ``KVMOVE_CONFIG_FILE`` (or an LMCache file named by
+    ``LMCACHE_CONFIG_FILE``) overlaid by ``extra_config``.
 
     Args:
         extra_config: ``kv_connector_extra_config`` from vLLM (may be None).
@@ -142,6 +149,13 @@ def load_config(extra_config: Mapping[str, Any] | None = None,
         ConfigError: as :func:`build_config`, or when the file cannot be read.
     """
     env = os.environ if env is None else env
-    path = env.get(CONFIG_FILE_ENV)
-    file_layer = _read_yaml(path) if path else {}
-    return build_config(file_layer, extra_config)
+    notes: list[str] = []
+    if env.get(CONFIG_FILE_ENV):
+        file_layer = _read_yaml(env[CONFIG_FILE_ENV], CONFIG_FILE_ENV)
+    elif env.get(LMCACHE_CONFIG_FILE_ENV):
+        from vllm_kvmove.lmcache_compat import translate
+
+        file_layer, notes = translate(_read_yaml(env[LMCACHE_CONFIG_FILE_ENV], LMCACHE_CONFIG_FILE_ENV))
+    else:
+        file_layer = {}
+    return build_config(file_layer, extra_config, notes=tuple(notes))

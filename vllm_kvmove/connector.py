@@ -148,6 +148,9 @@ class KVMoveConnector(KVConnectorBase_V1):
             self._lookup = LookupClient(self._endpoint)
         logger.info("KVMoveConnector %s role=%s layout=%s fingerprint=%s", self.config.instance_id,
                     role.name, self.layout, self.fingerprint)
+        if role == KVConnectorRole.WORKER:  # once per engine, not once per process
+            for note in self.config.notes:
+                logger.info("config: %s", note)
 
     # ======================================================================================
     # Worker side

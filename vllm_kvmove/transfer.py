@@ -98,6 +98,8 @@ class NixlTransfer:
         self._ctx = zmq.Context.instance()
         self._md_sock = self._ctx.socket(zmq.REP)
         self._md_sock.setsockopt(zmq.LINGER, 0)
+        # ZMQ binds interfaces, not host names: "localhost" means the loopback interface.
+        host = "127.0.0.1" if host == "localhost" else host
         self._md_sock.bind(f"tcp://{host}:{port}")
         self.p2p_url = f"{host}:{port}"
         self._stop = threading.Event()

@@ -1,5 +1,11 @@
 """One real cluster per test session: a controller and two vLLM engines with the connector.
 
+The cluster is the seed's, as an LMCache user would bring it: engines on :8000/:8001 configured
+by LMCache-format files (``examples/move/lmcache/instance{1,2}.yaml`` via
+``LMCACHE_CONFIG_FILE``), served under the seed's model name, and the controller on :9000 with
+ZMQ :8300/:8400. ``kv_connector_extra_config`` overrides two keys the files lack or that are too
+big for a test (``engine_url``, ``max_local_cpu_size``).
+
 Engines run the small local model made by ``examples/make_model.py`` (random-init Llama and a
 locally trained tokenizer), eager mode, one core each. Start-up is shared by every e2e test;
 teardown stops every process by PID.
@@ -22,6 +28,20 @@ from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LOC = "LocalCPUBackend"
+SEED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+S1, S2 = "lmcache_instance_1", "lmcache_instance_2"
+
+
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def model_dir() -> Path:
@@ -65,19 +85,26 @@ class Engine:
 class Cluster:
     def __init__(self, workdir: Path):
         self.local = LocalCluster(model_dir(), workdir)
-        pull, reply = free_port(), free_port()
-        self.controller_proc = self.local.start_controller(free_port(), pull, reply)
+        try:
+            self._start()
+        except BaseException:
+            self.local.stop_all()  # a failed start must not leave engines behind
+            raise
+
+    def _start(self) -> None:
+        for port in (8000, 8001, 8200, 8202, 8300, 8400, 8500, 8501, 9000):
+            assert port_is_free(port), f"port {port} is taken: the e2e tests use the seed's ports"
+        self.controller_proc = self.local.start_controller(9000, 8300, 8400)
         self.engines: dict[str, Engine] = {}
         t0 = time.monotonic()
-        for i in (1, 2):
-            iid, port, sc_port = f"e2e_instance_{i}", free_port(), free_port()
-            proc = self.local.start_engine(iid, port, cpu=i - 1, extra_config={
-                "instance_id": iid, "controller_pull_url": f"localhost:{pull}",
-                "controller_reply_url": f"localhost:{reply}", "sidecar_port": sc_port,
-                "p2p_init_port": free_port(), "engine_url": f"http://127.0.0.1:{port}",
-                "max_local_cpu_size": 0.25})
-            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sc_port}",
-                                       str(self.local.model_dir))
+        for i, iid in ((1, S1), (2, S2)):
+            port = 7999 + i
+            proc = self.local.start_engine(
+                iid, port, cpu=i - 1,
+                config_file=None, env={"LMCACHE_CONFIG_FILE": str(REPO / "examples" / "move" / "lmcache" / f"instance{i}.yaml")},
+                extra_config={"engine_url": f"http://127.0.0.1:{port}", "max_local_cpu_size": 0.25},
+                extra_args=["--served-model-name", SEED_MODEL])
+            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{8499 + i}", SEED_MODEL)
         self.local.wait_ready(self.controller_proc, timeout=60)
         for e in self.engines.values():
             self.local.wait_ready(e.proc, timeout=300)

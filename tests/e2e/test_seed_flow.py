@@ -12,10 +12,10 @@ import pytest
 
 from vllm_kvmove.hashing import chunk_spans
 
-S1, S2 = "e2e_instance_1", "e2e_instance_2"
+from tests.e2e.conftest import S1, S2
 HITS = "vllm:external_prefix_cache_hits_total"
 BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
-SEED_PROMPT = "Explain the significance of KV cache in language models."
+FLOW_PROMPT = "Describe how a prefix cache saves prefill time in a language model server."
 
 
 def fingerprint(cluster, iid: str) -> tuple[str, int]:
@@ -55,7 +55,7 @@ def test_instances_describe_both_engines(cluster):
         i = inst[iid]
         assert i["up"] and i["engine_url"] == cluster.engines[iid].url
         assert i["sidecar_url"] == cluster.engines[iid].sidecar_url
-        assert i["model"] == cluster.engines[iid].model
+        assert i["model"] == str(cluster.local.model_dir)  # the model the KV belongs to (its path)
         assert i["layout"]["backend"].startswith("cpu_attn/") and i["layout"]["block_size"] == 128
         assert i["last_heartbeat_s_ago"] < 5
     assert inst[S1]["fingerprint"] == inst[S2]["fingerprint"]
@@ -64,8 +64,8 @@ def test_instances_describe_both_engines(cluster):
 def test_seed_flow_move(cluster):
     """Steps 4-7 of the seed: complete on engine 1, tokenize, move, check status, serve on 2."""
     e1, e2 = cluster.engines[S1], cluster.engines[S2]
-    src = e1.complete(SEED_PROMPT)
-    tokens = e1.tokenize(SEED_PROMPT)
+    src = e1.complete(FLOW_PROMPT)
+    tokens = e1.tokenize(FLOW_PROMPT)
     assert cluster.wait_lookup(tokens, {S1: len(tokens)}) == {S1: len(tokens)}
     keys = chunk_keys(cluster, tokens)
     before = {k: chunk_bytes(e1, k) for k in keys}
@@ -82,7 +82,7 @@ def test_seed_flow_move(cluster):
     assert {k: chunk_bytes(e2, k) for k in keys} == before
     assert all(chunk_bytes(e1, k) is None for k in keys)
     assert cluster.wait_lookup(tokens, {S2: len(tokens)}) == {S2: len(tokens)}
-    serve_and_check(cluster, e2, SEED_PROMPT, tokens, src["choices"][0]["text"])
+    serve_and_check(cluster, e2, FLOW_PROMPT, tokens, src["choices"][0]["text"])
 
     finish = cluster.http.post("/check_finish", json={"event_id": st["event_id"]}).json()
     assert finish["status"] == "done" and finish["num_tokens"] == len(tokens)

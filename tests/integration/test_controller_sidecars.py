@@ -191,3 +191,16 @@ def test_pin_bad_input(fleet, pair):
     assert fleet.http.post("/pin", json={"instance_id": "a"}).status_code == 400
     assert fleet.http.post("/pin", json={"instance_id": "a", "tokens": [77777]}).status_code == 404
     assert fleet.http.get("/events?limit=x").status_code == 400
+
+
+def test_lmcache_health_and_query_worker_info(fleet, pair):
+    a, _ = pair
+    h = fleet.http.post("/health", json={"instance_id": "a"})
+    assert h.status_code == 200 and h.json()["error_codes"] == {"0": 0} and h.json()["event_id"]
+    assert fleet.http.post("/health", json={"instance_id": "nope"}).status_code == 404
+    w = fleet.http.post("/query_worker_info", json={"instance_id": "a", "worker_ids": [0]})
+    assert w.status_code == 200
+    (info,) = w.json()["worker_infos"]
+    assert info["instance_id"] == "a" and info["worker_id"] == 0
+    assert info["port"] == a.config.sidecar_port and info["peer_init_url"] == a.transfer.p2p_url
+    assert info["last_heartbeat_time"] >= info["registration_time"] > 1.7e9
