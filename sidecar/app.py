@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sidecar.errors import ERROR_HANDLERS, ApiError, json_response
+from sidecar.errors import ERROR_HANDLERS, ApiError, check_bearer, json_response, query_limit
 from sidecar.metrics import metrics_endpoint, sidecar_registry
 from vllm_kvmove.store import ChunkMissing
 
@@ -49,14 +49,13 @@ def create_sidecar_app(sidecar: "Sidecar") -> Starlette:
                               **store.stats(), "transfers": dict(sidecar.stats)})
 
     async def chunks(request: Request) -> Response:
-        raw = request.query_params.get("limit", "1000")
-        if not raw.isdigit():
-            raise ApiError("bad_request", f"limit must be a non-negative integer, got {raw!r}")
+        limit = query_limit(request, 1000)
         _, held = store.snapshot()
         return json_response({"total": len(held), "chunks": [
-            {"key": k.hex(), "num_tokens": n} for k, n in held[:int(raw)]]})
+            {"key": k.hex(), "num_tokens": n} for k, n in held[:limit]]})
 
     async def chunk_bytes(request: Request) -> Response:
+        check_bearer(request, sidecar.config.api_token)  # KV bytes are user data
         key = _key_param(request)
         try:
             (info,) = store.pin([key], checksums=False)
@@ -69,8 +68,13 @@ def create_sidecar_app(sidecar: "Sidecar") -> Starlette:
         return Response(data, media_type="application/octet-stream",
                         headers={"x-kvmove-num-tokens": str(info.num_tokens)})
 
+    async def openapi(request: Request) -> Response:
+        from sidecar.openapi import sidecar_openapi
+
+        return json_response(sidecar_openapi())
+
     return Starlette(
-        routes=[Route("/health", health), Route("/store", store_info), Route("/chunks", chunks),
+        routes=[Route("/openapi.json", openapi), Route("/health", health), Route("/store", store_info), Route("/chunks", chunks),
                 Route("/chunks/{key}", chunk_bytes),
                 Route("/metrics", metrics_endpoint(sidecar_registry(sidecar)))],
         exception_handlers=ERROR_HANDLERS)

@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -49,16 +50,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar import wire
-from sidecar.errors import ERROR_HANDLERS, ApiError, json_response, read_json
+from sidecar.errors import (ERROR_HANDLERS, ApiError, check_bearer, json_response, query_limit,
+                            read_json, token_matches)
 from sidecar.metrics import ControllerMetrics, metrics_endpoint
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 
 logger = logging.getLogger("vllm_kvmove.controller")
 
-MAX_TOKENS = 1 << 20
+MAX_TOKENS = 1_000_000
 # A move's fetch is split into commands of at most this many bytes, so its progress (bytes
 # moved) advances while it runs; each command is still one NIXL transfer of many chunks.
 FETCH_BATCH_BYTES = 64 << 20
+# Fetch commands of one job in flight at once: one copies while the other verifies checksums.
+FETCHES_IN_FLIGHT = 2
 # How long a heartbeat may show events we never received before we ask for a snapshot.
 _RESYNC_GRACE_S = 1.0
 _TOKEN_LIMIT = 1 << 31
@@ -76,6 +80,17 @@ class ControllerSettings:
     command_timeout_s: float = 60.0
     tokenize_timeout_s: float = 10.0
     max_jobs: int = 10000
+    # Shared secret (default: env KVMOVE_API_TOKEN). When set: mutating HTTP endpoints need
+    # "Authorization: Bearer <token>", sidecars must register with it, commands carry it.
+    api_token: str = field(default="", repr=False)
+
+
+class JobFailed(Exception):
+    """A job step failed; ``kind`` is a key of the error map (e.g. ``store_full``)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -90,6 +105,7 @@ class Instance:
     behind_since: float | None = None
     num_chunks: int = 0
     used_bytes: int = 0
+    available_bytes: int = 0  # free or evictable, as of the last heartbeat
 
     @property
     def instance_id(self) -> str:
@@ -137,6 +153,9 @@ class ChunkIndex:
             n += 1
         return n
 
+    def holds(self, instance_id: str, key: bytes) -> bool:
+        return instance_id in self._holders.get(key, ())
+
     def count(self, instance_id: str) -> int:
         return len(self._by_instance.get(instance_id, ()))
 
@@ -163,8 +182,10 @@ class Job:
     bytes: int = 0
     total_bytes: int = 0
     error: str | None = None
+    error_kind: str | None = None
     created: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def to_status(self) -> wire.JobStatusBody:
         end = self.ended if self.ended is not None else time.monotonic()
@@ -172,7 +193,7 @@ class Job:
             event_id=self.event_id, status=self.status, kind=self.kind, source=self.source,
             destination=self.destination, num_tokens=self.num_tokens, num_chunks=self.num_chunks,
             bytes=self.bytes, total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
-            error=self.error)
+            error=self.error, error_kind=self.error_kind)
 
 
 class Controller:
@@ -184,7 +205,8 @@ class Controller:
         self.instances: dict[str, Instance] = {}
         self.index = ChunkIndex()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self._pending: dict[int, asyncio.Future] = {}
+        # In-flight commands: req_id -> (instance_id, future of its Reply).
+        self._pending: dict[int, tuple[str, asyncio.Future]] = {}
         self._req_ids = itertools.count(1)
         self._router: zmq.asyncio.Socket | None = None
         self._pull: zmq.asyncio.Socket | None = None
@@ -206,7 +228,8 @@ class Controller:
         self._pull.bind(f"tcp://{host}:{self.settings.pull_port}")
         self._http = httpx.AsyncClient(timeout=self.settings.tokenize_timeout_s)
         self._tasks = [asyncio.create_task(self._router_loop()),
-                       asyncio.create_task(self._pull_loop())]
+                       asyncio.create_task(self._pull_loop()),
+                       asyncio.create_task(self._watchdog_loop())]
 
     async def stop(self) -> None:
         for t in self._tasks + list(self._job_tasks):
@@ -244,17 +267,21 @@ class Controller:
     async def _on_sidecar_message(self, identity: bytes, msg: Any) -> None:
         now = time.monotonic()
         if isinstance(msg, wire.Reply):
-            fut = self._pending.pop(msg.req_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            pending = self._pending.pop(msg.req_id, None)
+            if pending is not None and not pending[1].done():
+                pending[1].set_result(msg)
             return
         if isinstance(msg, wire.Register):
             if msg.protocol != wire.PROTOCOL_VERSION or identity != msg.instance_id.encode():
                 logger.warning("refusing registration of %r (protocol %d)", identity, msg.protocol)
                 return
+            if not token_matches(self.settings.api_token, msg.auth):
+                logger.warning("refusing registration of %r: wrong or missing API token", identity)
+                return
             old = self.instances.get(msg.instance_id)
-            self.instances[msg.instance_id] = Instance(msg, identity, now, now)
-            if old is not None and old.reg.pid != msg.pid:
+            self.instances[msg.instance_id] = Instance(msg, identity, now, now,
+                                                       available_bytes=msg.capacity_bytes)
+            if old is not None and old.reg.incarnation != msg.incarnation:
                 self.index.drop_instance(msg.instance_id)
             logger.info("instance %s registered (engine %s, sidecar %s)", msg.instance_id,
                         msg.engine_url, msg.sidecar_url)
@@ -264,13 +291,18 @@ class Controller:
         if inst is None:
             await self._send(identity, wire.Resync("unknown instance"))
             return
-        if isinstance(msg, wire.Snapshot):
+        if isinstance(msg, wire.Goodbye):
+            self.index.drop_instance(inst.instance_id)
+            del self.instances[inst.instance_id]
+            logger.info("instance %s left (its engine is shutting down)", inst.instance_id)
+        elif isinstance(msg, wire.Snapshot):
             self.index.replace(inst.instance_id, msg.chunks)
             inst.applied_seq, inst.behind_since = msg.seq, None
             inst.num_chunks = len(msg.chunks)
         elif isinstance(msg, wire.Heartbeat):
             inst.last_heartbeat = now
             inst.num_chunks, inst.used_bytes = msg.num_chunks, msg.used_bytes
+            inst.available_bytes = msg.available_bytes
             if msg.seq == inst.applied_seq:
                 inst.behind_since = None
             elif msg.seq < inst.applied_seq:
@@ -307,6 +339,19 @@ class Controller:
                     self.index.remove(inst.instance_id, ev.key)
                 inst.applied_seq = ev.seq
 
+    async def _watchdog_loop(self) -> None:
+        """Fail the commands in flight to an instance as soon as it stops heartbeating, so a
+        job waiting on a dead peer ends within the heartbeat timeout, not the command's."""
+        while True:
+            await asyncio.sleep(0.25)
+            down = {iid for iid, inst in self.instances.items() if not self.is_up(inst)}
+            for req_id, (iid, fut) in list(self._pending.items()):
+                if (iid in down or iid not in self.instances) and not fut.done():
+                    fut.set_result(wire.Reply(
+                        req_id=req_id, ok=False, error_kind="unavailable",
+                        error=f"instance {iid} stopped heartbeating "
+                              f"({self.settings.heartbeat_timeout_s} s)"))
+
     async def command(self, instance_id: str, msg: Any, timeout: float | None = None) -> wire.Reply:
         """Send one command (its ``req_id`` is assigned here) and await the reply.
 
@@ -318,8 +363,9 @@ class Controller:
             return wire.Reply(req_id=0, ok=False, error_kind="unavailable",
                               error=f"instance {instance_id} is not registered")
         msg.req_id = next(self._req_ids)
+        msg.auth = self.settings.api_token
         fut = asyncio.get_running_loop().create_future()
-        self._pending[msg.req_id] = fut
+        self._pending[msg.req_id] = (instance_id, fut)
         await self._send(inst.identity, msg)
         timeout = self.settings.command_timeout_s if timeout is None else timeout
         try:
@@ -373,10 +419,13 @@ class Controller:
             raise ApiError("unavailable", f"{url} returned no token list") from None
 
     def lookup(self, tokens: list[int]) -> dict[str, int]:
-        """Matched prefix tokens per instance that holds at least one chunk of ``tokens``."""
+        """Matched prefix tokens per live instance that holds at least one chunk of ``tokens``
+        (an instance that stopped heartbeating is left out: it cannot serve them now)."""
         spans_by_fp: dict[tuple[str, int], list[ChunkSpan]] = {}
         out: dict[str, int] = {}
         for iid, inst in self.instances.items():
+            if not self.is_up(inst):
+                continue
             fp = (inst.reg.fingerprint, inst.reg.chunk_size)
             spans = spans_by_fp.get(fp)
             if spans is None:
@@ -406,6 +455,11 @@ class Controller:
         if n == 0:
             raise ApiError("not_found", f"{src.instance_id} holds no KV for a prefix of these "
                                         f"{len(tokens)} tokens")
+        missing = n - sum(1 for s in spans[:n] if self.index.holds(dst.instance_id, s.key))
+        needed = missing * dst.reg.slot_bytes
+        if needed > dst.available_bytes:
+            raise ApiError("store_full", f"{dst.instance_id} can free {dst.available_bytes} bytes "
+                                         f"(the rest is pinned or in use); the move needs {needed}")
         job = self._new_job("copy" if copy else "move", src.instance_id, dst.instance_id,
                             [s.key for s in spans[:n]], spans[n - 1].end)
         task = asyncio.create_task(self._run_job(job))
@@ -445,64 +499,88 @@ class Controller:
         job = self._new_job(kind, inst.instance_id, "", keys or [], num_tokens)
         job.status = "running"
         if kind == "clear":
-            msg: Any = wire.ClearChunks(0, keys)
+            msg: Any = wire.ClearChunks(keys=keys)
         else:
-            msg = wire.PersistChunks(0, keys or [], persistent=(kind == "pin"))
+            msg = wire.PersistChunks(keys=keys or [], persistent=(kind == "pin"))
         reply = await self.command(inst.instance_id, msg)
         if reply.ok:
             job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
-        self._end_job(job, None if reply.ok else reply.error)
+        self._end_job(job, None if reply.ok else reply.error, reply.error_kind)
         if not reply.ok:
             raise ApiError(reply.error_kind or "internal", f"{kind} at {inst.instance_id}: {reply.error}")
         return job
 
-    def _end_job(self, job: Job, error: str | None) -> None:
-        job.error = error
+    def _end_job(self, job: Job, error: str | None, kind: str | None = None) -> None:
+        job.error, job.error_kind = error, kind if error else None
         job.status = "failed" if error else "done"
         job.ended = time.monotonic()
         self.metrics.job_ended(job)
+        job.finished.set()
 
     async def _run_job(self, job: Job) -> None:
         job.status = "running"
         try:
-            error = await self._transfer(job)
+            await self._transfer(job)
+            error = kind = None
+        except JobFailed as e:
+            error, kind = str(e), e.kind
         except Exception as e:  # noqa: BLE001
             logger.exception("job %s crashed", job.event_id)
-            error = f"internal error: {type(e).__name__}: {e}"
-        self._end_job(job, error)
+            error, kind = f"internal error: {type(e).__name__}: {e}", "internal"
+        self._end_job(job, error, kind)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
 
-    async def _transfer(self, job: Job) -> str | None:
-        """Run the job's steps; return None on success or the cause of failure."""
-        src, dst = self.instances.get(job.source), self.instances.get(job.destination)
-        if src is None or dst is None:
-            return "an instance unregistered before the job started"
-        pin = await self.command(job.source, wire.PinChunks(0, job.keys))
-        if not pin.ok:
-            return f"pin at {job.source} failed: {pin.error}"
+    async def _step(self, instance_id: str, msg: Any, what: str) -> wire.Reply:
+        """One command of a job; a failed reply ends the job with its kind and cause."""
+        reply = await self.command(instance_id, msg)
+        if not reply.ok:
+            raise JobFailed(reply.error_kind or "internal", f"{what} at {instance_id} failed: {reply.error}")
+        return reply
+
+    async def _transfer(self, job: Job) -> None:
+        """Pin at the source, fetch at the destination (batches, two in flight), then release
+        the pins — deleting the chunks at the source for a move, and only once the destination
+        holds every one of them. Raises JobFailed."""
+        src = self.instances.get(job.source)
+        if src is None or job.destination not in self.instances:
+            raise JobFailed("unavailable", "an instance unregistered before the job started")
+        pin_cmd = wire.PinChunks(keys=job.keys, lease_s=2 * self.settings.command_timeout_s)
+        pin = await self._step(job.source, pin_cmd, "pin")
         job.total_bytes = sum(c.nbytes for c in pin.chunks)
-        fetched = False
+        peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url, src.reg.incarnation)
+        window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+
+        async def fetch(batch: list[wire.ChunkDesc]) -> None:
+            async with window:
+                reply = await self._step(job.destination,
+                                         wire.FetchChunks(source=peer, chunks=batch), "fetch")
+                job.bytes += reply.bytes
+
+        fetched_all = False
+        tasks = [asyncio.create_task(fetch(b)) for b in _batches(pin.chunks, FETCH_BATCH_BYTES)]
         try:
-            peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url)
-            for batch in _batches(pin.chunks, FETCH_BATCH_BYTES):
-                fetch = await self.command(job.destination, wire.FetchChunks(0, peer, batch))
-                if not fetch.ok:
-                    return f"fetch at {job.destination} failed ({fetch.error_kind}): {fetch.error}"
-                job.bytes += fetch.bytes
-            fetched = True
-            if job.kind == "move":
-                # Only now that the destination holds every chunk may the source let go.
-                delete = await self.command(job.source, wire.DeleteChunks(0, job.keys))
-                if not delete.ok:
-                    return f"destination holds the KV, but delete at {job.source} failed: {delete.error}"
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in pending:  # one batch failed: do not start (or wait for) the others
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for t in done:
+                t.result()  # raises the first failure
+            fetched_all = True
         finally:
-            unpin = await self.command(job.source, wire.UnpinChunks(0, job.keys, job.bytes))
-            if not unpin.ok:
-                logger.warning("unpin at %s failed after job %s: %s", job.source, job.event_id,
-                               unpin.error)
-        return None if fetched else "fetch did not complete"
+            delete = fetched_all and job.kind == "move"
+            release = await self.command(job.source, wire.UnpinChunks(
+                pin_id=pin_cmd.req_id, delete=delete, transferred_bytes=job.bytes))
+            if not release.ok:
+                # The sidecar's lease expiry releases the pins regardless; only a move's
+                # delete is lost, and the destination holds the KV: say so, do not hide it.
+                logger.warning("release at %s failed after job %s: %s", job.source,
+                               job.event_id, release.error)
+                if delete:
+                    raise JobFailed(release.error_kind or "internal",
+                                    f"the destination holds the KV, but the source "
+                                    f"{job.source} did not delete it: {release.error}")
 
 
 def _batches(chunks: list[wire.ChunkDesc], max_bytes: int) -> list[list[wire.ChunkDesc]]:
@@ -542,7 +620,11 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         finally:
             await ctl.stop()
 
+    def require_token(request: Request) -> None:
+        check_bearer(request, ctl.settings.api_token)
+
     async def move(request: Request) -> Response:
+        require_token(request)
         body = await read_json(request, wire.MoveRequest)
         src = _position(body.old_position, "old_position", ctl)
         dst = _position(body.new_position, "new_position", ctl)
@@ -554,21 +636,32 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
     def _job(event_id: str) -> Job:
         job = ctl.jobs.get(event_id)
         if job is None:
-            raise ApiError("not_found", f"unknown event_id {event_id!r}")
+            raise ApiError("not_found", f"unknown event_id {event_id!r} (never created by this "
+                                        f"controller; if it restarted since, the job's outcome is unknown)")
         return job
 
     async def event(request: Request) -> Response:
-        return json_response(_job(request.path_params["event_id"]).to_status())
+        """``?wait=S``: long-poll, answering as soon as the job ends (or after S <= 60 s)."""
+        job = _job(request.path_params["event_id"])
+        raw = request.query_params.get("wait")
+        if raw is not None:
+            try:
+                wait = float(raw)
+            except ValueError:
+                wait = -1.0
+            if not 0 <= wait <= 60:
+                raise ApiError("bad_request", f"wait must be seconds between 0 and 60, got {raw!r}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(job.finished.wait(), wait)
+        return json_response(job.to_status())
 
     async def events(request: Request) -> Response:
-        raw = request.query_params.get("limit", "100")
-        if not raw.isdigit():
-            raise ApiError("bad_request", f"limit must be a non-negative integer, got {raw!r}")
-        recent = list(itertools.islice(reversed(ctl.jobs.values()), int(raw)))
+        recent = list(itertools.islice(reversed(ctl.jobs.values()), query_limit(request, 100)))
         return json_response({"events": [j.to_status() for j in recent]})
 
     def store_op(kind: str):
         async def handler(request: Request) -> Response:
+            require_token(request)
             body = await read_json(request, wire.PinRequest)
             inst = _position((body.instance_id, body.location), "position", ctl)
             tokens = None
@@ -606,10 +699,16 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
             "fingerprint": i.reg.fingerprint, "layout": i.reg.layout,
             "chunk_size": i.reg.chunk_size, "num_chunks": ctl.index.count(i.instance_id),
             "used_bytes": i.used_bytes, "capacity_bytes": i.reg.capacity_bytes,
+            "available_bytes": i.available_bytes,
             "last_heartbeat_s_ago": round(now - i.last_heartbeat, 3)}
             for i in ctl.instances.values()]})
 
     status_page = (Path(__file__).parent / "static" / "status.html").read_bytes()
+
+    async def openapi(request: Request) -> Response:
+        from sidecar.openapi import controller_openapi
+
+        return json_response(controller_openapi())
 
     async def index(request: Request) -> Response:
         return Response(status_page, media_type="text/html; charset=utf-8")
@@ -638,6 +737,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
 
     app = Starlette(
         routes=[Route("/", index, methods=["GET"]),
+                Route("/openapi.json", openapi, methods=["GET"]),
                 Route("/move", move, methods=["POST"]),
                 Route("/events", events, methods=["GET"]),
                 Route("/events/{event_id}", event, methods=["GET"]),
@@ -667,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
                    help='JSON {"pull": PORT, "reply": PORT}: ZMQ ports sidecars connect to')
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="seconds without heartbeat before an instance counts as down")
+    p.add_argument("--api-token", default=os.environ.get("KVMOVE_API_TOKEN", ""),
+                   help="shared secret (default: env KVMOVE_API_TOKEN): required as a bearer "
+                        "token on mutating endpoints and from registering sidecars")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     try:
@@ -676,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error('--monitor-ports must be JSON like {"pull": 8300, "reply": 8400}')
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ControllerSettings(host=a.host, port=a.port, pull_port=pull, reply_port=reply,
-                                  heartbeat_timeout_s=a.heartbeat_timeout)
+                                  heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token)
     uvicorn.run(create_controller_app(settings), host=a.host, port=a.port,
                 log_level=a.log_level, access_log=False)
     return 0

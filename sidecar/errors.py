@@ -7,7 +7,9 @@ below. An unexpected exception is a 500 of kind ``internal`` whose message names
 
 from __future__ import annotations
 
+import hmac
 import logging
+import sys
 
 import msgspec
 from starlette.exceptions import HTTPException
@@ -53,6 +55,22 @@ class ApiError(Exception):
 _json = msgspec.json.Encoder()
 
 
+def token_matches(expected: str, given: str) -> bool:
+    """True when no token is configured, or ``given`` equals it (constant-time)."""
+    return not expected or hmac.compare_digest(expected.encode(), given.encode())
+
+
+def check_bearer(request: Request, expected: str) -> None:
+    """Raise a 401 ApiError unless the request carries ``Authorization: Bearer <expected>``
+    (no-op when no token is configured)."""
+    if not expected:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token_matches(expected, given.strip()):
+        raise ApiError("unauthorized", "this endpoint needs 'Authorization: Bearer <token>' "
+                                       "with the fleet's API token")
+
+
 def json_response(body: object, status: int = 200) -> Response:
     return Response(_json.encode(body), status_code=status, media_type="application/json")
 
@@ -72,35 +90,70 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
     if kind is None:
         logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response("internal", f"internal error ({type(exc).__name__})")
-    return error_response(kind, str(getattr(exc, "detail", "")) or kind.replace("_", " "))
+    response = error_response(kind, str(getattr(exc, "detail", "")) or kind.replace("_", " "))
+    response.headers.update(getattr(exc, "headers", None) or {})  # e.g. a 405's Allow
+    return response
 
 
-async def read_json(request: Request, type_: type, max_bytes: int = 16 << 20):
+# Largest JSON body accepted: 10 MB is refused; a 1M-token list of real vocabulary ids fits.
+MAX_BODY_BYTES = 8 << 20
+
+
+def _non_negative_int(raw: str) -> int | None:
+    """``raw`` as an int if it is ASCII digits only (``str.isdigit`` also takes "²" and
+    other Unicode digits, which ``int`` refuses), capped at ``sys.maxsize``; else None."""
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    return int(raw) if len(raw) < 19 else sys.maxsize
+
+
+def query_limit(request: Request, default: int) -> int:
+    """The ``limit`` query parameter: a non-negative integer (huge values mean "all").
+
+    Raises:
+        ApiError: 400 if it is anything else.
+    """
+    raw = request.query_params.get("limit", str(default))
+    limit = _non_negative_int(raw)
+    if limit is None:
+        raise ApiError("bad_request", f"limit must be a non-negative integer, got {raw!r}")
+    return limit
+
+
+async def read_json(request: Request, type_: type, max_bytes: int = MAX_BODY_BYTES):
     """Decode a JSON request body strictly into ``type_``.
 
     Raises:
-        ApiError: 415 if not JSON, 413 if larger than ``max_bytes``, 400 if malformed or of
-            the wrong shape (the message names the offending field).
+        ApiError: 415 if not JSON, 413 if larger than ``max_bytes``, 400 if malformed (not
+            UTF-8, not JSON, nested too deeply) or of the wrong shape (the message names the
+            offending field).
     """
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", ""):
         raise ApiError("unsupported_media_type", f"expected application/json, got {ctype}")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
+    declared = _non_negative_int(request.headers.get("content-length", ""))
+    if declared is not None and declared > max_bytes:
         raise ApiError("payload_too_large", f"body larger than {max_bytes} bytes")
-    body = b""
+    body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > max_bytes:
             raise ApiError("payload_too_large", f"body larger than {max_bytes} bytes")
     if not body:
         raise ApiError("bad_request", "request body is empty; expected a JSON object")
+    try:  # JSON is UTF-8 (RFC 8259); msgspec checks only the strings it keeps, not skipped ones
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError("bad_request", f"malformed JSON: not valid UTF-8 ({e.reason} at byte "
+                                      f"{e.start})") from None
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as e:
         raise ApiError("bad_request", f"invalid request: {e}") from None
     except msgspec.DecodeError as e:
         raise ApiError("bad_request", f"malformed JSON: {e}") from None
+    except RecursionError:  # msgspec's depth guard, e.g. in a skipped unknown field
+        raise ApiError("bad_request", "malformed JSON: nested too deeply") from None
 
 
 # Handlers every app installs: ApiError and HTTP errors get the envelope, anything else a 500.

@@ -124,6 +124,18 @@ class LocalCluster:
         argv += extra_args or []
         return self._spawn(f"engine-{instance_id}", argv, full_env, f"http://127.0.0.1:{port}")
 
+    def start_sidecar_process(self, config: dict[str, Any], layout: dict[str, Any],
+                              fill: list[str] | None = None) -> Proc:
+        """Start ``python -m sidecar.standalone`` (a sidecar without an engine); returns at once.
+        Its ``url`` is the sidecar's HTTP address (``/health`` answers once it serves)."""
+        argv = [self.python, "-m", "sidecar.standalone", "--log-level", os.environ.get("KVMOVE_LOG_LEVEL", "WARNING"), "--config", json.dumps(config),
+                "--layout", json.dumps(layout)]
+        for spec in fill or []:
+            argv += ["--fill", spec]
+        env = {**os.environ, "UCX_NET_DEVICES": "lo"}
+        return self._spawn(f"sidecar-{config['instance_id']}", argv, env,
+                           f"http://127.0.0.1:{config['sidecar_port']}")
+
     @staticmethod
     def wait_ready(proc: Proc, path: str = "/health", timeout: float = 240.0) -> float:
         """Poll ``proc.url + path`` until 200; return seconds waited. Raises RuntimeError."""

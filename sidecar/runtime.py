@@ -31,6 +31,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -38,14 +39,20 @@ import zmq
 import zmq.asyncio
 
 from sidecar import wire
+from sidecar.errors import token_matches
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
-from vllm_kvmove.store import ChunkStore, StoreError, crc32
+from vllm_kvmove.store import ChunkStore, StoreError, checksum
 from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError
 
 logger = logging.getLogger("vllm_kvmove.sidecar")
 
-_EVENT_PERIOD_S = 0.02
+# Store events are pushed when the store signals them, batched over this window; with no
+# signal the loop still wakes this often (a safety net, e.g. evictions of an aborted reserve).
+_EVENT_BATCH_S = 0.002
+_EVENT_FALLBACK_S = 1.0
+# Below this size a pin or fetch runs on the event loop itself: a thread hop costs more.
+_INLINE_BYTES = 1 << 20
 
 
 class IntegrityError(Exception):
@@ -81,6 +88,7 @@ class Sidecar:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.controller_id: str | None = None
+        self.incarnation = uuid.uuid4().hex
         self.stats = {"fetches": 0, "fetch_failures": 0, "bytes_in": 0, "bytes_out": 0, "pins": 0}
         self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
         self._stopping: asyncio.Event | None = None
@@ -89,6 +97,8 @@ class Sidecar:
         self._push: zmq.asyncio.Socket | None = None
         self._tasks: set[asyncio.Task] = set()
         self._event_lock: asyncio.Lock | None = None
+        # Transfer pins held for the controller: PinChunks.req_id -> (keys, deadline).
+        self._leases: dict[int, tuple[list[bytes], float]] = {}
 
     @property
     def sidecar_url(self) -> str:
@@ -135,7 +145,7 @@ class Sidecar:
         cfg = self.config
         self.transfer = await asyncio.to_thread(
             NixlTransfer, cfg.instance_id, self.store.base_addr, self.store.pool_bytes,
-            cfg.p2p_host, cfg.p2p_init_port)
+            cfg.p2p_host, cfg.p2p_init_port, token=cfg.api_token)
         ctx = zmq.asyncio.Context.instance()
         if cfg.controller_reply_url:
             self._dealer = ctx.socket(zmq.DEALER)
@@ -158,12 +168,13 @@ class Sidecar:
         sock.bind((cfg.sidecar_host, cfg.sidecar_port))
         serve = asyncio.create_task(self._server.serve(sockets=[sock]))
         loops = [asyncio.create_task(c) for c in (self._recv_loop(), self._heartbeat_loop(),
-                                                  self._event_loop())]
+                                                  self._event_loop(), self._lease_loop())]
         await self._send_registration()
         self.ready.set()
         logger.info("kvmove sidecar %s: http %s, nixl %s, controller %s", cfg.instance_id,
                     self.sidecar_url, self.transfer.p2p_url, cfg.controller_reply_url or "none")
         await self._stopping.wait()
+        await self._send(self._dealer, wire.Goodbye(cfg.instance_id))
         self._server.should_exit = True
         for t in loops + list(self._tasks):
             t.cancel()
@@ -191,7 +202,8 @@ class Sidecar:
             p2p_url=self.transfer.p2p_url, agent_name=self.transfer.agent_name,
             model=self.layout.model, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
             chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
-            pid=os.getpid())
+            slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
+            auth=cfg.api_token)
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
             store.drain_events()  # covered by the snapshot
@@ -208,17 +220,52 @@ class Sidecar:
                     wire.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events]))
 
     async def _event_loop(self) -> None:
-        while True:
-            await asyncio.sleep(_EVENT_PERIOD_S)
-            await self.flush_events()
+        """Push store events when the store signals them (no polling: an idle engine's sidecar
+        sleeps), then checksum newly saved chunks off the engine's save path."""
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.store.on_events = lambda: loop.call_soon_threadsafe(wake.set)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(wake.wait(), _EVENT_FALLBACK_S)
+                    await asyncio.sleep(_EVENT_BATCH_S)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+                await self.flush_events()
+                while await asyncio.to_thread(self.store.fill_checksums, 16):
+                    pass
+        finally:
+            self.store.on_events = None
+
+    async def send_heartbeat(self) -> None:
+        st = self.store.stats()
+        await self._send(self._dealer, wire.Heartbeat(
+            self.config.instance_id, st["seq"], st["num_chunks"], st["used_bytes"],
+            st["capacity_bytes"], st["available_slots"] * self.store.slot_bytes))
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            st = self.store.stats()
-            await self._send(self._dealer, wire.Heartbeat(
-                self.config.instance_id, st["seq"], st["num_chunks"], st["used_bytes"],
-                st["capacity_bytes"]))
+            await self.send_heartbeat()
+
+    # -- leases ----------------------------------------------------------------------------
+    def release_leases(self, expired, why: str) -> int:
+        """Unpin every lease whose deadline satisfies ``expired``; returns leases released."""
+        gone = [pid for pid, (_, deadline) in self._leases.items() if expired(deadline)]
+        for pid in gone:
+            keys, _ = self._leases.pop(pid)
+            self.store.unpin(keys)
+        if gone:
+            logger.warning("released %d transfer lease(s): %s", len(gone), why)
+        return len(gone)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            self.release_leases(lambda deadline: deadline < now, "lease expired")
 
     # -- commands --------------------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -232,6 +279,9 @@ class Sidecar:
                 logger.warning("dropping undecodable controller message (%d bytes)", len(raw))
                 continue
             if isinstance(msg, wire.RegisterAck):
+                if self.controller_id is not None and msg.controller_id != self.controller_id:
+                    # A new controller: the old one's jobs are gone, so are their leases.
+                    self.release_leases(lambda deadline: True, "controller restarted")
                 self.controller_id = msg.controller_id
             elif isinstance(msg, wire.Resync):
                 await self._send_registration()
@@ -240,32 +290,48 @@ class Sidecar:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _run_command(self, msg: Any) -> None:
+    async def execute_authorized(self, msg: Any) -> wire.Reply:
+        """Check the command's token, run it, and turn failures into a failed Reply."""
         try:
-            reply = await self.execute(msg)
+            if not token_matches(self.config.api_token, msg.auth):
+                raise CommandError("unauthorized", "command without the fleet's API token refused")
+            return await self.execute(msg)
         except (StoreError, TransferError, IntegrityError, CommandError) as e:
             reply = wire.Reply(req_id=msg.req_id, ok=False, error_kind=e.kind, error=str(e))
         except Exception as e:  # noqa: BLE001
             logger.exception("command %s failed", type(msg).__name__)
             reply = wire.Reply(req_id=msg.req_id, ok=False, error_kind="internal",
                                error=f"{type(e).__name__}: {e}")
+        return reply
+
+    async def _run_command(self, msg: Any) -> None:
+        reply = await self.execute_authorized(msg)
         await self.flush_events()
+        # A heartbeat right before the reply, on the same socket (so it arrives first): the
+        # controller's view of this store's free space is current when it sees the result.
+        await self.send_heartbeat()
         await self._send(self._dealer, reply)
 
     async def execute(self, msg: Any) -> wire.Reply:
         """Run one command against the store / transfer layer and build its reply."""
         store = self.store
         if isinstance(msg, wire.PinChunks):
-            infos = await asyncio.to_thread(store.pin, msg.keys)
+            small = len(msg.keys) * store.slot_bytes <= _INLINE_BYTES
+            infos = store.pin(msg.keys) if small else await asyncio.to_thread(store.pin, msg.keys)
+            self._leases[msg.req_id] = (list(msg.keys), time.monotonic() + msg.lease_s)
             self.stats["pins"] += len(infos)
             base = store.base_addr
             return wire.Reply(req_id=msg.req_id, ok=True, count=len(infos), chunks=[
                 wire.ChunkDesc(i.key, i.num_tokens, base + i.offset, i.nbytes, i.checksum)
                 for i in infos])
         if isinstance(msg, wire.UnpinChunks):
-            store.unpin(msg.keys)
+            lease = self._leases.pop(msg.pin_id, None)
+            if lease is not None:  # else: already expired or released, nothing to unpin
+                if msg.delete:  # a move: the destination holds them, the source lets go
+                    store.delete(lease[0])
+                store.unpin(lease[0])
             self.stats["bytes_out"] += msg.transferred_bytes
-            return wire.Reply(req_id=msg.req_id, ok=True, count=len(msg.keys))
+            return wire.Reply(req_id=msg.req_id, ok=True, count=len(lease[0]) if lease else 0)
         if isinstance(msg, wire.DeleteChunks):
             return wire.Reply(req_id=msg.req_id, ok=True, count=store.delete(msg.keys))
         if isinstance(msg, wire.PersistChunks):
@@ -276,7 +342,10 @@ class Sidecar:
             return wire.Reply(req_id=msg.req_id, ok=True, count=n)
         if isinstance(msg, wire.FetchChunks):
             try:
-                nbytes, count = await asyncio.to_thread(self._fetch, msg)
+                small = (sum(c.nbytes for c in msg.chunks) <= _INLINE_BYTES
+                         and self.transfer.knows_peer(msg.source.agent_name, msg.source.p2p_url,
+                                                      msg.source.incarnation))
+                nbytes, count = self._fetch(msg) if small else await asyncio.to_thread(self._fetch, msg)
             except Exception:
                 self.stats["fetch_failures"] += 1
                 raise
@@ -295,7 +364,8 @@ class Sidecar:
                 raise CommandError("incompatible",
                                    f"chunk {c.key.hex()}: {c.nbytes} bytes for {c.num_tokens} "
                                    f"tokens does not fit this engine's layout")
-        transfer.connect_peer(msg.source.agent_name, msg.source.p2p_url, timeout)
+        transfer.connect_peer(msg.source.agent_name, msg.source.p2p_url, timeout,
+                              msg.source.incarnation)
         reserved: list[tuple[wire.ChunkDesc, int]] = []
         try:
             for c in msg.chunks:
@@ -303,13 +373,15 @@ class Sidecar:
                 if slot is not None:
                     reserved.append((c, slot * store.slot_bytes))
             ranges = [ReadRange(c.addr, store.base_addr + off, c.nbytes) for c, off in reserved]
+            t_read = time.perf_counter()
             try:
                 moved = transfer.read(msg.source.agent_name, ranges, timeout)
             except TransferError:
                 transfer.forget_peer(msg.source.agent_name)  # re-handshake next time
                 raise
+            t_verify = time.perf_counter()
             for c, off in reserved:
-                got = crc32(store.pool[off:off + c.nbytes])
+                got = checksum(store.pool[off:off + c.nbytes])
                 if got != c.checksum:
                     raise IntegrityError(
                         f"chunk {c.key.hex()} from {msg.source.instance_id}: checksum "
@@ -320,6 +392,9 @@ class Sidecar:
             raise
         for c, _ in reserved:
             store.commit(c.key, c.checksum)
+        logger.debug("fetched %d chunks (%d bytes) from %s: read %.1f ms, verify %.1f ms",
+                     len(reserved), moved, msg.source.instance_id, (t_verify - t_read) * 1e3,
+                     (time.perf_counter() - t_verify) * 1e3)
         return moved, len(reserved)
 
 

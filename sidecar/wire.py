@@ -39,6 +39,19 @@ class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):
     pass
 
 
+class _Command(_Tagged, kw_only=True):
+    """Base of controller → sidecar commands.
+
+    Attributes:
+        req_id: echoed by the :class:`Reply` (assigned by the controller).
+        auth: the shared API token when one is configured; a sidecar with a token refuses
+            commands without it (``unauthorized``).
+    """
+
+    req_id: int = 0
+    auth: str = ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Sidecar → controller (DEALER → ROUTER)
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +69,13 @@ class Register(_Tagged):
         layout: every field of the engine's ``KVLayout``.
         chunk_size: tokens per chunk.
         capacity_bytes: store capacity.
+        slot_bytes: bytes one chunk occupies in the store.
+        incarnation: random id of this sidecar start; a peer that cached our NIXL metadata
+            re-handshakes when it changes (a restarted engine has a new agent).
         pid: worker process id (diagnostics).
         protocol: wire protocol version.
+        auth: the shared API token, when the fleet has one (the controller refuses
+            registrations without it).
     """
 
     instance_id: str
@@ -70,8 +88,11 @@ class Register(_Tagged):
     layout: dict[str, str | int]
     chunk_size: int
     capacity_bytes: int
+    slot_bytes: int
+    incarnation: str
     pid: int
     protocol: int = PROTOCOL_VERSION
+    auth: str = ""
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
@@ -104,6 +125,7 @@ class Heartbeat(_Tagged):
         num_chunks: chunks held.
         used_bytes: pool bytes in use.
         capacity_bytes: pool size.
+        available_bytes: bytes that are free or could be freed by evicting unpinned chunks.
     """
 
     instance_id: str
@@ -111,6 +133,7 @@ class Heartbeat(_Tagged):
     num_chunks: int
     used_bytes: int
     capacity_bytes: int
+    available_bytes: int
 
 
 class ChunkDesc(msgspec.Struct, array_like=True):
@@ -121,7 +144,7 @@ class ChunkDesc(msgspec.Struct, array_like=True):
         num_tokens: tokens in the chunk.
         addr: address of its bytes in the source's registered pool.
         nbytes: valid bytes (contiguous).
-        checksum: CRC-32 of those bytes.
+        checksum: XXH3-64 of those bytes.
     """
 
     key: bytes
@@ -153,7 +176,13 @@ class Reply(_Tagged):
     bytes: int = 0
 
 
-SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply]
+class Goodbye(_Tagged):
+    """The sidecar is shutting down (its engine stops): forget the instance and its chunks."""
+
+    instance_id: str
+
+
+SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply, Goodbye]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,60 +200,64 @@ class Resync(_Tagged):
     reason: str = ""
 
 
-class PinChunks(_Tagged):
-    """Pin chunks (all or none) and describe them; a pinned chunk is never evicted."""
+class PinChunks(_Command, kw_only=True):
+    """Pin chunks (all or none) and describe them; a pinned chunk is never evicted.
 
-    req_id: int
+    The pins are a lease named by this command's ``req_id``: released by an
+    :class:`UnpinChunks` naming it, or by the sidecar when ``lease_s`` passes or when a new
+    controller registers it (a crashed controller's jobs never leak pins).
+    """
+
     keys: list[bytes]
+    lease_s: float = 120.0
 
 
-class UnpinChunks(_Tagged):
-    """Release one pin per key; ``transferred_bytes`` is what a peer read while they were
-    pinned (the source cannot see a one-sided READ, so the controller tells it)."""
+class UnpinChunks(_Command, kw_only=True):
+    """Release the lease of the :class:`PinChunks` whose ``req_id`` is ``pin_id`` (one pin per
+    key), deleting the chunks first when ``delete`` (a move whose destination holds them all);
+    ``transferred_bytes`` is what a peer read meanwhile (the source cannot see a one-sided
+    READ, so the controller tells it)."""
 
-    req_id: int
-    keys: list[bytes]
+    pin_id: int
+    delete: bool = False
     transferred_bytes: int = 0
 
 
-class DeleteChunks(_Tagged):
+class DeleteChunks(_Command, kw_only=True):
     """Delete chunks (a pinned chunk goes at its last unpin)."""
 
-    req_id: int
     keys: list[bytes]
 
 
-class PersistChunks(_Tagged):
+class PersistChunks(_Command, kw_only=True):
     """Set (``persistent=True``, the controller's ``/pin``) or clear (``/unpin``) the never-evict
     flag of held chunks. Idempotent."""
 
-    req_id: int
     keys: list[bytes]
     persistent: bool = True
 
 
-class ClearChunks(_Tagged):
+class ClearChunks(_Command, kw_only=True):
     """Delete the given chunks, or every chunk when ``keys`` is None (the controller's ``/clear``)."""
 
-    req_id: int
     keys: list[bytes] | None = None
 
 
 class PeerInfo(msgspec.Struct):
-    """How to reach another sidecar's NIXL agent."""
+    """How to reach another sidecar's NIXL agent (``incarnation`` as in :class:`Register`)."""
 
     instance_id: str
     agent_name: str
     p2p_url: str
+    incarnation: str
 
 
-class FetchChunks(_Tagged):
+class FetchChunks(_Command, kw_only=True):
     """Read pinned chunks from ``source`` into this store; verify; then publish them.
 
     Chunks this store already holds are skipped. On any failure nothing is published.
     """
 
-    req_id: int
     source: PeerInfo
     chunks: list[ChunkDesc]
 
@@ -339,6 +372,7 @@ class JobStatusBody(msgspec.Struct):
             the destination already holds are not moved, so ``bytes`` may end below it).
         elapsed_s: seconds since creation (until the end, once final).
         error: cause, when failed.
+        error_kind: the cause's kind (a key of the HTTP error map, e.g. ``store_full``).
     """
 
     event_id: str
@@ -352,6 +386,7 @@ class JobStatusBody(msgspec.Struct):
     total_bytes: int
     elapsed_s: float
     error: str | None = None
+    error_kind: str | None = None
 
 
 class ErrorBody(msgspec.Struct):

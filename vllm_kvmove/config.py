@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 CONFIG_FILE_ENV = "KVMOVE_CONFIG_FILE"
+API_TOKEN_ENV = "KVMOVE_API_TOKEN"
 LMCACHE_CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 
 
@@ -47,6 +48,9 @@ class KVMoveConfig:
         hash_seed: Extra salt for chunk keys; engines with different seeds never share KV.
         heartbeat_interval_s: Seconds between sidecar heartbeats to the controller.
         command_timeout_s: Upper bound on any single wait on a peer (NIXL handshake, read).
+        api_token: Shared secret; when set, the sidecar obeys only commands carrying it, hands
+            its NIXL metadata only to peers presenting it, and registers with it. Default: the
+            environment variable ``KVMOVE_API_TOKEN``. Never logged.
     """
 
     instance_id: str = "kvmove_instance"
@@ -62,12 +66,13 @@ class KVMoveConfig:
     hash_seed: str = ""
     heartbeat_interval_s: float = 1.0
     command_timeout_s: float = 30.0
+    api_token: str = dataclasses.field(default="", repr=False)
     # LMCache keys that were accepted without effect (reported once at start-up).
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def capacity_bytes(self) -> int:
-        return int(self.max_local_cpu_size * (1 << 30))
+        return round(self.max_local_cpu_size * (1 << 30))
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(KVMoveConfig) if f.name != "notes"}
@@ -158,4 +163,5 @@ def load_config(extra_config: Mapping[str, Any] | None = None,
         file_layer, notes = translate(_read_yaml(env[LMCACHE_CONFIG_FILE_ENV], LMCACHE_CONFIG_FILE_ENV))
     else:
         file_layer = {}
-    return build_config(file_layer, extra_config, notes=tuple(notes))
+    env_layer = {"api_token": env[API_TOKEN_ENV]} if env.get(API_TOKEN_ENV) else {}
+    return build_config(env_layer, file_layer, extra_config, notes=tuple(notes))

@@ -32,12 +32,12 @@ Contract
 from __future__ import annotations
 
 import threading
-import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
+import xxhash
 
 from vllm_kvmove.layout import KVLayout
 
@@ -89,7 +89,7 @@ class ChunkInfo:
         num_tokens: tokens in the chunk.
         offset: byte offset of the chunk in the pool.
         nbytes: valid bytes (a contiguous prefix of the slot).
-        checksum: CRC-32 of the valid bytes.
+        checksum: XXH3-64 of the valid bytes (:func:`checksum`).
     """
 
     key: bytes
@@ -131,6 +131,11 @@ class ChunkStore:
         self._events: deque[StoreEvent] = deque(maxlen=_EVENT_BUFFER)
         self._seq = 0
         self.evictions = 0
+        # Chunks committed without a checksum, for fill_checksums() to do off the save path.
+        self._unsummed: deque[bytes] = deque()
+        # Called (outside the lock, from the committing thread) after events were appended;
+        # the sidecar uses it to wake up instead of polling.
+        self.on_events: Callable[[], None] | None = None
 
     # -- addresses -------------------------------------------------------------------------
     @property
@@ -181,6 +186,8 @@ class ChunkStore:
                 "capacity_bytes": self.num_slots * self.slot_bytes,
                 "num_slots": self.num_slots,
                 "free_slots": len(self._free),
+                "available_slots": len(self._free) + sum(
+                    1 for e in self._entries.values() if e.ready and not e.pins and not e.persistent),
                 "pinned_chunks": sum(1 for e in self._entries.values() if e.pins),
                 "persistent_chunks": sum(1 for e in self._entries.values() if e.persistent),
                 "writing_chunks": sum(1 for e in self._entries.values() if not e.ready),
@@ -217,7 +224,8 @@ class ChunkStore:
             return slot
 
     def commit(self, key: bytes, checksum: int | None = None) -> None:
-        """Make a reserved chunk visible (emits ``admit``)."""
+        """Make a reserved chunk visible (emits ``admit``). Without a ``checksum`` the chunk
+        joins the backlog of :meth:`fill_checksums`."""
         with self._lock:
             e = self._entries.get(key)
             if e is None or e.ready:
@@ -225,6 +233,39 @@ class ChunkStore:
             e.ready, e.checksum = True, checksum
             self._entries.move_to_end(key)
             self._emit("admit", e)
+            if checksum is None:
+                self._unsummed.append(key)
+        self._notify()
+
+    def fill_checksums(self, max_chunks: int = 64) -> int:
+        """Compute the checksums of up to ``max_chunks`` chunks committed without one (each
+        pinned meanwhile, hashed outside the lock). Returns how many were computed; meant for
+        an idle background thread, so a later transfer finds them ready."""
+        done = 0
+        while done < max_chunks:
+            with self._lock:
+                if not self._unsummed:
+                    break
+                key = self._unsummed.popleft()
+                e = self._entries.get(key)
+                if e is None or not e.ready or e.doomed or e.checksum is not None:
+                    continue
+                e.pins += 1
+                offset, nbytes = e.slot * self.slot_bytes, self.layout.valid_bytes(e.num_tokens)
+            try:
+                value = checksum(self.pool[offset:offset + nbytes])
+            finally:
+                self.unpin([key])
+            with self._lock:
+                if self._entries.get(key) is e:
+                    e.checksum = value
+            done += 1
+        return done
+
+    def _notify(self) -> None:
+        callback = self.on_events
+        if callback is not None:
+            callback()
 
     def abort(self, key: bytes) -> None:
         """Drop a reservation made by :meth:`reserve` (no event: it was never visible)."""
@@ -261,7 +302,7 @@ class ChunkStore:
             nbytes = self.layout.valid_bytes(e.num_tokens)
             offset = e.slot * self.slot_bytes
             if e.checksum is None and checksums:
-                e.checksum = crc32(self.pool[offset:offset + nbytes])
+                e.checksum = checksum(self.pool[offset:offset + nbytes])
             infos.append(ChunkInfo(e.key, e.num_tokens, offset, nbytes, e.checksum or 0))
         return infos
 
@@ -302,6 +343,8 @@ class ChunkStore:
                     self._emit("evict", e)
                 else:
                     self._drop(e)
+        if n:
+            self._notify()
         return n
 
     def clear(self) -> int:
@@ -346,6 +389,7 @@ class ChunkStore:
         self._events.append(StoreEvent(self._seq, kind, e.key, e.num_tokens))
 
 
-def crc32(data: torch.Tensor) -> int:
-    """CRC-32 of a contiguous uint8 tensor's bytes (zlib; releases the GIL)."""
-    return zlib.crc32(data.numpy()) & 0xFFFFFFFF
+def checksum(data: torch.Tensor) -> int:
+    """XXH3-64 of a contiguous uint8 tensor's bytes. ~11 GB/s here (CRC-32 was 2.8 GB/s, which
+    made verification, not the copy, the cost of a move); releases the GIL."""
+    return xxhash.xxh3_64_intdigest(data.numpy())

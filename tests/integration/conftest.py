@@ -20,7 +20,8 @@ from vllm_kvmove.store import ChunkStore
 
 
 class Fleet:
-    def __init__(self, tmp_path, start_controller: bool = True):
+    def __init__(self, tmp_path, start_controller: bool = True, api_token: str = ""):
+        self.api_token = api_token
         self.cluster = LocalCluster("unused", tmp_path, python=sys.executable)
         self.pull, self.reply, self.port = free_port(), free_port(), free_port()
         self.http = httpx.Client(base_url=f"http://localhost:{self.port}", timeout=10)
@@ -31,23 +32,39 @@ class Fleet:
 
     def start_controller(self) -> None:
         """Start the controller process (again, after :meth:`kill_controller`) on the same ports."""
+        args = ["--heartbeat-timeout", "3"] + (["--api-token", self.api_token] if self.api_token else [])
         self.controller = self.cluster.start_controller(self.port, self.pull, self.reply,
-                                                        extra_args=["--heartbeat-timeout", "3"])
+                                                        extra_args=args)
         self.cluster.wait_ready(self.controller, timeout=30)
 
     def kill_controller(self) -> None:
         self.cluster.kill(self.controller)
         self.controller = None
 
-    def add_sidecar(self, instance_id: str, slots: int = 64, wait: bool = True,
-                    **layout_over) -> Sidecar:
-        layout = tiny_layout(**layout_over)
-        cfg = build_config({
+    def sidecar_config(self, instance_id: str, layout, slots: int, api_token: str | None = None,
+                       engine_url: str = "http://127.0.0.1:9") -> dict:
+        """Config keys of a test sidecar attached to this fleet's controller."""
+        return {
             "instance_id": instance_id, "controller_pull_url": f"localhost:{self.pull}",
             "controller_reply_url": f"localhost:{self.reply}", "sidecar_port": free_port(),
-            "p2p_init_port": free_port(), "engine_url": "http://127.0.0.1:9",
+            "p2p_init_port": free_port(), "engine_url": engine_url,
             "chunk_size": layout.chunk_size, "heartbeat_interval_s": 0.2,
-            "command_timeout_s": 5})
+            "command_timeout_s": 5, "max_local_cpu_size": slots * layout.chunk_bytes / (1 << 30),
+            "api_token": self.api_token if api_token is None else api_token}
+
+    def spawn_sidecar(self, instance_id: str, layout, slots: int, fill=()):
+        """A sidecar in its own process (``sidecar.standalone``): one a test can kill or stop."""
+        proc = self.cluster.start_sidecar_process(
+            self.sidecar_config(instance_id, layout, slots), layout.to_dict(), list(fill))
+        self.cluster.wait_ready(proc, timeout=60)
+        self.wait_registered(instance_id)
+        return proc
+
+    def add_sidecar(self, instance_id: str, slots: int = 64, wait: bool = True,
+                    api_token: str | None = None, engine_url: str = "http://127.0.0.1:9",
+                    **layout_over) -> Sidecar:
+        layout = tiny_layout(**layout_over)
+        cfg = build_config(self.sidecar_config(instance_id, layout, slots, api_token, engine_url))
         store = ChunkStore(layout, slots * layout.chunk_bytes)
         sc = Sidecar(cfg, store, layout).start()
         assert sc.ready.wait(30), "sidecar did not start"

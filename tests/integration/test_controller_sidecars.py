@@ -83,7 +83,7 @@ def test_check_finish_lmcache_style(fleet, pair):
     st = fleet.http.post("/check_finish", json={"event_id": eid}).json()
     assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
     assert set(st) == {"event_id", "status", "kind", "source", "destination", "num_tokens",
-                       "num_chunks", "bytes", "total_bytes", "elapsed_s", "error"}
+                       "num_chunks", "bytes", "total_bytes", "elapsed_s", "error", "error_kind"}
 
 
 def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):
@@ -204,3 +204,16 @@ def test_lmcache_health_and_query_worker_info(fleet, pair):
     assert info["instance_id"] == "a" and info["worker_id"] == 0
     assert info["port"] == a.config.sidecar_port and info["peer_init_url"] == a.transfer.p2p_url
     assert info["last_heartbeat_time"] >= info["registration_time"] > 1.7e9
+
+
+def test_event_long_poll_answers_when_the_job_ends(fleet, pair):
+    a, _ = pair
+    tokens = list(range(7000, 7040))
+    fill(a, tokens, seed=70)
+    fleet.wait_lookup(tokens, {"a": 40})
+    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
+                                       "tokens": tokens, "copy": True})
+    st = fleet.http.get(f"/events/{r.json()['event_id']}?wait=10").json()
+    assert st["status"] == "done"  # one request, no polling
+    for bad in ("-1", "61", "x", "nan"):
+        assert fleet.http.get(f"/events/{st['event_id']}?wait={bad}").status_code == 400

@@ -109,8 +109,8 @@ def test_pin_describes_valid_bytes_and_checksum(layout):
     data = put_chunk(store, key(1), 20, 7)  # partial chunk: 2 blocks of 16 tokens
     (info,) = store.pin([key(1)])
     assert info.nbytes == layout.valid_bytes(20) == len(data)
-    import zlib
-    assert info.checksum == zlib.crc32(data)
+    import xxhash
+    assert info.checksum == xxhash.xxh3_64_intdigest(data)
     assert store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes() == data
 
 
@@ -144,3 +144,25 @@ def test_reserve_rejects_bad_token_counts(layout):
     for n in (0, 33):
         with pytest.raises(ValueError):
             store.reserve(key(1), n)
+
+
+def test_fill_checksums_works_the_backlog_off_the_save_path(layout):
+    import xxhash
+    store = make_store(layout, 4)
+    data = {key(i): put_chunk(store, key(i), 32, i) for i in range(3)}
+    store.delete([key(1)])
+    assert store.fill_checksums() == 2  # the deleted one is skipped
+    assert store.fill_checksums() == 0
+    infos = store.pin([key(0), key(2)], checksums=False)  # already known: no hashing needed
+    assert [i.checksum for i in infos] == [xxhash.xxh3_64_intdigest(data[key(0)]),
+                                           xxhash.xxh3_64_intdigest(data[key(2)])]
+    assert store.stats()["pinned_chunks"] == 2
+
+
+def test_on_events_is_called_after_commit_and_delete(layout):
+    store = make_store(layout, 2)
+    calls = []
+    store.on_events = lambda: calls.append(store.stats()["seq"])
+    put_chunk(store, key(1), 32, 1)
+    store.delete([key(1)])
+    assert calls == [1, 2]

@@ -1,0 +1,95 @@
+"""Shared pieces of the benchmarks: results, statistics, the local model, the processes.
+
+Every figure is a ratio measured inside one run: the measure and its baseline are taken in the
+same process run, interleaved where possible, as medians over repeated trials (this 2-core
+machine is noisy; absolute numbers drift, ratios much less).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WORK = REPO / ".work" / "bench"
+
+
+@dataclass
+class Result:
+    """One benchmark figure.
+
+    Attributes:
+        id: "P1".."P6".
+        measure: what is measured.
+        value: the figure (unit in ``unit``), a median.
+        baseline: the baseline(s) measured in the same run, by name.
+        ratio: the figure the goal is about (e.g. value / baseline), or None.
+        goal: the goal, in words.
+        met: whether ``ratio`` (or ``value``) meets the goal.
+        trials: raw per-trial numbers, for the record.
+        notes: anything needed to read the figure honestly.
+    """
+
+    id: str
+    measure: str
+    value: float
+    unit: str
+    baseline: dict[str, float]
+    ratio: float | None
+    goal: str
+    met: bool
+    trials: dict[str, list[float]] = field(default_factory=dict)
+    notes: str = ""
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def percentile(xs: list[float], p: float) -> float:
+    ys = sorted(xs)
+    k = min(len(ys) - 1, max(0, round(p / 100 * (len(ys) - 1))))
+    return ys[k]
+
+
+def make_model(name: str, **shape: Any) -> Path:
+    """A local random-init Llama (see examples/make_model.py) under .work/models/NAME."""
+    out = REPO / ".work" / "models" / name
+    args = [sys.executable, str(REPO / "examples" / "make_model.py"), str(out)]
+    for k, v in shape.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    subprocess.run(args, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "machine": platform.machine(),
+            "cpu_model": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                               if line.startswith("model name")), "unknown")}
+
+
+def write_results(results: list[Result], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "results": [asdict(r) for r in results]},
+                               indent=2))
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| # | measure | value | baseline(s) | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = ", ".join(f"{k} {v:.4g}" for k, v in r.baseline.items()) or "—"
+        ratio = f"{r.ratio:.3g}" if r.ratio is not None else "—"
+        lines.append(f"| {r.id} | {r.measure} | {r.value:.4g} {r.unit} | {base} | {ratio} | {r.goal} | "
+                     f"{'yes' if r.met else 'NO'} |")
+    return "\n".join(lines)

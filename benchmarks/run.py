@@ -1,0 +1,49 @@
+"""Run the benchmarks and write their JSON results.
+
+    python benchmarks/run.py                 # all of P1..P6
+    python benchmarks/run.py --only P1,P4    # some
+    python benchmarks/run.py --out FILE      # default benchmarks/results/latest.json
+
+Each benchmark module ``pN_*.py`` has ``run() -> list[Result]`` and starts and stops its own
+processes. See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, table, write_results  # noqa: E402
+
+MODULES = {"P1": "p1_throughput", "P2": "p2_ttft", "P3": "p3_lookup", "P4": "p4_small_move",
+           "P5": "p5_serving", "P6": "p6_idle_cpu"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(MODULES), help="comma-separated ids, e.g. P1,P4")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latest.json"))
+    args = ap.parse_args()
+    results = []
+    for pid in [p.strip().upper() for p in args.only.split(",") if p.strip()]:
+        t0 = time.monotonic()
+        print(f"[bench] {pid} ({MODULES[pid]}) ...", flush=True)
+        module = importlib.import_module(MODULES[pid])
+        for r in module.run():
+            results.append(r)
+            print(f"[bench] {r.id}: {r.value:.4g} {r.unit}, ratio {r.ratio}, goal {r.goal}: "
+                  f"{'met' if r.met else 'NOT met'} ({time.monotonic() - t0:.0f} s)", flush=True)
+        write_results(results, Path(args.out))  # after each, so a crash keeps what ran
+    print()
+    print(table(results))
+    print(f"\n[bench] results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
