@@ -93,3 +93,67 @@ def table(results: list[Result]) -> str:
         lines.append(f"| {r.id} | {r.measure} | {r.value:.4g} {r.unit} | {base} | {ratio} | {r.goal} | "
                      f"{'yes' if r.met else 'NO'} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Real engines, shared by the benchmarks of one run (P4, P5, P6): started once, stopped at exit.
+# ------------------------------------------------------------------------------------------
+_ENGINES: dict[str, Any] = {}
+
+
+def engine_cluster() -> dict[str, Any]:
+    """A controller and three engines on the demo model (2 layers, 1 KiB of KV per token):
+
+    * ``a``: with the connector, OpenMP on core 0 (the measured engine of P5/P6, P4's source);
+    * ``b``: without the connector, OpenMP on core 1 (P5/P6's baseline);
+    * ``c``: with the connector, OpenMP on core 1 (P4's destination).
+    """
+    if _ENGINES:
+        return _ENGINES
+    from sidecar.localcluster import LocalCluster
+
+    model = make_model("tiny-llama")
+    cluster = LocalCluster(model, WORK / "engines")
+    ctl = cluster.start_controller(24900, 24300, 24400, extra_args=["--log-level", os.environ.get("KVMOVE_LOG_LEVEL", "info").lower()])
+
+    def kv(iid: str, port: int, sc: int, p2p: int) -> dict:
+        return {"instance_id": iid, "controller_pull_url": "localhost:24300",
+                "controller_reply_url": "localhost:24400", "sidecar_port": sc, "p2p_init_port": p2p,
+                "engine_url": f"http://127.0.0.1:{port}", "max_local_cpu_size": 0.5}
+
+    a = cluster.start_engine("bench-a", 24001, cpu=0, extra_config=kv("bench-a", 24001, 24501, 24201))
+    b = cluster.start_engine("bench-b", 24002, cpu=1)
+    c = cluster.start_engine("bench-c", 24003, cpu=1, extra_config=kv("bench-c", 24003, 24503, 24203))
+    for p in (ctl, a, b, c):
+        cluster.wait_ready(p, timeout=400)
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while sum(i["up"] for i in httpx.get(ctl.url + "/instances").json()["instances"]) < 2:
+        assert time.monotonic() < deadline, "engines never registered"
+        time.sleep(0.5)
+    _ENGINES.update(cluster=cluster, controller=ctl, a=a, b=b, c=c, model=str(model))
+    return _ENGINES
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and every descendant (seconds)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+        stack.extend(children.get(p, []))
+    return total

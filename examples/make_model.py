@@ -32,11 +32,16 @@ def _training_files(limit: int = 400) -> list[str]:
 
 def make_model(out_dir: str, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                head_dim: int = 64, vocab: int = 4096, seed: int = 0,
-               max_position: int = 16384) -> Path:
-    """Create the model directory; return its path. Idempotent for the same arguments."""
+               max_position: int = 16384, hidden: int | None = None) -> Path:
+    """Create the model directory; return its path. Idempotent for the same arguments.
+
+    ``hidden`` defaults to ``heads * head_dim``; a smaller one keeps the KV per token (set by
+    layers, kv_heads and head_dim) while making the rest of the model cheap.
+    """
     out = Path(out_dir)
+    hidden = hidden or heads * head_dim
     spec = dict(layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                vocab=vocab, seed=seed, max_position=max_position)
+                vocab=vocab, seed=seed, max_position=max_position, hidden=hidden)
     marker = out / ".complete"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out
@@ -69,7 +74,7 @@ def make_model(out_dir: str, layers: int = 2, heads: int = 4, kv_heads: int = 2,
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=heads * head_dim, intermediate_size=4 * heads * head_dim,
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=4 * hidden,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim, max_position_embeddings=max_position, bos_token_id=0, eos_token_id=1,
         pad_token_id=2, torch_dtype="bfloat16", tie_word_embeddings=False)
@@ -88,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=None, help="default: heads * head_dim")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = make_model(a.out_dir, a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab, a.seed)
+    path = make_model(a.out_dir, a.layers, a.heads, a.kv_heads, a.head_dim, a.vocab, a.seed,
+                      hidden=a.hidden)
     print(path)
     return 0
 

@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import struct
 import time
 import uuid
 from collections import OrderedDict
@@ -60,7 +61,7 @@ logger = logging.getLogger("vllm_kvmove.controller")
 MAX_TOKENS = 1_000_000
 # A move's fetch is split into commands of at most this many bytes, so its progress (bytes
 # moved) advances while it runs; each command is still one NIXL transfer of many chunks.
-FETCH_BATCH_BYTES = 64 << 20
+FETCH_BATCH_BYTES = 256 << 20
 # Fetch commands of one job in flight at once: one copies while the other verifies checksums.
 FETCHES_IN_FLIGHT = 2
 # How long a heartbeat may show events we never received before we ask for a snapshot.
@@ -152,6 +153,22 @@ class ChunkIndex:
                 break
             n += 1
         return n
+
+    def prefix_holders(self, spans: Sequence[ChunkSpan]) -> dict[str, int]:
+        """:meth:`held_prefix` of every instance at once, walking ``spans`` once: the number
+        of leading ``spans`` each instance holding ``spans[0]`` holds."""
+        out: dict[str, int] = {}
+        get = self._holders.get
+        alive: set[str] | None = None
+        for n, s in enumerate(spans, 1):
+            holders = get(s.key)
+            if not holders:
+                break
+            alive = set(holders) if alive is None else alive.intersection(holders)
+            if not alive:
+                break
+            out.update(dict.fromkeys(alive, n))
+        return out
 
     def holds(self, instance_id: str, key: bytes) -> bool:
         return instance_id in self._holders.get(key, ())
@@ -397,9 +414,14 @@ class Controller:
                 raise ApiError("bad_request", "'tokens' is empty")
             if len(tokens) > MAX_TOKENS:
                 raise ApiError("bad_request", f"'tokens' has {len(tokens)} ids; at most {MAX_TOKENS}")
-            for i, t in enumerate(tokens):
-                if not 0 <= t < _TOKEN_LIMIT:
-                    raise ApiError("bad_request", f"tokens[{i}] = {t} is not a valid token id")
+            try:  # at C speed: each id fits an int32 and none is negative (no sign bit set)
+                valid = struct.pack(f"<{len(tokens)}i", *tokens)[3::4].isascii()
+            except struct.error:
+                valid = False
+            if not valid:  # find the first offending id, to name it
+                for i, t in enumerate(tokens):
+                    if not 0 <= t < _TOKEN_LIMIT:
+                        raise ApiError("bad_request", f"tokens[{i}] = {t} is not a valid token id")
             return tokens
         if not prompt:
             raise ApiError("bad_request", "'prompt' is empty")
@@ -421,18 +443,22 @@ class Controller:
     def lookup(self, tokens: list[int]) -> dict[str, int]:
         """Matched prefix tokens per live instance that holds at least one chunk of ``tokens``
         (an instance that stopped heartbeating is left out: it cannot serve them now)."""
-        spans_by_fp: dict[tuple[str, int], list[ChunkSpan]] = {}
+        # Per (fingerprint, chunk_size) group with a live instance: its spans, hashed once, and
+        # the leading spans each holder holds, from one walk of the index over them.
+        groups: dict[tuple[str, int], tuple[list[ChunkSpan], dict[str, int]]] = {}
         out: dict[str, int] = {}
         for iid, inst in self.instances.items():
-            if not self.is_up(inst):
-                continue
-            fp = (inst.reg.fingerprint, inst.reg.chunk_size)
-            spans = spans_by_fp.get(fp)
-            if spans is None:
-                spans = spans_by_fp[fp] = chunk_spans(tokens, fp[1], fp[0])
-            n = self.index.held_prefix(iid, spans)
-            if n:
-                out[iid] = spans[n - 1].end
+            reg = inst.reg
+            fp = (reg.fingerprint, reg.chunk_size)
+            group = groups.get(fp)
+            if group is None:
+                if not self.is_up(inst):
+                    continue
+                spans = chunk_spans(tokens, reg.chunk_size, reg.fingerprint)
+                group = groups[fp] = (spans, self.index.prefix_holders(spans))
+            n = group[1].get(iid)
+            if n and self.is_up(inst):
+                out[iid] = group[0][n - 1].end
         return out
 
     # -- jobs ------------------------------------------------------------------------------
@@ -547,7 +573,9 @@ class Controller:
         if src is None or job.destination not in self.instances:
             raise JobFailed("unavailable", "an instance unregistered before the job started")
         pin_cmd = wire.PinChunks(keys=job.keys, lease_s=2 * self.settings.command_timeout_s)
+        t0 = time.perf_counter()
         pin = await self._step(job.source, pin_cmd, "pin")
+        t_pin = time.perf_counter()
         job.total_bytes = sum(c.nbytes for c in pin.chunks)
         peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url, src.reg.incarnation)
         window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
@@ -568,10 +596,15 @@ class Controller:
             for t in done:
                 t.result()  # raises the first failure
             fetched_all = True
+            t_fetch = time.perf_counter()
         finally:
             delete = fetched_all and job.kind == "move"
             release = await self.command(job.source, wire.UnpinChunks(
                 pin_id=pin_cmd.req_id, delete=delete, transferred_bytes=job.bytes))
+            if fetched_all:
+                logger.debug("job %s: pin %.2f ms, fetch %.2f ms, release %.2f ms", job.event_id,
+                             (t_pin - t0) * 1e3, (t_fetch - t_pin) * 1e3,
+                             (time.perf_counter() - t_fetch) * 1e3)
             if not release.ok:
                 # The sidecar's lease expiry releases the pins regardless; only a move's
                 # delete is lost, and the destination holds the KV: say so, do not hide it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -49,6 +50,30 @@ def put_chunk(store, key: bytes, num_tokens: int, seed: int) -> bytes:
     store.pool[start:start + n].copy_(data)
     store.commit(key)
     return data.numpy().tobytes()
+
+
+def wait_job(http, event_id: str, timeout: float = 60) -> dict:
+    """Long-poll the controller until the job ends; its final status. Raises on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        st = http.get(f"/events/{event_id}", params={"wait": max(0.0, min(left, 60))}).json()
+        if st["status"] in ("done", "failed"):
+            return st
+        if left <= 0:
+            raise AssertionError(f"job {event_id} did not end in {timeout} s: {st}")
+
+
+def wait_lookup(http, tokens: list[int], expect: dict[str, int], timeout: float = 5) -> dict:
+    """Poll POST /lookup until it answers ``{instance: matched_tokens}`` == ``expect`` (or the
+    timeout passes); return the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = http.post("/lookup", json={"tokens": tokens}).json()["layout_info"]
+        got = {k: v[1] for k, v in info.items()}
+        if got == expect or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ Consequences the rest of the system relies on:
 from __future__ import annotations
 
 import hashlib
+import struct
 import sys
 from array import array
 from dataclasses import dataclass
@@ -71,9 +72,30 @@ def chunk_spans(tokens: Sequence[int], chunk_size: int, fingerprint: str) -> lis
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
+    n = len(tokens)
+    # Fast path: every id as 8 little-endian bytes, converted and range-checked at C speed (an
+    # id is in [0, 2^31) iff byte 3 of its 8 is below 0x80 and bytes 4-7 are zero), then each
+    # chunk hashed straight from that buffer. Anything else takes the per-token loop below,
+    # which raises naming the first offending id.
+    try:
+        raw = struct.pack(f"<{n}q", *tokens)
+    except struct.error:
+        raw = b""
+    if len(raw) == 8 * n and raw[3::8].isascii() and (
+            raw[4::8] == raw[5::8] == raw[6::8] == raw[7::8] == bytes(n)):
+        parent = root_key(fingerprint)
+        spans = []
+        view = memoryview(raw)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hashlib.blake2b(parent, digest_size=KEY_BYTES)  # = blake2b(parent || chunk bytes)
+            h.update(view[8 * start:8 * end])
+            parent = h.digest()
+            spans.append(ChunkSpan(parent, start, end))
+        return spans
     parent = root_key(fingerprint)
     spans = []
-    for start in range(0, len(tokens), chunk_size):
+    for start in range(0, n, chunk_size):
         piece = tokens[start:start + chunk_size]
         for t in piece:
             if not 0 <= t < _TOKEN_LIMIT:

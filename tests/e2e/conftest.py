@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from sidecar.localcluster import LocalCluster
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_job, wait_lookup
 
 REPO = Path(__file__).resolve().parents[2]
 LOC = "LocalCPUBackend"
@@ -126,25 +126,13 @@ class Cluster:
                                              **body})
 
     def wait_job(self, event_id: str, timeout: float = 60) -> dict:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            st = self.http.get(f"/events/{event_id}").json()
-            if st["status"] in ("done", "failed"):
-                return st
-            time.sleep(0.01)
-        raise AssertionError(f"job {event_id} still {st['status']} after {timeout} s")
+        return wait_job(self.http, event_id, timeout)
 
     def lookup(self, tokens: list[int]) -> dict[str, int]:
-        info = self.http.post("/lookup", json={"tokens": tokens}).json()["layout_info"]
-        return {k: v[1] for k, v in info.items()}
+        return wait_lookup(self.http, tokens, {}, timeout=0)
 
     def wait_lookup(self, tokens: list[int], expect: dict[str, int], timeout: float = 5) -> dict:
-        t0 = time.monotonic()
-        got = self.lookup(tokens)
-        while got != expect and time.monotonic() - t0 < timeout:
-            time.sleep(0.05)
-            got = self.lookup(tokens)
-        return got
+        return wait_lookup(self.http, tokens, expect, timeout)
 
     def close(self) -> None:
         self.local.stop_all()

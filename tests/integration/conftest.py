@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.localcluster import LocalCluster
 from sidecar.runtime import Sidecar
-from tests.conftest import free_port, tiny_layout
+from tests.conftest import free_port, tiny_layout, wait_job, wait_lookup
 from vllm_kvmove.config import build_config
 from vllm_kvmove.store import ChunkStore
 
@@ -86,22 +86,10 @@ class Fleet:
         raise AssertionError(f"{instance_id} never registered")
 
     def wait_job(self, event_id: str, timeout: float = 20) -> dict:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            st = self.http.get(f"/events/{event_id}").json()
-            if st["status"] in ("done", "failed"):
-                return st
-            time.sleep(0.01)
-        raise AssertionError(f"job {event_id} did not end: {st}")
+        return wait_job(self.http, event_id, timeout)
 
     def wait_lookup(self, tokens, expect: dict, timeout: float = 5) -> dict:
-        t0 = time.monotonic()
-        while True:
-            got = self.http.post("/lookup", json={"tokens": tokens}).json()["layout_info"]
-            got = {k: v[1] for k, v in got.items()}
-            if got == expect or time.monotonic() - t0 > timeout:
-                return got
-            time.sleep(0.02)
+        return wait_lookup(self.http, tokens, expect, timeout)
 
     def close(self) -> None:
         for sc in self.sidecars.values():
