@@ -335,8 +335,6 @@ class Sidecar:
                 store.unpin(lease[0])
             self.stats["bytes_out"] += msg.transferred_bytes
             return wire.Reply(req_id=msg.req_id, ok=True, count=len(lease[0]) if lease else 0)
-        if isinstance(msg, wire.DeleteChunks):
-            return wire.Reply(req_id=msg.req_id, ok=True, count=store.delete(msg.keys))
         if isinstance(msg, wire.PersistChunks):
             return wire.Reply(req_id=msg.req_id, ok=True,
                               count=store.persist(msg.keys, msg.persistent))

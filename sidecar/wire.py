@@ -223,12 +223,6 @@ class UnpinChunks(_Command, kw_only=True):
     transferred_bytes: int = 0
 
 
-class DeleteChunks(_Command, kw_only=True):
-    """Delete chunks (a pinned chunk goes at its last unpin)."""
-
-    keys: list[bytes]
-
-
 class PersistChunks(_Command, kw_only=True):
     """Set (``persistent=True``, the controller's ``/pin``) or clear (``/unpin``) the never-evict
     flag of held chunks. Idempotent."""
@@ -262,7 +256,7 @@ class FetchChunks(_Command, kw_only=True):
     chunks: list[ChunkDesc]
 
 
-ControllerMessage = Union[RegisterAck, Resync, PinChunks, UnpinChunks, DeleteChunks, FetchChunks,
+ControllerMessage = Union[RegisterAck, Resync, PinChunks, UnpinChunks, FetchChunks,
                           PersistChunks, ClearChunks]
 
 

@@ -26,6 +26,22 @@ SEED = 11
 SLOTS = 72
 
 
+def start_and_interrupt(fleet, prefix: str, kill: str):
+    """Spawn ``{prefix}-src`` (holding TOKENS) and ``{prefix}-dst``, start a copy between them
+    and SIGKILL the one named by ``kill`` ("src" or "dst") mid-transfer. Returns the processes,
+    the job's final status and the seconds from the kill to the job's end."""
+    procs = {"src": fleet.spawn_sidecar(f"{prefix}-src", LAYOUT, SLOTS, fill=[f"{SEED}:1:{len(TOKENS)}"]),
+             "dst": fleet.spawn_sidecar(f"{prefix}-dst", LAYOUT, SLOTS)}
+    held = {f"{prefix}-src": len(TOKENS)}
+    assert fleet.wait_lookup(TOKENS, held, timeout=10) == held
+    final, took = kill_mid_move(fleet, f"{prefix}-src", f"{prefix}-dst", procs[kill])
+    assert final["status"] == "failed" and final["error"], final
+    assert took < 10, f"failure reported {took:.1f} s after the kill"
+    print(f"\n[promise 3] {kill} killed: job failed {took:.2f} s later: {final['error']}")
+    assert fleet.http.get("/health").status_code == 200  # the controller keeps serving
+    return procs["src"], procs["dst"]
+
+
 def kill_mid_move(fleet, src: str, dst: str, victim) -> tuple[dict, float]:
     r = fleet.http.post("/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
                                        "tokens": TOKENS, "copy": True})
@@ -60,14 +76,7 @@ def visible_chunks_are_whole(sidecar_url: str) -> int:
 
 @pytest.mark.timeout(300)
 def test_destination_dies_mid_move(fleet):
-    src = fleet.spawn_sidecar("die-src", LAYOUT, SLOTS, fill=[f"{SEED}:1:{len(TOKENS)}"])
-    dst = fleet.spawn_sidecar("die-dst", LAYOUT, SLOTS)
-    assert fleet.wait_lookup(TOKENS, {"die-src": len(TOKENS)}, timeout=10) == {"die-src": len(TOKENS)}
-    final, took = kill_mid_move(fleet, "die-src", "die-dst", dst)
-    assert final["status"] == "failed" and final["error"], final
-    assert took < 10, f"failure reported {took:.1f} s after the kill"
-    print(f"\n[promise 3] destination killed: job failed {took:.2f} s later: {final['error']}")
-    assert fleet.http.get("/health").status_code == 200
+    src, _ = start_and_interrupt(fleet, "die", kill="dst")
     # The source still holds every chunk, unpinned, and serves them: a new move elsewhere works.
     store = httpx.get(src.url + "/store", timeout=10).json()
     assert store["num_chunks"] == 64 and store["pinned_chunks"] == 0
@@ -82,14 +91,7 @@ def test_destination_dies_mid_move(fleet):
 
 @pytest.mark.timeout(300)
 def test_source_dies_mid_move(fleet):
-    src = fleet.spawn_sidecar("die2-src", LAYOUT, SLOTS, fill=[f"{SEED}:1:{len(TOKENS)}"])
-    dst = fleet.spawn_sidecar("die2-dst", LAYOUT, SLOTS)
-    assert fleet.wait_lookup(TOKENS, {"die2-src": len(TOKENS)}, timeout=10) == {"die2-src": len(TOKENS)}
-    final, took = kill_mid_move(fleet, "die2-src", "die2-dst", src)
-    assert final["status"] == "failed" and final["error"], final
-    assert took < 10, f"failure reported {took:.1f} s after the kill"
-    print(f"\n[promise 3] source killed: job failed {took:.2f} s later: {final['error']}")
-    assert fleet.http.get("/health").status_code == 200
+    _, dst = start_and_interrupt(fleet, "die2", kill="src")
     # Whatever the destination shows is whole: batches that completed are verified, the one
     # in flight was never published.
     shown = visible_chunks_are_whole(dst.url)

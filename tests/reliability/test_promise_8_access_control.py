@@ -94,8 +94,9 @@ def test_sidecar_refuses_commands_without_the_token(secured):
     fleet, a, _ = secured
     key = bytes([9] * 16)
     put_chunk(a.store, key, 8, seed=2)
-    for forged in (wire.DeleteChunks(keys=[key]), wire.ClearChunks(keys=None),
-                   wire.DeleteChunks(keys=[key], auth="guess")):
+    for forged in (wire.ClearChunks(keys=[key]), wire.ClearChunks(keys=None),
+                   wire.ClearChunks(keys=[key], auth="guess"),
+                   wire.PersistChunks(keys=[key], persistent=True)):
         reply = asyncio.run_coroutine_threadsafe(a.execute_authorized(forged), a.loop).result(5)
         assert not reply.ok and reply.error_kind == "unauthorized"
     assert a.store.contains(key)
