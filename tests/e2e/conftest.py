@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from sidecar.localcluster import LocalCluster
-from tests.conftest import free_port, wait_job, wait_lookup
+from tests.conftest import wait_job, wait_lookup
 
 REPO = Path(__file__).resolve().parents[2]
 LOC = "LocalCPUBackend"

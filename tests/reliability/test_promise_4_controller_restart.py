@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.conftest import tiny_layout
 from tests.integration.conftest import Fleet
 from tests.integration.test_controller_sidecars import LOC, fill
 from vllm_kvmove.hashing import chunk_spans
