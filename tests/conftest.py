@@ -52,6 +52,13 @@ def put_chunk(store, key: bytes, num_tokens: int, seed: int) -> bytes:
     return data.numpy().tobytes()
 
 
+def post_move(http, src: str, dst: str, **body):
+    """POST /move from ``src`` to ``dst`` (both at LocalCPUBackend); ``body`` adds tokens,
+    prompt, copy..."""
+    return http.post("/move", json={"old_position": [src, "LocalCPUBackend"],
+                                    "new_position": [dst, "LocalCPUBackend"], **body})
+
+
 def wait_job(http, event_id: str, timeout: float = 60) -> dict:
     """Long-poll the controller until the job ends; its final status. Raises on timeout."""
     deadline = time.monotonic() + timeout

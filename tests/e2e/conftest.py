@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from sidecar.localcluster import LocalCluster
-from tests.conftest import wait_job, wait_lookup
+from tests.conftest import post_move, wait_job, wait_lookup
 
 REPO = Path(__file__).resolve().parents[2]
 LOC = "LocalCPUBackend"
@@ -122,8 +122,7 @@ class Cluster:
         raise AssertionError(f"instances not registered: {ids}")
 
     def move(self, src: str, dst: str, **body) -> httpx.Response:
-        return self.http.post("/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
-                                             **body})
+        return post_move(self.http, src, dst, **body)
 
     def wait_job(self, event_id: str, timeout: float = 60) -> dict:
         return wait_job(self.http, event_id, timeout)

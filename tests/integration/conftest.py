@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.localcluster import LocalCluster
 from sidecar.runtime import Sidecar
-from tests.conftest import free_port, tiny_layout, wait_job, wait_lookup
+from tests.conftest import free_port, post_move, tiny_layout, wait_job, wait_lookup
 from vllm_kvmove.config import build_config
 from vllm_kvmove.store import ChunkStore
 
@@ -84,6 +84,9 @@ class Fleet:
                 return
             time.sleep(0.05)
         raise AssertionError(f"{instance_id} never registered")
+
+    def move(self, src: str, dst: str, **body) -> httpx.Response:
+        return post_move(self.http, src, dst, **body)
 
     def wait_job(self, event_id: str, timeout: float = 20) -> dict:
         return wait_job(self.http, event_id, timeout)

@@ -76,9 +76,7 @@ def test_check_finish_lmcache_style(fleet, pair):
     tokens = list(range(300, 310))
     fill(a, tokens, seed=9)
     fleet.wait_lookup(tokens, {"a": 10})
-    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
-                                       "tokens": tokens, "copy": True})
-    eid = r.json()["event_id"]
+    eid = fleet.move("a", "b", tokens=tokens, copy=True).json()["event_id"]
     fleet.wait_job(eid)
     st = fleet.http.post("/check_finish", json={"event_id": eid}).json()
     assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
@@ -211,8 +209,7 @@ def test_event_long_poll_answers_when_the_job_ends(fleet, pair):
     tokens = list(range(7000, 7040))
     fill(a, tokens, seed=70)
     fleet.wait_lookup(tokens, {"a": 40})
-    r = fleet.http.post("/move", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
-                                       "tokens": tokens, "copy": True})
+    r = fleet.move("a", "b", tokens=tokens, copy=True)
     st = fleet.http.get(f"/events/{r.json()['event_id']}?wait=10").json()
     assert st["status"] == "done"  # one request, no polling
     for bad in ("-1", "61", "x", "nan"):
