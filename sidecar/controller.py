@@ -59,8 +59,7 @@ from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 logger = logging.getLogger("vllm_kvmove.controller")
 
 MAX_TOKENS = 1_000_000
-# A move's fetch is split into commands of at most this many bytes, so its progress (bytes
-# moved) advances while it runs; each command is still one NIXL transfer of many chunks.
+# Default for ControllerSettings.fetch_batch_bytes.
 FETCH_BATCH_BYTES = 256 << 20
 # Fetch commands of one job in flight at once: one copies while the other verifies checksums.
 FETCHES_IN_FLIGHT = 2
@@ -81,6 +80,10 @@ class ControllerSettings:
     command_timeout_s: float = 60.0
     tokenize_timeout_s: float = 10.0
     max_jobs: int = 10000
+    # A move's fetch is split into commands of at most this many bytes, so its progress (bytes
+    # moved) advances while it runs and a failure wastes at most two batches; each command is
+    # still one NIXL transfer of many chunks. Smaller batches cost a round trip each.
+    fetch_batch_bytes: int = FETCH_BATCH_BYTES
     # Shared secret (default: env KVMOVE_API_TOKEN). When set: mutating HTTP endpoints need
     # "Authorization: Bearer <token>", sidecars must register with it, commands carry it.
     api_token: str = field(default="", repr=False)
@@ -587,7 +590,7 @@ class Controller:
                 job.bytes += reply.bytes
 
         fetched_all = False
-        tasks = [asyncio.create_task(fetch(b)) for b in _batches(pin.chunks, FETCH_BATCH_BYTES)]
+        tasks = [asyncio.create_task(fetch(b)) for b in _batches(pin.chunks, self.settings.fetch_batch_bytes)]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in pending:  # one batch failed: do not start (or wait for) the others
@@ -803,8 +806,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-token", default=os.environ.get("KVMOVE_API_TOKEN", ""),
                    help="shared secret (default: env KVMOVE_API_TOKEN): required as a bearer "
                         "token on mutating endpoints and from registering sidecars")
+    p.add_argument("--fetch-batch-mib", type=float, default=FETCH_BATCH_BYTES / 2**20,
+                   help="a move's fetch is sent in commands of at most this many MiB "
+                        f"(default {FETCH_BATCH_BYTES >> 20}); progress advances per command")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
+    if a.fetch_batch_mib <= 0:
+        p.error("--fetch-batch-mib must be > 0")
     try:
         ports = json.loads(a.monitor_ports)
         pull, reply = int(ports["pull"]), int(ports["reply"])
@@ -812,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error('--monitor-ports must be JSON like {"pull": 8300, "reply": 8400}')
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ControllerSettings(host=a.host, port=a.port, pull_port=pull, reply_port=reply,
-                                  heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token)
+                                  heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token,
+                                  fetch_batch_bytes=int(a.fetch_batch_mib * 2**20))
     uvicorn.run(create_controller_app(settings), host=a.host, port=a.port,
                 log_level=a.log_level, access_log=False)
     return 0

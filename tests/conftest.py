@@ -71,6 +71,31 @@ def wait_job(http, event_id: str, timeout: float = 60) -> dict:
             raise AssertionError(f"job {event_id} did not end in {timeout} s: {st}")
 
 
+def kill_mid_move(http, src: str, dst: str, tokens: list[int], kill, copy: bool) -> tuple[dict, float]:
+    """Start a move (or copy) of ``tokens`` from ``src`` to ``dst``, call ``kill()`` once some
+    bytes moved while the job still runs, and wait for the job's end.
+
+    Returns the job's final status and the seconds from the kill to the end. Fails the test
+    if the job ends before it could be interrupted or is not mid-transfer at the kill.
+    """
+    r = post_move(http, src, dst, tokens=tokens, copy=copy)
+    assert r.status_code == 200, r.text
+    eid = r.json()["event_id"]
+    deadline = time.monotonic() + 30
+    while True:
+        st = http.get(f"/events/{eid}").json()
+        assert st["status"] in ("pending", "running"), f"too fast to interrupt: {st}"
+        if st["bytes"] > 0:
+            break
+        assert time.monotonic() < deadline, f"no bytes moved in 30 s: {st}"
+        time.sleep(0.002)
+    assert st["bytes"] < st["total_bytes"]
+    kill()
+    killed = time.monotonic()
+    final = wait_job(http, eid, timeout=30)
+    return final, time.monotonic() - killed
+
+
 def wait_lookup(http, tokens: list[int], expect: dict[str, int], timeout: float = 5) -> dict:
     """Poll POST /lookup until it answers ``{instance: matched_tokens}`` == ``expect`` (or the
     timeout passes); return the last answer."""

@@ -8,7 +8,7 @@ big for a test (``engine_url``, ``max_local_cpu_size``).
 
 Engines run the small local model made by ``examples/make_model.py`` (random-init Llama and a
 locally trained tokenizer), eager mode, one core each. Start-up is shared by every e2e test;
-teardown stops every process by PID.
+teardown (when the e2e package is done) stops every process by PID.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Cluster:
         self.local.stop_all()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped before other packages start their engines
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("e2e"))
     print(f"\n[e2e] controller + 2 engines ready in {c.startup_s:.1f} s")

@@ -9,13 +9,11 @@ holding 1 GiB of synthetic KV in an engine-sized layout (64 KiB per token, 16 Mi
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from sidecar.standalone import synthetic_chunk
-from tests.conftest import tiny_layout
+from tests.conftest import kill_mid_move, tiny_layout
 from tests.integration.test_controller_sidecars import LOC
 from vllm_kvmove.hashing import chunk_spans
 
@@ -34,32 +32,13 @@ def start_and_interrupt(fleet, prefix: str, kill: str):
              "dst": fleet.spawn_sidecar(f"{prefix}-dst", LAYOUT, SLOTS)}
     held = {f"{prefix}-src": len(TOKENS)}
     assert fleet.wait_lookup(TOKENS, held, timeout=10) == held
-    final, took = kill_mid_move(fleet, f"{prefix}-src", f"{prefix}-dst", procs[kill])
+    final, took = kill_mid_move(fleet.http, f"{prefix}-src", f"{prefix}-dst", TOKENS,
+                                lambda: fleet.cluster.kill(procs[kill]), copy=True)
     assert final["status"] == "failed" and final["error"], final
     assert took < 10, f"failure reported {took:.1f} s after the kill"
     print(f"\n[promise 3] {kill} killed: job failed {took:.2f} s later: {final['error']}")
     assert fleet.http.get("/health").status_code == 200  # the controller keeps serving
     return procs["src"], procs["dst"]
-
-
-def kill_mid_move(fleet, src: str, dst: str, victim) -> tuple[dict, float]:
-    r = fleet.http.post("/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
-                                       "tokens": TOKENS, "copy": True})
-    assert r.status_code == 200, r.text
-    eid = r.json()["event_id"]
-    t0 = time.monotonic()
-    while True:  # kill once some bytes moved and the job is still running
-        st = fleet.http.get(f"/events/{eid}").json()
-        assert st["status"] == "running" or st["status"] == "pending", f"too fast to interrupt: {st}"
-        if st["bytes"] > 0:
-            break
-        assert time.monotonic() - t0 < 30
-        time.sleep(0.005)
-    assert st["bytes"] < st["total_bytes"]
-    fleet.cluster.kill(victim)
-    killed = time.monotonic()
-    final = fleet.wait_job(eid, timeout=30)
-    return final, time.monotonic() - killed
 
 
 def visible_chunks_are_whole(sidecar_url: str) -> int:
