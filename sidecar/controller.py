@@ -44,7 +44,6 @@ from typing import Any, Sequence
 import httpx
 import msgspec
 import zmq
-import zmq.asyncio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -54,6 +53,7 @@ from sidecar import wire
 from sidecar.errors import (ERROR_HANDLERS, ApiError, check_bearer, json_response, query_limit,
                             read_json, token_matches)
 from sidecar.metrics import ControllerMetrics, metrics_endpoint
+from sidecar.zmqio import LoopSocket
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 
 logger = logging.getLogger("vllm_kvmove.controller")
@@ -228,8 +228,8 @@ class Controller:
         # In-flight commands: req_id -> (instance_id, future of its Reply).
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
         self._req_ids = itertools.count(1)
-        self._router: zmq.asyncio.Socket | None = None
-        self._pull: zmq.asyncio.Socket | None = None
+        self._router: LoopSocket | None = None
+        self._pull: LoopSocket | None = None
         self._tasks: list[asyncio.Task] = []
         self._job_tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
@@ -237,15 +237,17 @@ class Controller:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        ctx = zmq.asyncio.Context.instance()
+        ctx = zmq.Context.instance()
         host = "127.0.0.1" if self.settings.host == "localhost" else self.settings.host
-        self._router = ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted sidecar takes its name back
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(f"tcp://{host}:{self.settings.reply_port}")
-        self._pull = ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._pull.bind(f"tcp://{host}:{self.settings.pull_port}")
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted sidecar takes its name back
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(f"tcp://{host}:{self.settings.reply_port}")
+        self._router = LoopSocket(router)
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(f"tcp://{host}:{self.settings.pull_port}")
+        self._pull = LoopSocket(pull)
         self._http = httpx.AsyncClient(timeout=self.settings.tokenize_timeout_s)
         self._tasks = [asyncio.create_task(self._router_loop()),
                        asyncio.create_task(self._pull_loop()),
@@ -257,7 +259,7 @@ class Controller:
         await asyncio.gather(*self._tasks, *self._job_tasks, return_exceptions=True)
         for s in (self._router, self._pull):
             if s is not None:
-                s.close(0)
+                s.close()
         if self._http is not None:
             await self._http.aclose()
 
@@ -265,8 +267,7 @@ class Controller:
     async def _send(self, identity: bytes, msg: Any) -> None:
         assert self._router is not None
         try:
-            await self._router.send_multipart([identity, wire.sidecar_encoder.encode(msg)],
-                                              flags=zmq.NOBLOCK)
+            self._router.send_multipart([identity, wire.sidecar_encoder.encode(msg)])
         except zmq.ZMQError as e:
             logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity, e)
 
@@ -635,6 +636,27 @@ def _batches(chunks: list[wire.ChunkDesc], max_bytes: int) -> list[list[wire.Chu
 # ---------------------------------------------------------------------------------------------
 # HTTP app
 # ---------------------------------------------------------------------------------------------
+def _wait_seconds(request: Request) -> float | None:
+    """The ``wait`` query parameter: None when absent; 0-60 s; else a bad_request ApiError."""
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return None
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= 60:  # also refuses nan
+        raise ApiError("bad_request", f"wait must be seconds between 0 and 60, got {raw!r}")
+    return wait
+
+
+async def _wait_for_end(job: Job, wait: float) -> wire.JobStatusBody:
+    """The job's status once it ended, or after ``wait`` seconds if it is still running."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(job.finished.wait(), wait)
+    return job.to_status()
+
+
 def _position(pos: tuple[str, str], what: str, ctl: Controller) -> Instance:
     instance_id, location = pos
     inst = ctl.instance(instance_id)
@@ -660,14 +682,19 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         check_bearer(request, ctl.settings.api_token)
 
     async def move(request: Request) -> Response:
+        """``?wait=S``: answer with the job's status once it ends (or after S <= 60 s) instead
+        of at once — one request for a small move, no poll."""
         require_token(request)
+        wait = _wait_seconds(request)  # a bad value must be refused before the job starts
         body = await read_json(request, wire.MoveRequest)
         src = _position(body.old_position, "old_position", ctl)
         dst = _position(body.new_position, "new_position", ctl)
         tokens = await ctl.tokens_of(body.tokens, body.prompt, src)
         copy = bool(body.copy if body.copy is not None else body.should_copy)
         job = ctl.create_move(src, dst, tokens, copy)
-        return json_response(wire.MoveResponse(job.num_tokens, job.event_id))
+        if wait is None:
+            return json_response(wire.MoveResponse(job.num_tokens, job.event_id))
+        return json_response(await _wait_for_end(job, wait))
 
     def _job(event_id: str) -> Job:
         job = ctl.jobs.get(event_id)
@@ -679,17 +706,8 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
     async def event(request: Request) -> Response:
         """``?wait=S``: long-poll, answering as soon as the job ends (or after S <= 60 s)."""
         job = _job(request.path_params["event_id"])
-        raw = request.query_params.get("wait")
-        if raw is not None:
-            try:
-                wait = float(raw)
-            except ValueError:
-                wait = -1.0
-            if not 0 <= wait <= 60:
-                raise ApiError("bad_request", f"wait must be seconds between 0 and 60, got {raw!r}")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(job.finished.wait(), wait)
-        return json_response(job.to_status())
+        wait = _wait_seconds(request)
+        return json_response(job.to_status() if wait is None else await _wait_for_end(job, wait))
 
     async def events(request: Request) -> Response:
         recent = list(itertools.islice(reversed(ctl.jobs.values()), query_limit(request, 100)))

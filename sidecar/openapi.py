@@ -206,6 +206,10 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     "key": {"name": "key", "in": "path", "required": True,
             "description": "A chunk key: 16 bytes as 32 hex digits.",
             "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"}},
+    "wait": {"name": "wait", "in": "query", "required": False,
+             "description": "Seconds (0-60) to wait for the job to end before answering; the "
+                            "answer is then the job's status.",
+             "schema": {"type": "number", "minimum": 0, "maximum": 60}},
     "limit": {"name": "limit", "in": "query", "required": False,
               "description": "At most this many items (a non-negative integer).",
               "schema": {"type": "integer", "minimum": 0}},
@@ -216,13 +220,14 @@ _BODY_ERRORS = ("bad_request", "payload_too_large", "unsupported_media_type")
 CONTROLLER_OPS: list[Op] = [
     Op("GET", "/", "Live status page of the fleet.", "text/html"),
     Op("GET", "/openapi.json", "This document.", dict),
-    Op("POST", "/move", "Move or copy the KV of a token prefix between instances; starts a job.",
+    Op("POST", "/move", "Move or copy the KV of a token prefix between instances; starts a job "
+       "(with `wait`: answers with the job's status once it ended).",
        wire.MoveResponse, wire.MoveRequest,
-       ("not_found", "incompatible", "unavailable"), auth=True),
+       ("bad_request", "not_found", "incompatible", "unavailable"), auth=True, params=("wait",)),
     Op("GET", "/events", "Recent jobs, newest first.", EventList, params=("limit",),
        errors=("bad_request",)),
-    Op("GET", "/events/{event_id}", "One job's status.", wire.JobStatusBody,
-       params=("event_id",), errors=("not_found",)),
+    Op("GET", "/events/{event_id}", "One job's status (with `wait`: once it ended).",
+       wire.JobStatusBody, params=("event_id", "wait"), errors=("bad_request", "not_found")),
     *(Op("POST", f"/{kind}", f"{kind.capitalize()} the chunks of a prefix at one instance"
          + (" (the whole store if no tokens or prompt)." if kind == "clear" else "."),
          StoreOpResponse, wire.PinRequest, ("not_found", "unavailable", "timeout"), auth=True)

@@ -37,10 +37,10 @@ from typing import Any
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from sidecar import wire
 from sidecar.errors import token_matches
+from sidecar.zmqio import LoopSocket
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.store import ChunkStore, StoreError, checksum
@@ -94,8 +94,8 @@ class Sidecar:
         self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
         self._stopping: asyncio.Event | None = None
         self._server: Any = None
-        self._dealer: zmq.asyncio.Socket | None = None
-        self._push: zmq.asyncio.Socket | None = None
+        self._dealer: LoopSocket | None = None
+        self._push: LoopSocket | None = None
         self._tasks: set[asyncio.Task] = set()
         self._event_lock: asyncio.Lock | None = None
         # Transfer pins held for the controller: PinChunks.req_id -> (keys, deadline).
@@ -148,18 +148,20 @@ class Sidecar:
         self.transfer = await asyncio.to_thread(
             NixlTransfer, cfg.instance_id, self.store.base_addr, self.store.pool_bytes,
             cfg.p2p_host, cfg.p2p_init_port, token=cfg.api_token)
-        ctx = zmq.asyncio.Context.instance()
+        ctx = zmq.Context.instance()
         if cfg.controller_reply_url:
-            self._dealer = ctx.socket(zmq.DEALER)
-            self._dealer.setsockopt(zmq.IDENTITY, cfg.instance_id.encode())
-            self._dealer.setsockopt(zmq.IMMEDIATE, 1)
-            self._dealer.setsockopt(zmq.LINGER, 0)
-            self._dealer.connect(_tcp(cfg.controller_reply_url))
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, cfg.instance_id.encode())
+            dealer.setsockopt(zmq.IMMEDIATE, 1)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(_tcp(cfg.controller_reply_url))
+            self._dealer = LoopSocket(dealer)
         if cfg.controller_pull_url:
-            self._push = ctx.socket(zmq.PUSH)
-            self._push.setsockopt(zmq.IMMEDIATE, 1)
-            self._push.setsockopt(zmq.LINGER, 0)
-            self._push.connect(_tcp(cfg.controller_pull_url))
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.IMMEDIATE, 1)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(_tcp(cfg.controller_pull_url))
+            self._push = LoopSocket(push)
         app = create_sidecar_app(self)
         self._server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.sidecar_host, port=cfg.sidecar_port, log_level="warning",
@@ -185,15 +187,15 @@ class Sidecar:
         await asyncio.gather(serve, *loops, return_exceptions=True)
         for s in (self._dealer, self._push):
             if s is not None:
-                s.close(0)
+                s.close()
         self.transfer.close()
 
     # -- sending ---------------------------------------------------------------------------
-    async def _send(self, sock: zmq.asyncio.Socket | None, msg: Any) -> bool:
+    async def _send(self, sock: LoopSocket | None, msg: Any) -> bool:
         if sock is None:
             return False
         try:
-            await sock.send(wire.sidecar_encoder.encode(msg), flags=zmq.NOBLOCK)
+            sock.send(wire.sidecar_encoder.encode(msg))
             return True
         except zmq.Again:
             return False  # controller away: dropped; the resync protocol heals the gap

@@ -214,3 +214,22 @@ def test_event_long_poll_answers_when_the_job_ends(fleet, pair):
     assert st["status"] == "done"  # one request, no polling
     for bad in ("-1", "61", "x", "nan"):
         assert fleet.http.get(f"/events/{st['event_id']}?wait={bad}").status_code == 400
+
+
+def test_move_with_wait_answers_with_the_final_status(fleet, pair):
+    a, b = pair
+    tokens = list(range(7100, 7140))
+    fill(a, tokens, seed=71)
+    fleet.wait_lookup(tokens, {"a": 40})
+    before = len(fleet.http.get("/events").json()["events"])
+    for bad in ("-1", "61", "x", "nan"):  # refused before any job starts
+        r = fleet.http.post(f"/move?wait={bad}", json={"old_position": ["a", LOC],
+                                                       "new_position": ["b", LOC], "tokens": tokens})
+        assert r.status_code == 400 and "wait" in r.json()["error"]["message"]
+    assert len(fleet.http.get("/events").json()["events"]) == before
+    r = fleet.http.post("/move?wait=10", json={"old_position": ["a", LOC], "new_position": ["b", LOC],
+                                                "tokens": tokens})
+    st = r.json()
+    assert r.status_code == 200 and st["status"] == "done" and st["kind"] == "move", st
+    assert st["num_tokens"] == 40 and st["event_id"]  # the fields of the plain answer, too
+    assert fleet.wait_lookup(tokens, {"b": 40}) == {"b": 40}
