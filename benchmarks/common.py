@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -157,3 +158,41 @@ def process_tree_cpu_seconds(pid: int) -> float:
             pass
         stack.extend(children.get(p, []))
     return total
+
+
+class RawHttp:
+    """A minimal keep-alive HTTP/1.1 client (pre-built request bytes, Content-Length answers
+    only): the latency floor of the server side with almost no client cost."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = port
+        self.buf = b""
+
+    def post(self, path: str, body: bytes) -> bytes:
+        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost:{self.port}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                          .encode() + body)
+        return self._answer(path)
+
+    def get(self, path: str) -> bytes:
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost:{self.port}\r\n\r\n".encode())
+        return self._answer(path)
+
+    def _answer(self, path: str) -> bytes:
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(65536)
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1]
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        self.buf = rest[length:]
+        if status != b"200":
+            raise RuntimeError(f"raw POST {path}: {status!r} {rest[:length]!r}")
+        return rest[:length]
+
+    def close(self) -> None:
+        self.sock.close()

@@ -9,11 +9,12 @@ Contract
   (``IMMEDIATE``) or its queue is full — callers drop the message, as the protocol allows.
 * Why not zmq.asyncio: its per-call Python machinery (futures, flag enums, rescheduling)
   cost a measurable share of a small move's ~1 ms controller<->sidecar round trips. Here a
-  receive is one non-blocking ``recv_multipart`` when a message is queued, and one wait on
-  an event set by the loop's reader callback on ``ZMQ_FD`` when not.
+  receive is one non-blocking ``recv_multipart`` when a message is queued, and one wait for
+  the loop's reader callback on ``ZMQ_FD`` when not; the FD is watched only during that wait.
 * ZMQ's FD only says "the socket's state may have changed", and any call on the socket
-  (a send included) may consume that signal while taking in messages. So after every send,
-  and before every wait, ``ZMQ_EVENTS`` is asked whether a message is queued.
+  (a send included) may consume that signal while taking in messages. So before every wait,
+  and after every send while a receiver waits, ``ZMQ_EVENTS`` is asked whether a message is
+  queued.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ class LoopSocket:
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._readable = asyncio.Event()
         self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._readable.set)
+        self._waiter: asyncio.Future | None = None
 
     def _message_queued(self) -> bool:
         return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
@@ -47,9 +47,21 @@ class LoopSocket:
                 return self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 pass
-            self._readable.clear()
-            if not self._message_queued():
-                await self._readable.wait()
+            if self._message_queued():
+                continue
+            # Watch the FD only while waiting: it is level-triggered in the loop's selector, and
+            # a signal nobody drains (a send-only socket's, say) would wake the loop forever.
+            self._waiter = self._loop.create_future()
+            self._loop.add_reader(self._fd, self._wake)
+            try:
+                await self._waiter
+            finally:
+                self._loop.remove_reader(self._fd)
+                self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def recv(self) -> bytes:
         """The next single-frame message."""
@@ -60,15 +72,16 @@ class LoopSocket:
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
         finally:
-            if self._message_queued():  # the send may have swallowed the FD's signal
-                self._readable.set()
+            # The send may have taken in a message and swallowed the FD's signal for it.
+            if self._waiter is not None and self._message_queued():
+                self._wake()
 
     def send(self, data: bytes) -> None:
         """Queue a single-frame message at once. Raises zmq.Again if it cannot be queued now."""
         self.send_multipart([data])
 
     def close(self) -> None:
-        """Stop watching the socket and close it (unsent messages are dropped)."""
-        if not self._loop.is_closed():
-            self._loop.remove_reader(self._fd)
+        """Close the socket (unsent messages are dropped); a receiver still waiting is woken
+        and sees the closed socket's error."""
+        self._wake()
         self.sock.close(0)

@@ -3,21 +3,34 @@ visible; a corrupted chunk fails the move and leaves the destination unchanged."
 
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.test_controller_sidecars import LOC, fill
 
+# "small": 4 chunks of the tiny test layout, read and hashed in one piece. "pieces": 4 chunks
+# of 3 MiB (3 layers x 8 KV heads x 128, 256-token chunks), so the destination reads and
+# hashes the batch in 8 MiB pieces and the victim chunk straddles two of them.
+LAYOUTS = {"small": ({}, 100, 32),
+           "pieces": (dict(num_layers=3, num_kv_heads=8, head_size=128, block_size=128,
+                           chunk_size=256), 3 * 256 + 100, 256)}
 
-def test_corrupted_chunk_fails_the_move_and_changes_nothing(fleet):
-    src, dst = fleet.add_sidecar("integ-src"), fleet.add_sidecar("integ-dst")
-    tokens = list(range(200, 300))  # 4 chunks, the last one partial
+
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+def test_corrupted_chunk_fails_the_move_and_changes_nothing(fleet, case):
+    layout, n, chunk = LAYOUTS[case]
+    src = fleet.add_sidecar(f"integ-src-{case}", **layout)
+    dst = fleet.add_sidecar(f"integ-dst-{case}", **layout)
+    tokens = list(range(200, 200 + n))  # 4 chunks, the last one partial
     keys = list(fill(src, tokens, seed=3))
-    fleet.wait_lookup(tokens, {"integ-src": 100})
+    assert len(keys) == 4 and src.layout.chunk_size == chunk
+    fleet.wait_lookup(tokens, {f"integ-src-{case}": n})
     infos = src.store.pin(keys)  # checksums are computed and cached at the first pin...
     src.store.unpin(keys)
     victim = infos[2]
-    src.store.pool[victim.offset + victim.nbytes // 2] ^= 0x01  # ...then one bit flips
+    src.store.pool[victim.offset + victim.nbytes - 1] ^= 0x01  # ...then one bit flips
     before = dst.store.snapshot()
-    r = fleet.http.post("/move", json={"old_position": ["integ-src", LOC],
-                                       "new_position": ["integ-dst", LOC], "tokens": tokens})
+    r = fleet.http.post("/move", json={"old_position": [f"integ-src-{case}", LOC],
+                                       "new_position": [f"integ-dst-{case}", LOC], "tokens": tokens})
     st = fleet.wait_job(r.json()["event_id"])
     assert st["status"] == "failed" and st["error_kind"] == "integrity"
     assert victim.key.hex() in st["error"] and "checksum" in st["error"]
@@ -25,3 +38,11 @@ def test_corrupted_chunk_fails_the_move_and_changes_nothing(fleet):
     assert all(src.store.contains(k) for k in keys)  # the source keeps everything
     assert src.store.stats()["pinned_chunks"] == 0 and dst.store.stats()["writing_chunks"] == 0
     assert dst.store.stats()["free_slots"] == dst.store.num_slots
+    # Mended, the same move goes through: the pieces' hashes add up to the whole's.
+    src.store.pool[victim.offset + victim.nbytes - 1] ^= 0x01
+    r = fleet.http.post("/move", json={"old_position": [f"integ-src-{case}", LOC],
+                                       "new_position": [f"integ-dst-{case}", LOC], "tokens": tokens,
+                                       "copy": True})
+    assert fleet.wait_job(r.json()["event_id"])["status"] == "done"
+    expect = {f"integ-src-{case}": n, f"integ-dst-{case}": n}
+    assert fleet.wait_lookup(tokens, expect) == expect

@@ -166,3 +166,16 @@ def test_on_events_is_called_after_commit_and_delete(layout):
     put_chunk(store, key(1), 32, 1)
     store.delete([key(1)])
     assert calls == [1, 2]
+
+
+def test_checksum_stream_matches_checksum_over_any_split():
+    import torch
+
+    from vllm_kvmove.store import checksum, checksum_stream
+
+    data = torch.randint(0, 256, (3 * 1024 + 17,), dtype=torch.uint8)
+    for cut in (1, 1000, 3 * 1024):
+        h = checksum_stream()
+        h.update(data[:cut].numpy())
+        h.update(data[cut:].numpy())
+        assert h.intdigest() == checksum(data)
