@@ -4,15 +4,17 @@ Contract
 --------
 * Started by the connector's worker side, once the store exists: :func:`start_sidecar`. It
   runs on one daemon thread with its own asyncio loop and never calls into vLLM, so the
-  engine's forward pass only ever competes with it for the GIL, briefly.
+  engine's forward pass only ever competes with it for the GIL, briefly. That thread, and
+  every thread it starts (NIXL's, UCX's, the to_thread and verify workers), may run on any
+  CPU of the process's cgroup, not just the core vLLM bound the worker to.
 * It owns the engine's :class:`~vllm_kvmove.transfer.NixlTransfer` (created on the sidecar
   thread: ~0.45 s that engine start-up does not wait for) and three sockets:
     - DEALER to the controller's ROUTER (``controller_reply_url``): :class:`~sidecar.wire.Register`
       and :class:`~sidecar.wire.Snapshot` on start and on every :class:`~sidecar.wire.Resync`,
       a :class:`~sidecar.wire.Heartbeat` every ``heartbeat_interval_s``, and one
       :class:`~sidecar.wire.Reply` per command. Commands run concurrently, each in its own task.
-    - PUSH to the controller's PULL (``controller_pull_url``): store events in batches, every
-      20 ms and right before a command's reply (so the controller's index is current when it
+    - PUSH to the controller's PULL (``controller_pull_url``): store events in batches, when
+      the store signals new ones, and right before a command's reply (so the controller's index is current when it
       learns the command finished).
     - the NIXL metadata server (inside ``NixlTransfer``).
   Sends never block: while the controller is away they are dropped, and the controller heals
@@ -20,7 +22,8 @@ Contract
   the controller, and survive its restarts.
 * HTTP (``sidecar_host:sidecar_port``, :mod:`sidecar.app`): health and store info.
 * Commands touch the store only through its public, thread-safe API. A fetch publishes
-  nothing unless every chunk arrived and matched its checksum.
+  nothing unless every chunk arrived and matched its checksum; big fetches are read in
+  pieces, each hashed on the verify thread while the next one is read.
 """
 
 from __future__ import annotations

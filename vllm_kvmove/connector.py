@@ -116,6 +116,26 @@ class _SaveTracker:
     next_chunk: int = 0
 
 
+def _block_index(ids: list[int]) -> slice | torch.Tensor:
+    """Block ids as a slice when they are consecutive (the common case: a view, no gather),
+    else as an index tensor."""
+    if ids and ids[-1] - ids[0] == len(ids) - 1 and all(b - a == 1 for a, b in zip(ids, ids[1:])):
+        return slice(ids[0], ids[-1] + 1)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _copy_blocks(dst: torch.Tensor, dst_idx: slice | torch.Tensor,
+                 src: torch.Tensor, src_idx: slice | torch.Tensor) -> None:
+    """``dst[dst_idx] = src[src_idx]`` along dim 0. With slices (views) on both sides, or a
+    slice on the source and a scatter on the destination, the bytes are copied once; only
+    a gather into a slice copies twice (advanced indexing makes a temporary), which
+    consecutive block ids avoid."""
+    if isinstance(dst_idx, slice):
+        dst[dst_idx].copy_(src[src_idx])
+    else:
+        dst.index_copy_(0, dst_idx, src[src_idx])
+
+
 class KVMoveConnector(KVConnectorBase_V1):
     """See the module docstring for the contract."""
 
@@ -185,10 +205,10 @@ class KVMoveConnector(KVConnectorBase_V1):
                 found = store.entry_slot(load.key)
                 assert found is not None  # pinned chunks cannot go away
                 view = store.slot_view(found[0])
-                src = torch.tensor([w for w, _ in load.blocks], dtype=torch.long)
-                dst = torch.tensor([d for _, d in load.blocks], dtype=torch.long)
+                src = _block_index([w for w, _ in load.blocks])
+                dst = _block_index([d for _, d in load.blocks])
                 for li, kv in enumerate(self._layers):
-                    kv.index_copy_(0, dst, view[src, li])
+                    _copy_blocks(kv, dst, view[:, li], src)
             finally:
                 store.unpin([load.key])
 
@@ -216,10 +236,10 @@ class KVMoveConnector(KVConnectorBase_V1):
                 continue
             try:
                 view = store.slot_view(slot)
-                ids = torch.tensor(save.block_ids, dtype=torch.long)
+                ids = _block_index(save.block_ids)
                 n = len(save.block_ids)
                 for li, kv in enumerate(self._layers):
-                    view[:n, li].copy_(kv.index_select(0, ids))
+                    _copy_blocks(view[:, li], slice(0, n), kv, ids)
             except BaseException:
                 store.abort(save.key)
                 raise
