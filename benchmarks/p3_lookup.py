@@ -14,14 +14,15 @@ Set-up (everything real except the engines):
     instances each (some of those holders only hold their leading 1-3 chunks), so a lookup
     of a shared prefix returns several holders with different matched lengths.
 
-Measure: sequential ``POST /lookup {"tokens": [1,024 ids]}`` over one keep-alive
-``httpx.Client``, wall time per request (the JSON bodies are encoded before timing, the
-answers decoded and checked after). The mix: 45 % shared prefixes, 35 % private prefixes,
-10 % a shared prefix's first two chunks with a fresh tail, 10 % misses. Every answer is
-checked against the holders registered. Interleaved with them, in the same run: the same
-lookups through a minimal raw-socket HTTP/1.1 client (the controller's latency without httpx's
-own cost, ~1 ms a request on this machine), and a trivial ``GET /health`` through both clients
-(the floor of the server's HTTP stack, and of the stack + httpx). The server idles while the
+Measure: sequential ``POST /lookup {"tokens": [1,024 ids]}`` over one keep-alive connection
+of a minimal HTTP/1.1 client (``common.RawHttp``, the controller's latency without a client
+library's own cost: the figure, as in P4), wall time per request (the JSON bodies are encoded
+before timing, the answers decoded and checked after). The mix: 45 % shared prefixes, 35 %
+private prefixes, 10 % a shared prefix's first two chunks with a fresh tail, 10 % misses.
+Every answer is checked against the holders registered. Interleaved with them, in the same
+run: the same lookups through a keep-alive ``httpx.Client`` (which costs ~1 ms a request on
+this machine on its own), and a trivial ``GET /health`` through both clients (the floor of
+the server's HTTP stack, and of the stack + httpx). The server idles while the
 client works between requests, so each request also pays the wake-up of an idle process, as a
 controller answering a router's lookups does.
 """
@@ -348,11 +349,13 @@ def run() -> list[Result]:
     ms_raw = [x * 1000 for x in lat_raw]
     ms_health = [x * 1000 for x in lat_health]
     ms_health_raw = [x * 1000 for x in lat_health_raw]
-    p50, p99 = percentile(ms, 50), percentile(ms, 99)
-    stats = {"p50_ms": p50, "p99_ms": p99, "p999_ms": percentile(ms, 99.9), "max_ms": max(ms),
-             "keys": float(h.total_keys), "distinct_keys": float(h.distinct_keys),
-             "instances": float(N_INSTANCES),
-             "raw_client_p50_ms": percentile(ms_raw, 50), "raw_client_p99_ms": percentile(ms_raw, 99),
+    # The figure is the server as a lean client sees it (as P4); httpx's own ~1 ms rides on top.
+    p50, p99 = percentile(ms_raw, 50), percentile(ms_raw, 99)
+    stats = {"p50_ms": p50, "p99_ms": p99, "p999_ms": percentile(ms_raw, 99.9),
+             "max_ms": max(ms_raw), "keys": float(h.total_keys),
+             "distinct_keys": float(h.distinct_keys), "instances": float(N_INSTANCES),
+             "httpx_p50_ms": percentile(ms, 50), "httpx_p99_ms": percentile(ms, 99),
+             "raw_client_p50_ms": p50, "raw_client_p99_ms": p99,
              "health_p50_ms": percentile(ms_health, 50), "health_p99_ms": percentile(ms_health, 99),
              "raw_health_p50_ms": percentile(ms_health_raw, 50),
              "raw_health_p99_ms": percentile(ms_health_raw, 99)}
@@ -380,7 +383,8 @@ def run() -> list[Result]:
         f"2-core machine shared by controller, client and simulated sidecars; 1-min load average "
         f"{load0:.1f} before / {load1:.1f} after timing (other processes on the machine inflate "
         f"every figure, the tails most).")
-    return [Result(id="P3", measure="controller /lookup latency over HTTP, p99 (1M keys, 100 instances)",
+    return [Result(id="P3", measure="controller /lookup latency over HTTP, p99 (1M keys, 100 "
+                                    "instances; minimal HTTP/1.1 client, httpx alongside)",
                    value=p99, unit="ms", baseline=stats, ratio=p99 / GOAL_MS, goal="p99 < 1 ms",
                    met=p99 < GOAL_MS, trials={"lookup_ms": ms, "raw_lookup_ms": ms_raw,
                                               "health_ms": ms_health, "raw_health_ms": ms_health_raw},
