@@ -10,7 +10,7 @@ Contract
   any sidecar. A gap in an instance's sequence (or a heartbeat showing events it never got)
   triggers a :class:`~sidecar.wire.Resync` and a fresh snapshot.
 * A move or copy is a job (:class:`Job`): ``POST /move`` validates, creates the job and
-  answers at once; the job then pins the chunks at the source, has the destination read them
+  answers at once (or, with ``?wait=S``, when the job ends); the job then pins the chunks at the source, has the destination read them
   over NIXL (the destination verifies checksums before publishing), unpins them, and — for a
   move only, and only once the destination has them — deletes them at the source. The job's
   state is one of ``pending``, ``running``, ``done``, ``failed``.
@@ -591,7 +591,8 @@ class Controller:
                 job.bytes += reply.bytes
 
         fetched_all = False
-        tasks = [asyncio.create_task(fetch(b)) for b in _batches(pin.chunks, self.settings.fetch_batch_bytes)]
+        batches = _batches(pin.chunks, self.settings.fetch_batch_bytes)
+        tasks = [asyncio.create_task(fetch(b)) for b in batches]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in pending:  # one batch failed: do not start (or wait for) the others

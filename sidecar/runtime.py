@@ -14,8 +14,8 @@ Contract
       a :class:`~sidecar.wire.Heartbeat` every ``heartbeat_interval_s``, and one
       :class:`~sidecar.wire.Reply` per command. Commands run concurrently, each in its own task.
     - PUSH to the controller's PULL (``controller_pull_url``): store events in batches, when
-      the store signals new ones, and right before a command's reply (so the controller's index is current when it
-      learns the command finished).
+      the store signals new ones, and right before a command's reply (so the controller's
+      index is current when it learns the command finished).
     - the NIXL metadata server (inside ``NixlTransfer``).
   Sends never block: while the controller is away they are dropped, and the controller heals
   the gap with a resync when it (re)appears. Engines may therefore start before or after
@@ -462,6 +462,7 @@ def _pieces(ranges: list[ReadRange], piece_bytes: int) -> list[list[tuple[int, R
 
 
 def _hash_pieces(work: list[tuple[Any, Any]]) -> None:
+    """Feed each (streaming hasher, bytes) pair, in order (runs on the verify thread)."""
     for hasher, data in work:
         hasher.update(data)
 

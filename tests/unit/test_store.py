@@ -179,3 +179,62 @@ def test_checksum_stream_matches_checksum_over_any_split():
         h.update(data[:cut].numpy())
         h.update(data[cut:].numpy())
         assert h.intdigest() == checksum(data)
+
+
+def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
+    """stats() is kept incrementally; after every operation it must equal a recount."""
+    import random
+
+    from tests.conftest import tiny_layout
+    from vllm_kvmove.store import ChunkStore, StoreError
+
+    def recount(st):
+        c = dict(writing=0, chunks=0, tokens=0, pinned=0, persistent=0, evictable=0)
+        for e in st._entries.values():
+            if not e.ready:
+                c["writing"] += 1
+                continue
+            if not e.doomed:
+                c["chunks"] += 1
+                c["tokens"] += e.num_tokens
+            c["pinned"] += bool(e.pins)
+            c["persistent"] += e.persistent
+            c["evictable"] += not e.pins and not e.persistent
+        return c
+
+    rng = random.Random(5)
+    layout = tiny_layout()
+    st = ChunkStore(layout, 12 * layout.chunk_bytes)
+    keys = [bytes([i]) * 16 for i in range(20)]
+    pins: list[bytes] = []
+    for step in range(3000):
+        op, k = rng.randrange(9), rng.choice(keys)
+        try:
+            if op == 0:
+                if st.reserve(k, rng.randint(1, layout.chunk_size)) is not None and rng.random() < 0.8:
+                    st.commit(k, None if rng.random() < 0.5 else 7)
+            elif op == 1:
+                st.abort(k)
+            elif op == 2:
+                st.pin([k], checksums=rng.random() < 0.5)
+                pins.append(k)
+            elif op == 3 and pins:
+                st.unpin([pins.pop(rng.randrange(len(pins)))])
+            elif op == 4:
+                st.persist([k], rng.random() < 0.5)
+            elif op == 5:
+                st.delete([k])
+            elif op == 6:
+                st.fill_checksums(3)
+            elif op == 7 and rng.random() < 0.05:
+                st.clear()
+            elif op == 8:
+                st.commit(k)
+        except (StoreError, ValueError):
+            pass
+        got, want = st.stats(), recount(st)
+        assert (got["writing_chunks"], got["num_chunks"], got["num_tokens"], got["pinned_chunks"],
+                got["persistent_chunks"], got["available_slots"] - got["free_slots"]) == (
+            want["writing"], want["chunks"], want["tokens"], want["pinned"], want["persistent"],
+            want["evictable"]), (step, op)
+    assert st.evictions > 0  # the run went through evictions too
