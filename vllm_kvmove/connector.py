@@ -46,7 +46,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from vllm_kvmove.config import load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
-from vllm_kvmove.layout import check_kv_caches, layer_order, layout_from_vllm
+from vllm_kvmove.layout import block_index, check_kv_caches, copy_blocks, layer_order, layout_from_vllm
 from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path
 from vllm_kvmove.store import ChunkMissing, ChunkStore, StoreFull
 
@@ -114,26 +114,6 @@ class _SaveTracker:
     spans: list[ChunkSpan]
     block_ids: list[int]
     next_chunk: int = 0
-
-
-def _block_index(ids: list[int]) -> slice | torch.Tensor:
-    """Block ids as a slice when they are consecutive (the common case: a view, no gather),
-    else as an index tensor."""
-    if ids and ids[-1] - ids[0] == len(ids) - 1 and all(b - a == 1 for a, b in zip(ids, ids[1:])):
-        return slice(ids[0], ids[-1] + 1)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _copy_blocks(dst: torch.Tensor, dst_idx: slice | torch.Tensor,
-                 src: torch.Tensor, src_idx: slice | torch.Tensor) -> None:
-    """``dst[dst_idx] = src[src_idx]`` along dim 0. With slices (views) on both sides, or a
-    slice on the source and a scatter on the destination, the bytes are copied once; only
-    a gather into a slice copies twice (advanced indexing makes a temporary), which
-    consecutive block ids avoid."""
-    if isinstance(dst_idx, slice):
-        dst[dst_idx].copy_(src[src_idx])
-    else:
-        dst.index_copy_(0, dst_idx, src[src_idx])
 
 
 class KVMoveConnector(KVConnectorBase_V1):
@@ -205,10 +185,10 @@ class KVMoveConnector(KVConnectorBase_V1):
                 found = store.entry_slot(load.key)
                 assert found is not None  # pinned chunks cannot go away
                 view = store.slot_view(found[0])
-                src = _block_index([w for w, _ in load.blocks])
-                dst = _block_index([d for _, d in load.blocks])
+                src = block_index([w for w, _ in load.blocks])
+                dst = block_index([d for _, d in load.blocks])
                 for li, kv in enumerate(self._layers):
-                    _copy_blocks(kv, dst, view[:, li], src)
+                    copy_blocks(kv, dst, view[:, li], src)
             finally:
                 store.unpin([load.key])
 
@@ -236,10 +216,10 @@ class KVMoveConnector(KVConnectorBase_V1):
                 continue
             try:
                 view = store.slot_view(slot)
-                ids = _block_index(save.block_ids)
+                ids = block_index(save.block_ids)
                 n = len(save.block_ids)
                 for li, kv in enumerate(self._layers):
-                    _copy_blocks(view[:, li], slice(0, n), kv, ids)
+                    copy_blocks(view[:, li], slice(0, n), kv, ids)
             except BaseException:
                 store.abort(save.key)
                 raise

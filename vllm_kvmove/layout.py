@@ -13,7 +13,9 @@ one descriptor. Byte-for-byte slabs make save and load plain memcpys, but only e
 identical layout can share them; the fingerprint therefore covers every field here, and
 chunk keys are salted with it (:mod:`vllm_kvmove.hashing`).
 
-Nothing here touches vLLM at import time; :func:`layout_from_vllm` imports it lazily.
+:func:`block_index` and :func:`copy_blocks` move block slabs between the paged cache and a
+chunk with one copy of the bytes (the connector's save and load). Nothing here touches vLLM
+at import time; :func:`layout_from_vllm` imports it lazily.
 """
 
 from __future__ import annotations
@@ -158,3 +160,25 @@ def check_kv_caches(layout: KVLayout, kv_caches: Sequence["torch.Tensor"]) -> No
             raise ValueError(
                 f"KV cache tensor {tuple(t.shape)} {t.dtype} does not match the layout "
                 f"({layout.block_slab_bytes} bytes per block slab, contiguous)")
+
+
+def block_index(ids: list[int]) -> slice | torch.Tensor:
+    """Block ids as a slice when they are consecutive (the common case: a view, no gather),
+    else as an index tensor."""
+    if ids and ids[-1] - ids[0] == len(ids) - 1 and all(b - a == 1 for a, b in zip(ids, ids[1:])):
+        return slice(ids[0], ids[-1] + 1)
+    import torch
+
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def copy_blocks(dst: torch.Tensor, dst_idx: slice | torch.Tensor,
+                src: torch.Tensor, src_idx: slice | torch.Tensor) -> None:
+    """``dst[dst_idx] = src[src_idx]`` along dim 0. With slices (views) on both sides, or a
+    slice on the source and a scatter on the destination, the bytes are copied once; only
+    a gather into a slice copies twice (advanced indexing makes a temporary), which
+    consecutive block ids avoid."""
+    if isinstance(dst_idx, slice):
+        dst[dst_idx].copy_(src[src_idx])
+    else:
+        dst.index_copy_(0, dst_idx, src[src_idx])

@@ -41,15 +41,15 @@ def test_check_kv_caches(layout):
 def test_block_copies_match_plain_indexing_for_consecutive_and_scattered_ids():
     import torch
 
-    from vllm_kvmove.connector import _block_index, _copy_blocks
+    from vllm_kvmove.layout import block_index, copy_blocks
 
-    assert _block_index([4, 5, 6]) == slice(4, 7)
-    assert torch.equal(_block_index([4, 6, 5]), torch.tensor([4, 6, 5]))
+    assert block_index([4, 5, 6]) == slice(4, 7)
+    assert torch.equal(block_index([4, 6, 5]), torch.tensor([4, 6, 5]))
     src = torch.arange(8 * 3 * 5, dtype=torch.uint8).view(8, 3, 5)[:, 1]  # strided, like a layer
     for dst_ids in ([2, 3, 4], [7, 1, 4]):
         for src_ids in ([0, 1, 2], [5, 0, 3]):
             dst = torch.zeros(9, 5, dtype=torch.uint8)
-            _copy_blocks(dst, _block_index(dst_ids), src, _block_index(src_ids))
+            copy_blocks(dst, block_index(dst_ids), src, block_index(src_ids))
             want = torch.zeros(9, 5, dtype=torch.uint8)
             want[torch.tensor(dst_ids)] = src[torch.tensor(src_ids)]
             assert torch.equal(dst, want), (dst_ids, src_ids)
