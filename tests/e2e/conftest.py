@@ -44,10 +44,16 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def model_dir() -> Path:
-    path = Path(os.environ.get("KVMOVE_TEST_MODEL", REPO / ".work" / "models" / "tiny-llama"))
-    subprocess.run([sys.executable, str(REPO / "examples" / "make_model.py"), str(path)], check=True,
-                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def model_dir(name: str = "tiny-llama", **shape: int) -> Path:
+    """Make (once) the local model ``.work/models/<name>`` with ``examples/make_model.py``
+    (``shape``: its options, e.g. ``layers=16``); ``KVMOVE_TEST_MODEL`` overrides the default
+    model's path."""
+    path = REPO / ".work" / "models" / name
+    if name == "tiny-llama" and not shape:
+        path = Path(os.environ.get("KVMOVE_TEST_MODEL", path))
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()]
+    subprocess.run([sys.executable, str(REPO / "examples" / "make_model.py"), str(path), *options],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return path
 
 

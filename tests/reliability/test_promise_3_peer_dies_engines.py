@@ -25,7 +25,7 @@ import pytest
 
 from sidecar.localcluster import LocalCluster
 from tests.conftest import free_port, kill_mid_move, wait_lookup
-from tests.e2e.conftest import REPO, Engine
+from tests.e2e.conftest import Engine, model_dir
 
 N = 1100
 CHUNK = 128
@@ -33,15 +33,7 @@ EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 
 def big_kv_model() -> Path:
-    import sys
-
-    sys.path.insert(0, str(REPO / "examples"))
-    try:
-        from make_model import make_model
-    finally:
-        sys.path.pop(0)
-    return make_model(str(REPO / ".work" / "models" / "kv64k-16l"), layers=16, heads=8, kv_heads=8,
-                      head_dim=128, hidden=256)
+    return model_dir("kv64k-16l", layers=16, heads=8, kv_heads=8, head_dim=128, hidden=256)
 
 
 class BigKVCluster:
