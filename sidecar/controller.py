@@ -583,23 +583,31 @@ class Controller:
         job.total_bytes = sum(c.nbytes for c in pin.chunks)
         peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url, src.reg.incarnation)
         window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+        failed = asyncio.Event()
 
         async def fetch(batch: list[wire.ChunkDesc]) -> None:
             async with window:
-                reply = await self._step(job.destination,
-                                         wire.FetchChunks(source=peer, chunks=batch), "fetch")
+                if failed.is_set():
+                    return  # an earlier batch failed: do not start this one
+                try:
+                    reply = await self._step(job.destination,
+                                             wire.FetchChunks(source=peer, chunks=batch), "fetch")
+                except BaseException:
+                    failed.set()
+                    raise
                 job.bytes += reply.bytes
 
         fetched_all = False
         batches = _batches(pin.chunks, self.settings.fetch_batch_bytes)
         tasks = [asyncio.create_task(fetch(b)) for b in batches]
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in pending:  # one batch failed: do not start (or wait for) the others
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            for t in done:
-                t.result()  # raises the first failure
+            # A fetch already sent is waited for, not cancelled: the job ends only once the
+            # destination has settled every batch (committed or aborted its reservations), and
+            # the source keeps its pins until then. Each command ends within its timeout.
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r  # the first failure, in batch order
             fetched_all = True
             t_fetch = time.perf_counter()
         finally:

@@ -1,0 +1,94 @@
+"""A job's fetch window: when one batch fails, batches already sent to the destination are
+waited for (not abandoned), no new batch starts, and the source's pins are released only after
+the destination settled every batch it was sent. The sidecars are faked at ``Controller.command``
+(the one door through which jobs talk to sidecars)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from sidecar import wire
+from sidecar.controller import Controller, ControllerSettings, Job, JobFailed
+
+MiB = 1 << 20
+
+
+class FakeSidecars:
+    """Answers PinChunks with four 1 MiB chunks; each FetchChunks (one chunk per batch) after
+    ``delays[i]`` seconds, failing the batches in ``failing``; records what happened when."""
+
+    def __init__(self, delays: list[float], failing: set[int]):
+        self.delays, self.failing = delays, failing
+        self.log: list[tuple[str, float, object]] = []
+        self.t0 = time.monotonic()
+
+    async def command(self, instance_id: str, msg, timeout=None) -> wire.Reply:
+        now = lambda: time.monotonic() - self.t0  # noqa: E731
+        if isinstance(msg, wire.PinChunks):
+            chunks = [wire.ChunkDesc(key=k, num_tokens=16, addr=i * MiB, nbytes=MiB, checksum=i)
+                      for i, k in enumerate(msg.keys)]
+            return wire.Reply(req_id=msg.req_id, ok=True, chunks=chunks, count=len(chunks))
+        if isinstance(msg, wire.FetchChunks):
+            (c,) = msg.chunks
+            i = c.checksum
+            self.log.append(("fetch sent", now(), i))
+            await asyncio.sleep(self.delays[i])
+            self.log.append(("fetch settled", now(), i))
+            if i in self.failing:
+                return wire.Reply(req_id=msg.req_id, ok=False, error_kind="transfer",
+                                  error=f"batch {i} broke")
+            return wire.Reply(req_id=msg.req_id, ok=True, count=1, bytes=MiB)
+        if isinstance(msg, wire.UnpinChunks):
+            self.log.append(("unpin", now(), msg.delete))
+            return wire.Reply(req_id=msg.req_id, ok=True)
+        raise AssertionError(msg)
+
+
+def run_transfer(delays: list[float], failing: set[int], kind: str = "move") -> tuple[Job, FakeSidecars, Exception | None]:
+    async def main():
+        ctl = Controller(ControllerSettings(fetch_batch_bytes=MiB))
+        fake = FakeSidecars(delays, failing)
+        ctl.command = fake.command
+        reg = SimpleNamespace(agent_name="agent-src", p2p_url="tcp://x", incarnation="1")
+        ctl.instances = {"src": SimpleNamespace(reg=reg), "dst": SimpleNamespace(reg=reg)}
+        job = Job(event_id="e1", kind=kind, source="src", destination="dst",
+                  keys=[bytes([i]) * 16 for i in range(len(delays))], num_tokens=64)
+        try:
+            await ctl._transfer(job)
+        except JobFailed as e:
+            return job, fake, e
+        return job, fake, None
+
+    return asyncio.run(main())
+
+
+def test_a_failed_batch_waits_for_the_batch_in_flight_and_starts_no_other():
+    # Batch 0 fails at once; batch 1, already sent, settles 0.3 s later; 2 and 3 never start.
+    job, fake, err = run_transfer([0.0, 0.3, 0.0, 0.0], failing={0})
+    assert isinstance(err, JobFailed) and "batch 0 broke" in str(err)
+    sent = [i for what, _, i in fake.log if what == "fetch sent"]
+    assert sent == [0, 1]
+    settled_1 = next(t for what, t, i in fake.log if what == "fetch settled" and i == 1)
+    unpin_at, delete = next((t, d) for what, t, d in fake.log if what == "unpin")
+    assert unpin_at >= settled_1  # the source kept its pins while batch 1 was being read
+    assert delete is False  # a failed move deletes nothing at the source
+    assert job.bytes == MiB  # batch 1's bytes are counted: they did arrive
+
+
+def test_the_cause_reported_is_the_first_batch_that_failed():
+    job, fake, err = run_transfer([0.2, 0.0, 0.0, 0.0], failing={0, 1})
+    assert isinstance(err, JobFailed) and "batch 0 broke" in str(err)
+    assert [i for what, _, i in fake.log if what == "fetch sent"] == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["move", "copy"])
+def test_all_batches_succeed_then_release(kind):
+    job, fake, err = run_transfer([0.01, 0.0, 0.02, 0.0], failing=set(), kind=kind)
+    assert err is None and job.bytes == 4 * MiB
+    assert [what for what, _, _ in fake.log].count("fetch settled") == 4
+    # Released last; a move deletes at the source, a copy keeps its chunks.
+    assert fake.log[-1][0] == "unpin" and fake.log[-1][2] is (kind == "move")
