@@ -7,6 +7,7 @@ nothing here talks to engines or sidecars directly.
     kvmove lookup (--prompt TEXT | --tokens 1,2,3) [--instance ID]
     kvmove move --from ID --to ID (--prompt | --tokens) [--copy] [--wait]
     kvmove status EVENT_ID                             one job
+    kvmove cancel EVENT_ID [--wait]                    stop a move or copy
     kvmove events [--limit N]                          the latest jobs, newest first
     kvmove pin|unpin --instance ID (--prompt | --tokens)
     kvmove clear --instance ID [--prompt | --tokens]   no prefix: the whole store
@@ -17,7 +18,7 @@ Global options (before or after the command): ``--controller URL`` (default: env
 controller's JSON answer instead of a table; ``move --wait --json`` prints the job's final
 status).
 
-Exit status: 0 success; 1 the job of ``move --wait`` failed; 2 bad usage, or the controller
+Exit status: 0 success; 1 the job of ``move --wait`` failed (or was cancelled); 2 bad usage, or the controller
 answered with an error; 3 the controller could not be reached. Errors are one line on stderr.
 """
 
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 
-from sidecar.wire import LOCATION  # the one store location vllm-kvmove has
+from sidecar.wire import FINAL_STATES, LOCATION  # LOCATION: the one store location there is
 
 DEFAULT_CONTROLLER = "http://localhost:9000"
 # Longer than the controller's own command timeout (60 s), so its error reaches the user.
@@ -199,9 +200,9 @@ def cmd_move(ctl: ControllerClient, args: argparse.Namespace) -> int:
     job = wait_for_job(ctl, event_id)
     if args.json:
         print_json(job)
-    if job["status"] == "failed":
-        raise CliError(f"{kind} {event_id} failed: {job.get('error') or 'no cause reported'}",
-                       EXIT_JOB_FAILED)
+    if job["status"] in ("failed", "cancelled"):
+        raise CliError(f"{kind} {event_id} {job['status']}: "
+                       f"{job.get('error') or 'no cause reported'}", EXIT_JOB_FAILED)
     if not args.json:
         print(f"done: {plural(job['num_chunks'], 'chunk')}, {human_bytes(job['bytes'])} moved "
               f"in {job['elapsed_s']:.3f} s")
@@ -209,7 +210,7 @@ def cmd_move(ctl: ControllerClient, args: argparse.Namespace) -> int:
 
 
 def wait_for_job(ctl: ControllerClient, event_id: str) -> dict:
-    """Poll the job until it is done or failed; draw its progress on stderr.
+    """Poll the job until it ended (done, failed or cancelled); draw its progress on stderr.
 
     On a terminal the bar is redrawn in place; otherwise only the final line is written.
     """
@@ -218,7 +219,7 @@ def wait_for_job(ctl: ControllerClient, event_id: str) -> dict:
     try:
         while True:
             job = ctl.call("GET", f"/events/{event_id}")
-            final = job["status"] in ("done", "failed")
+            final = job["status"] in FINAL_STATES
             line = progress_line(job)
             if live and line != shown:
                 sys.stderr.write(f"\r{line.ljust(len(shown))}")  # pad over a longer line
@@ -241,6 +242,20 @@ def cmd_status(ctl: ControllerClient, args: argparse.Namespace) -> int:
         print_json(job)
         return 0
     print_table(["FIELD", "VALUE"], [[k, "" if v is None else v] for k, v in job.items()])
+    return 0
+
+
+def cmd_cancel(ctl: ControllerClient, args: argparse.Namespace) -> int:
+    params = {"wait": 60} if args.wait else None
+    job = ctl.call("POST", f"/events/{args.event_id}/cancel", params=params)
+    if args.json:
+        print_json(job)
+    elif args.wait:
+        print(f"{job['status']}: {human_bytes(job['bytes'])} of {human_bytes(job['total_bytes'])} "
+              f"moved{': ' + job['error'] if job['error'] else ''}")
+    else:
+        print(f"cancel requested; {args.event_id} is {job['status']} "
+              f"(kvmove status {args.event_id})")
     return 0
 
 
@@ -313,7 +328,7 @@ def add_global_args(parser: argparse.ArgumentParser, with_defaults: bool) -> Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmove", description="Inspect and move vLLM KV cache through a vllm-kvmove controller.",
-        epilog="exit status: 0 ok, 1 job failed (move --wait), 2 bad usage or controller error, "
+        epilog="exit status: 0 ok, 1 job failed or cancelled (move --wait), 2 bad usage or controller error, "
                "3 controller unreachable")
     add_global_args(parser, with_defaults=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -347,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", cmd_status, "show one job (move, copy, pin, unpin, clear)")
     status.add_argument("event_id", metavar="EVENT_ID", help="the job's event id")
+
+    cancel = command("cancel", cmd_cancel, "stop a move or copy: batches in flight finish, the "
+                                           "source keeps every chunk")
+    cancel.add_argument("event_id", metavar="EVENT_ID", help="the job's event id")
+    cancel.add_argument("--wait", action="store_true", help="wait (up to 60 s) until it ended")
 
     events = command("events", cmd_events, "list the latest jobs, newest first")
     events.add_argument("--limit", type=int, default=20, metavar="N",

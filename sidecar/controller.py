@@ -97,6 +97,10 @@ class JobFailed(Exception):
         self.kind = kind
 
 
+class JobCancelled(Exception):
+    """A move or copy stopped at a cancel request, with the source's pins released."""
+
+
 @dataclass
 class Instance:
     """What the controller knows of one engine (from its Register and heartbeats)."""
@@ -206,6 +210,8 @@ class Job:
     created: float = field(default_factory=time.monotonic)
     ended: float | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Set by POST /events/{id}/cancel: no further fetch batch starts.
+    cancel_requested: bool = False
 
     def to_status(self) -> wire.JobStatusBody:
         end = self.ended if self.ended is not None else time.monotonic()
@@ -540,27 +546,47 @@ class Controller:
             raise ApiError(reply.error_kind or "internal", f"{kind} at {inst.instance_id}: {reply.error}")
         return job
 
-    def _end_job(self, job: Job, error: str | None, kind: str | None = None) -> None:
-        job.error, job.error_kind = error, kind if error else None
-        job.status = "failed" if error else "done"
+    def _end_job(self, job: Job, error: str | None, kind: str | None = None,
+                 cancelled: bool = False) -> None:
+        job.error, job.error_kind = error, kind if error and not cancelled else None
+        job.status = "cancelled" if cancelled else "failed" if error else "done"
         job.ended = time.monotonic()
         self.metrics.job_ended(job)
         job.finished.set()
 
     async def _run_job(self, job: Job) -> None:
         job.status = "running"
+        cancelled = False
         try:
             await self._transfer(job)
             error = kind = None
+        except JobCancelled as e:
+            error, kind, cancelled = str(e), None, True
         except JobFailed as e:
             error, kind = str(e), e.kind
         except Exception as e:  # noqa: BLE001
             logger.exception("job %s crashed", job.event_id)
             error, kind = f"internal error: {type(e).__name__}: {e}", "internal"
-        self._end_job(job, error, kind)
+        self._end_job(job, error, kind, cancelled)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
+
+    def cancel(self, job: Job) -> None:
+        """Ask a running move or copy to stop: batches already sent to the destination
+        finish (their chunks stay there, whole and verified), no other starts, the source's
+        pins are released and nothing is deleted at the source. The job then ends
+        ``cancelled`` — or ``done``, if its last batch had already been sent.
+
+        Raises:
+            ApiError: ``conflict`` if the job already ended or is not a move or copy.
+        """
+        if job.kind not in ("move", "copy"):
+            raise ApiError("conflict", f"a {job.kind} job cannot be cancelled (it ends with "
+                                       f"its request)")
+        if job.status in wire.FINAL_STATES:
+            raise ApiError("conflict", f"job {job.event_id} already ended: {job.status}")
+        job.cancel_requested = True
 
     async def _step(self, instance_id: str, msg: Any, what: str) -> wire.Reply:
         """One command of a job; a failed reply ends the job with its kind and cause."""
@@ -576,19 +602,22 @@ class Controller:
         src = self.instances.get(job.source)
         if src is None or job.destination not in self.instances:
             raise JobFailed("unavailable", "an instance unregistered before the job started")
+        if job.cancel_requested:
+            raise JobCancelled("cancelled before it started")
         pin_cmd = wire.PinChunks(keys=job.keys, lease_s=2 * self.settings.command_timeout_s)
         t0 = time.perf_counter()
         pin = await self._step(job.source, pin_cmd, "pin")
         t_pin = time.perf_counter()
         job.total_bytes = sum(c.nbytes for c in pin.chunks)
-        peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url, src.reg.incarnation)
+        peer = wire.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url, src.reg.incarnation,
+                             src.reg.shared_pool)
         window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
         failed = asyncio.Event()
 
-        async def fetch(batch: list[wire.ChunkDesc]) -> None:
+        async def fetch(batch: list[wire.ChunkDesc]) -> bool:
             async with window:
-                if failed.is_set():
-                    return  # an earlier batch failed: do not start this one
+                if failed.is_set() or job.cancel_requested:
+                    return False  # an earlier batch failed, or a cancel: do not start this one
                 try:
                     reply = await self._step(job.destination,
                                              wire.FetchChunks(source=peer, chunks=batch), "fetch")
@@ -596,6 +625,7 @@ class Controller:
                     failed.set()
                     raise
                 job.bytes += reply.bytes
+                return True
 
         fetched_all = False
         batches = _batches(pin.chunks, self.settings.fetch_batch_bytes)
@@ -608,6 +638,11 @@ class Controller:
             for r in results:
                 if isinstance(r, BaseException):
                     raise r  # the first failure, in batch order
+            if not all(results):
+                raise JobCancelled(
+                    f"cancelled after {job.bytes} of {job.total_bytes} bytes (the chunks moved "
+                    f"stay at {job.destination}; the source keeps all of them)" if job.bytes else
+                    "cancelled before any chunk moved")
             fetched_all = True
             t_fetch = time.perf_counter()
         finally:
@@ -718,6 +753,15 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         wait = _wait_seconds(request)
         return json_response(job.to_status() if wait is None else await _wait_for_end(job, wait))
 
+    async def cancel(request: Request) -> Response:
+        """Stop a move or copy (see :meth:`Controller.cancel`); ``?wait=S``: answer once it
+        ended (cancelled, or done if it was past its last batch)."""
+        require_token(request)
+        job = _job(request.path_params["event_id"])
+        wait = _wait_seconds(request)
+        ctl.cancel(job)
+        return json_response(job.to_status() if wait is None else await _wait_for_end(job, wait))
+
     async def events(request: Request) -> Response:
         recent = list(itertools.islice(reversed(ctl.jobs.values()), query_limit(request, 100)))
         return json_response({"events": [j.to_status() for j in recent]})
@@ -804,6 +848,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
                 Route("/move", move, methods=["POST"]),
                 Route("/events", events, methods=["GET"]),
                 Route("/events/{event_id}", event, methods=["GET"]),
+                Route("/events/{event_id}/cancel", cancel, methods=["POST"]),
                 Route("/pin", store_op("pin"), methods=["POST"]),
                 Route("/unpin", store_op("unpin"), methods=["POST"]),
                 Route("/clear", store_op("clear"), methods=["POST"]),

@@ -93,7 +93,7 @@ class SidecarCollector(Collector):
         yield gauge("kvmove_store_persistent_chunks", "Chunks pinned by an operator (/pin)",
                     st["persistent_chunks"])
         yield counter("kvmove_store_evictions", "Chunks evicted to make room", st["evictions"])
-        t = CounterMetricFamily("kvmove_transfer_bytes", "Bytes moved over NIXL, by direction",
+        t = CounterMetricFamily("kvmove_transfer_bytes", "Bytes moved between stores, by direction",
                                 labels=["instance_id", "direction"])
         t.add_metric([labels["instance_id"], "in"], tr["bytes_in"])
         t.add_metric([labels["instance_id"], "out"], tr["bytes_out"])
@@ -101,6 +101,8 @@ class SidecarCollector(Collector):
         yield counter("kvmove_transfers", "Fetches completed by this sidecar", tr["fetches"])
         yield counter("kvmove_transfer_failures", "Fetches that failed at this sidecar",
                       tr["fetch_failures"])
+        yield counter("kvmove_same_host_transfers", "Fetches copied from a same-host peer's "
+                      "shared pool (the rest went over NIXL)", tr["same_host_fetches"])
 
 
 def sidecar_registry(sidecar: "Sidecar") -> CollectorRegistry:

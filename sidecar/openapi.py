@@ -228,6 +228,10 @@ CONTROLLER_OPS: list[Op] = [
        errors=("bad_request",)),
     Op("GET", "/events/{event_id}", "One job's status (with `wait`: once it ended).",
        wire.JobStatusBody, params=("event_id", "wait"), errors=("bad_request", "not_found")),
+    Op("POST", "/events/{event_id}/cancel", "Stop a move or copy: batches in flight finish, no "
+       "other starts, the source keeps every chunk; the job ends `cancelled` (with `wait`: "
+       "answers once it ended).", wire.JobStatusBody, params=("event_id", "wait"),
+       errors=("bad_request", "not_found", "conflict"), auth=True),
     *(Op("POST", f"/{kind}", f"{kind.capitalize()} the chunks of a prefix at one instance"
          + (" (the whole store if no tokens or prompt)." if kind == "clear" else "."),
          StoreOpResponse, wire.PinRequest, ("not_found", "unavailable", "timeout"), auth=True)

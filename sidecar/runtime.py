@@ -22,14 +22,19 @@ Contract
   the controller, and survive its restarts.
 * HTTP (``sidecar_host:sidecar_port``, :mod:`sidecar.app`): health and store info.
 * Commands touch the store only through its public, thread-safe API. A fetch publishes
-  nothing unless every chunk arrived and matched its checksum; big fetches are read in
-  pieces, each hashed on the verify thread while the next one is read.
+  nothing unless every chunk arrived and matched its checksum. When the source's pool is in
+  shared memory on this host (``same_host_copy``), the fetch maps it and copies the chunks
+  itself (:mod:`vllm_kvmove.shm`: memcpy on ``copy_threads`` threads, each chunk hashed as
+  it lands); otherwise it READs over NIXL, big fetches in pieces, each hashed on the verify
+  thread while the next one is read. Mappings of peers that exited are dropped at every
+  heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -47,8 +52,9 @@ from sidecar.errors import token_matches
 from sidecar.zmqio import LoopSocket
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.shm import PeerPools, PoolHandle
 from vllm_kvmove.store import ChunkStore, StoreError, checksum_stream
-from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError
+from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError, split_ranges
 
 logger = logging.getLogger("vllm_kvmove.sidecar")
 
@@ -97,7 +103,8 @@ class Sidecar:
         self.error: BaseException | None = None
         self.controller_id: str | None = None
         self.incarnation = uuid.uuid4().hex
-        self.stats = {"fetches": 0, "fetch_failures": 0, "bytes_in": 0, "bytes_out": 0, "pins": 0}
+        self.stats = {"fetches": 0, "fetch_failures": 0, "same_host_fetches": 0, "bytes_in": 0,
+                      "bytes_out": 0, "pins": 0}
         self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
         self._stopping: asyncio.Event | None = None
         self._server: Any = None
@@ -105,7 +112,11 @@ class Sidecar:
         self._push: LoopSocket | None = None
         self._tasks: set[asyncio.Task] = set()
         # One thread hashes the pieces of every fetch in order (see _read_verified).
-        self._verify_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvmove-verify")
+        self._verify_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="kvmove-verify", initializer=_unpin_this_thread)
+        # Same-host peers' pools, mapped on first use (see vllm_kvmove.shm).
+        self.peer_pools = (PeerPools(config.copy_threads, thread_init=_unpin_this_thread)
+                           if config.same_host_copy else None)
         self._event_lock: asyncio.Lock | None = None
         # Transfer pins held for the controller: PinChunks.req_id -> (keys, deadline).
         self._leases: dict[int, tuple[list[bytes], float]] = {}
@@ -199,6 +210,8 @@ class Sidecar:
                 s.close()
         self.transfer.close()
         self._verify_pool.shutdown(wait=False)
+        if self.peer_pools is not None:
+            self.peer_pools.close()
 
     # -- sending ---------------------------------------------------------------------------
     async def _send(self, sock: LoopSocket | None, msg: Any) -> bool:
@@ -219,7 +232,9 @@ class Sidecar:
             model=self.layout.model, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
             chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
             slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
-            auth=cfg.api_token)
+            auth=cfg.api_token,
+            shared_pool=wire.SharedPool(*dataclasses.astuple(store.shared_pool))
+            if store.shared_pool is not None and cfg.same_host_copy else None)
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
             store.drain_events()  # covered by the snapshot
@@ -265,6 +280,8 @@ class Sidecar:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             await self.send_heartbeat()
+            if self.peer_pools is not None:
+                self.peer_pools.sweep()  # unmap pools of peers that exited (~10 µs per peer)
 
     # -- leases ----------------------------------------------------------------------------
     def release_leases(self, expired, why: str) -> int:
@@ -357,8 +374,9 @@ class Sidecar:
         if isinstance(msg, wire.FetchChunks):
             try:
                 small = (sum(c.nbytes for c in msg.chunks) <= _INLINE_BYTES
-                         and self.transfer.knows_peer(msg.source.agent_name, msg.source.p2p_url,
-                                                      msg.source.incarnation))
+                         and (self._mapped(msg.source) is not None
+                              or self.transfer.knows_peer(msg.source.agent_name, msg.source.p2p_url,
+                                                          msg.source.incarnation)))
                 nbytes, count = self._fetch(msg) if small else await asyncio.to_thread(self._fetch, msg)
             except Exception:
                 self.stats["fetch_failures"] += 1
@@ -378,8 +396,6 @@ class Sidecar:
                 raise CommandError("incompatible",
                                    f"chunk {c.key.hex()}: {c.nbytes} bytes for {c.num_tokens} "
                                    f"tokens does not fit this engine's layout")
-        transfer.connect_peer(msg.source.agent_name, msg.source.p2p_url, timeout,
-                              msg.source.incarnation)
         reserved: list[tuple[wire.ChunkDesc, int]] = []
         try:
             for c in msg.chunks:
@@ -403,23 +419,51 @@ class Sidecar:
                      (time.perf_counter() - t_read) * 1e3)
         return moved, len(reserved)
 
+    def _mapped(self, source: wire.PeerInfo):
+        """The source's pool mapped here (same host, shared pool), or None: use NIXL."""
+        if self.peer_pools is None or source.shared_pool is None:
+            return None
+        return self.peer_pools.get(PoolHandle(*msgspec.structs.astuple(source.shared_pool)))
+
     def _read_verified(self, source: wire.PeerInfo, reserved: list[tuple[wire.ChunkDesc, int]],
                        timeout: float) -> int:
-        """READ the reserved chunks from ``source`` and check each one's checksum (when
-        verification is on); returns bytes read. Raises TransferError or IntegrityError.
+        """Copy the reserved chunks from ``source`` and check each one's checksum (when
+        verification is on); returns bytes copied. Raises TransferError or IntegrityError.
 
-        Verification is pipelined: the bytes are read in pieces of at most ``_PIECE_BYTES``,
-        and each piece is hashed (streaming XXH3, the same digest as one-shot) on the verify
+        Same host with a shared pool: memcpy from the mapped pool, each chunk hashed block by
+        block as it lands (:meth:`vllm_kvmove.shm.MappedPool.copy`). Otherwise a NIXL READ,
+        verified in a pipeline: the bytes are read in pieces of at most ``_PIECE_BYTES``, and
+        each piece is hashed (streaming XXH3, the same digest as one-shot) on the verify
         thread while the next piece is read here — both release the GIL, so on two cores the
         hash (~13 GB/s on one core) hides behind the copy instead of adding to it.
         """
         store, transfer = self.store, self.transfer
         assert transfer is not None
         ranges = [ReadRange(c.addr, store.base_addr + off, c.nbytes) for c, off in reserved]
-        if not self.config.verify_checksums:
-            return transfer.read(source.agent_name, ranges, timeout)  # one transfer: fastest
-        hashers = [checksum_stream() for _ in reserved]
-        pieces = _pieces(ranges, _PIECE_BYTES)
+        if not ranges:
+            return 0  # this store holds them all already
+        hashers = [checksum_stream() for _ in reserved] if self.config.verify_checksums else None
+        mapped = self._mapped(source)
+        if mapped is not None:
+            moved = mapped.copy(ranges, hashers)
+            self.stats["same_host_fetches"] += 1
+        else:
+            transfer.connect_peer(source.agent_name, source.p2p_url, timeout, source.incarnation)
+            if hashers is None:
+                return transfer.read(source.agent_name, ranges, timeout)  # one transfer: fastest
+            moved = self._read_pipelined(source, ranges, hashers, timeout)
+        for (c, _), h in zip(reserved, hashers or ()):
+            if h.intdigest() != c.checksum:
+                raise IntegrityError(f"chunk {c.key.hex()} from {source.instance_id}: checksum "
+                                     f"{h.intdigest():08x} != {c.checksum:08x}")
+        return moved
+
+    def _read_pipelined(self, source: wire.PeerInfo, ranges: list[ReadRange], hashers: list,
+                        timeout: float) -> int:
+        """NIXL READ of ``ranges`` in pieces, each fed to its chunks' hashers on the verify
+        thread while the next piece is read; returns bytes read."""
+        store, transfer = self.store, self.transfer
+        pieces = split_ranges(ranges, _PIECE_BYTES)
         moved = 0
         pending: list[concurrent.futures.Future] = []
         try:
@@ -436,29 +480,7 @@ class Sidecar:
             concurrent.futures.wait(pending)  # no hashing may outlive the reservation
         for f in pending:
             f.result()
-        for (c, _), h in zip(reserved, hashers):
-            if h.intdigest() != c.checksum:
-                raise IntegrityError(f"chunk {c.key.hex()} from {source.instance_id}: checksum "
-                                     f"{h.intdigest():08x} != {c.checksum:08x}")
         return moved
-
-
-def _pieces(ranges: list[ReadRange], piece_bytes: int) -> list[list[tuple[int, ReadRange]]]:
-    """Cut ``ranges`` into consecutive pieces of at most ``piece_bytes`` (a range may be split
-    across pieces; small ranges share one). Each item is (index of its range, sub-range)."""
-    pieces: list[list[tuple[int, ReadRange]]] = [[]]
-    room = piece_bytes
-    for i, r in enumerate(ranges):
-        done = 0
-        while done < r.nbytes:
-            if room == 0:
-                pieces.append([])
-                room = piece_bytes
-            n = min(room, r.nbytes - done)
-            pieces[-1].append((i, ReadRange(r.remote_addr + done, r.local_addr + done, n)))
-            done += n
-            room -= n
-    return pieces
 
 
 def _hash_pieces(work: list[tuple[Any, Any]]) -> None:

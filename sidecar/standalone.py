@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(json.loads(a.config))
     layout = KVLayout(**json.loads(a.layout))
-    store = ChunkStore(layout, config.capacity_bytes)
+    store = ChunkStore(layout, config.capacity_bytes, shared=config.same_host_copy)
     for spec in a.fill:
         seed, first, count = (int(x) for x in spec.split(":"))
         fill_store(store, layout.fingerprint(), seed, list(range(first, first + count)))

@@ -30,9 +30,9 @@ import msgspec
 PROTOCOL_VERSION = 1
 LOCATION = "LocalCPUBackend"
 
-# The states a job can be in; "done" and "failed" are final.
-JobStatus = Literal["pending", "running", "done", "failed"]
-FINAL_STATES = frozenset({"done", "failed"})
+# The states a job can be in; "done", "failed" and "cancelled" are final.
+JobStatus = Literal["pending", "running", "done", "failed", "cancelled"]
+FINAL_STATES = frozenset({"done", "failed", "cancelled"})
 
 
 class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):
@@ -55,6 +55,29 @@ class _Command(_Tagged, kw_only=True):
 # ---------------------------------------------------------------------------------------------
 # Sidecar → controller (DEALER → ROUTER)
 # ---------------------------------------------------------------------------------------------
+class SharedPool(msgspec.Struct, array_like=True):
+    """A store pool in shared memory, mappable by peers on the same host
+    (:class:`vllm_kvmove.shm.PoolHandle`, field for field).
+
+    Attributes:
+        boot_id: the owner's kernel boot id (same host iff equal).
+        pid_ns: the owner's pid namespace inode (pids comparable iff equal).
+        pid: the owner's process id.
+        fd: the memfd's descriptor number in the owner (``/proc/<pid>/fd/<fd>``).
+        inode: the memfd's inode, checked after opening (a recycled pid cannot pass).
+        nbytes: pool size.
+        base_addr: the pool's address in the owner (``ChunkDesc.addr`` is relative to it).
+    """
+
+    boot_id: str
+    pid_ns: int
+    pid: int
+    fd: int
+    inode: int
+    nbytes: int
+    base_addr: int
+
+
 class Register(_Tagged):
     """A sidecar announces itself (on start, and whenever the controller asks to resync).
 
@@ -76,6 +99,7 @@ class Register(_Tagged):
         protocol: wire protocol version.
         auth: the shared API token, when the fleet has one (the controller refuses
             registrations without it).
+        shared_pool: the store pool, when it is in shared memory (same-host copies).
     """
 
     instance_id: str
@@ -93,6 +117,7 @@ class Register(_Tagged):
     pid: int
     protocol: int = PROTOCOL_VERSION
     auth: str = ""
+    shared_pool: SharedPool | None = None
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
@@ -238,12 +263,15 @@ class ClearChunks(_Command, kw_only=True):
 
 
 class PeerInfo(msgspec.Struct):
-    """How to reach another sidecar's NIXL agent (``incarnation`` as in :class:`Register`)."""
+    """How to reach another sidecar's pool: its NIXL agent (``incarnation`` as in
+    :class:`Register`), and its shared pool when it has one (a destination on the same host
+    maps it instead of reading over NIXL)."""
 
     instance_id: str
     agent_name: str
     p2p_url: str
     incarnation: str
+    shared_pool: SharedPool | None = None
 
 
 class FetchChunks(_Command, kw_only=True):
@@ -365,7 +393,7 @@ class JobStatusBody(msgspec.Struct):
         total_bytes: bytes the job will move (known once the source pinned the chunks; chunks
             the destination already holds are not moved, so ``bytes`` may end below it).
         elapsed_s: seconds since creation (until the end, once final).
-        error: cause, when failed.
+        error: cause, when failed (or what a cancelled job had moved).
         error_kind: the cause's kind (a key of the HTTP error map, e.g. ``store_full``).
     """
 

@@ -160,7 +160,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         check_kv_caches(self.layout, layers)
         # Byte views [num_blocks, block_slab_bytes]: chunk copies are dtype-agnostic memcpys.
         self._layers = [t.view(torch.uint8).view(t.shape[0], -1) for t in layers]
-        self.store = ChunkStore(self.layout, self.config.capacity_bytes)
+        self.store = ChunkStore(self.layout, self.config.capacity_bytes,
+                                shared=self.config.same_host_copy)
         self._lookup_server = LookupServer(self.store, self._endpoint)
         logger.info("kvmove store: %d slots of %d bytes (%d tokens each)", self.store.num_slots,
                     self.store.slot_bytes, self.layout.chunk_size)

@@ -12,7 +12,9 @@ Contract
   chunk data or blocks on I/O while holding the lock.
 * Memory: one pool of ``capacity_bytes // chunk_bytes`` fixed-size slots, allocated once, so the
   transfer layer registers it with NIXL once. A chunk's bytes live at
-  ``pool[slot * chunk_bytes : slot * chunk_bytes + valid_bytes]``.
+  ``pool[slot * chunk_bytes : slot * chunk_bytes + valid_bytes]``. With ``shared=True`` the
+  pool is a memfd (:func:`vllm_kvmove.shm.allocate_pool`) that same-host peers may map to
+  copy pinned chunks themselves; ``shared_pool`` describes it.
 * Visibility: a chunk is *writing* from ``reserve`` until ``commit`` and invisible to
   ``match_prefix``, ``pin`` and ``snapshot`` until then; ``abort`` frees it without a trace.
   Readers therefore never see a half-written chunk.
@@ -31,6 +33,8 @@ Contract
 
 from __future__ import annotations
 
+import heapq
+import logging
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -40,6 +44,9 @@ import torch
 import xxhash
 
 from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.shm import PoolHandle, allocate_pool
+
+logger = logging.getLogger(__name__)
 
 LOCATION = "LocalCPUBackend"
 _EVENT_BUFFER = 1 << 16
@@ -117,17 +124,30 @@ class ChunkStore:
     Args:
         layout: KV layout of the engine (fixes the slot size).
         capacity_bytes: pool size; rounded down to whole slots (at least one).
+        shared: allocate the pool as shared memory peers on this host can map (falls back
+            to private memory, with a warning, where memfd is unavailable).
     """
 
-    def __init__(self, layout: KVLayout, capacity_bytes: int):
+    def __init__(self, layout: KVLayout, capacity_bytes: int, shared: bool = False):
         self.layout = layout
         self.slot_bytes = layout.chunk_bytes
         self.num_slots = max(1, capacity_bytes // self.slot_bytes)
-        # torch.empty does not touch the pages: memory is committed as chunks are written.
-        self.pool = torch.empty(self.num_slots * self.slot_bytes, dtype=torch.uint8)
+        nbytes = self.num_slots * self.slot_bytes
+        # Neither allocation touches the pages: memory is committed as chunks are written.
+        self.shared_pool: PoolHandle | None = None
+        if shared:
+            try:
+                self.pool, self.shared_pool = allocate_pool(nbytes)
+            except OSError as e:
+                logger.warning("no shared-memory pool (%s): same-host peers will read over NIXL", e)
+        if self.shared_pool is None:
+            self.pool = torch.empty(nbytes, dtype=torch.uint8)
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU order: oldest first
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        # Free slots as a min-heap: the lowest is taken first, so chunks reserved one after
+        # another land in adjacent slots whenever there are any, and a peer copies them as one
+        # big run (see vllm_kvmove.shm) — a LIFO list hands them out reversed after a clear.
+        self._free = list(range(self.num_slots))
         self._events: deque[StoreEvent] = deque(maxlen=_EVENT_BUFFER)
         self._seq = 0
         self.evictions = 0
@@ -388,19 +408,19 @@ class ChunkStore:
     # -- internals (lock held) -------------------------------------------------------------
     def _take_slot(self) -> int:
         if self._free:
-            return self._free.pop()
+            return heapq.heappop(self._free)
         for e in self._entries.values():  # oldest first
             if e.ready and e.pins == 0 and not e.persistent:
                 self._drop(e)
                 self.evictions += 1
-                return self._free.pop()
+                return heapq.heappop(self._free)
         raise StoreFull(
             f"store full: {self.num_slots} slots, none evictable (pinned, persistent or being written)")
 
     def _drop(self, e: _Entry, emit: bool = True) -> None:
         self._account(e, -1)
         del self._entries[e.key]
-        self._free.append(e.slot)
+        heapq.heappush(self._free, e.slot)
         if emit:
             self._emit("evict", e)
 

@@ -12,8 +12,9 @@ Contract
   ``progress_delay_us`` (100 ms): the thread wakes on UCX's event fd whenever there is work,
   so the timeout only bounds idle wake-ups (measured: handshakes, cma and tcp reads are as
   fast at 100 ms as at 1 ms).
-* Per peer, once: :meth:`connect_peer` fetches the peer's metadata (with a timeout: a closed
-  port must not hang the caller) and adds the peer; later calls are no-ops.
+* Per peer, once: :meth:`connect_peer` fetches the peer's metadata (with a timeout, after a
+  TCP probe that fails at once on a closed port: a dead peer must not hang the caller) and
+  adds the peer; later calls are no-ops.
 * Per transfer: :meth:`read` READs ranges of the peer's pool into ranges of ours (the
   destination pulls, which is NIXL's fast direction here), polls to completion or timeout,
   and always releases the transfer handle. It blocks the calling thread (NIXL releases the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -147,6 +149,7 @@ class NixlTransfer:
         with self._peers_lock:
             if self._peers.get(peer_name) == (peer_url, incarnation):
                 return
+            _probe(peer_name, peer_url, timeout_s)
             sock = self._ctx.socket(zmq.REQ)
             sock.setsockopt(zmq.LINGER, 0)
             ms = int(timeout_s * 1000)
@@ -240,3 +243,40 @@ class NixlTransfer:
         """Stop the metadata server. The agent itself is released with the process."""
         self._stop.set()
         self._md_thread.join(timeout=2)
+
+
+def _probe(peer_name: str, peer_url: str, timeout_s: float) -> None:
+    """Fail at once if nothing listens at the peer's metadata port: a ZMQ request to a closed
+    port is not an error, it just waits out the whole timeout (a peer that died)."""
+    host, _, port = peer_url.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout_s, 2.0)).close()
+    except ConnectionRefusedError:
+        raise TransferError(f"NIXL handshake with {peer_name} at {peer_url}: connection "
+                            f"refused (the peer is not running)") from None
+    except (OSError, ValueError):
+        pass  # unreachable or slow: the handshake's own timeout decides
+
+
+def split_ranges(ranges: list[ReadRange], piece_bytes: int) -> list[list[tuple[int, ReadRange]]]:
+    """Cut ``ranges`` into consecutive pieces of at most ``piece_bytes`` bytes.
+
+    A range may be split across pieces; small ranges share one. Used to read-and-hash a
+    fetch in pieces and to share a copy among threads.
+
+    Returns:
+        The pieces, in order; each item is (index of its range in ``ranges``, sub-range).
+    """
+    pieces: list[list[tuple[int, ReadRange]]] = [[]]
+    room = piece_bytes
+    for i, r in enumerate(ranges):
+        done = 0
+        while done < r.nbytes:
+            if room == 0:
+                pieces.append([])
+                room = piece_bytes
+            n = min(room, r.nbytes - done)
+            pieces[-1].append((i, ReadRange(r.remote_addr + done, r.local_addr + done, n)))
+            done += n
+            room -= n
+    return pieces

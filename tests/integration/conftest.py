@@ -20,8 +20,10 @@ from vllm_kvmove.store import ChunkStore
 
 
 class Fleet:
-    def __init__(self, tmp_path, start_controller: bool = True, api_token: str = ""):
+    def __init__(self, tmp_path, start_controller: bool = True, api_token: str = "",
+                 controller_args: tuple[str, ...] = ()):
         self.api_token = api_token
+        self.controller_args = list(controller_args)
         self.cluster = LocalCluster("unused", tmp_path, python=sys.executable)
         self.pull, self.reply, self.port = free_port(), free_port(), free_port()
         self.http = httpx.Client(base_url=f"http://localhost:{self.port}", timeout=10)
@@ -32,7 +34,8 @@ class Fleet:
 
     def start_controller(self) -> None:
         """Start the controller process (again, after :meth:`kill_controller`) on the same ports."""
-        args = ["--heartbeat-timeout", "3"] + (["--api-token", self.api_token] if self.api_token else [])
+        args = ["--heartbeat-timeout", "3", *self.controller_args] + (
+            ["--api-token", self.api_token] if self.api_token else [])
         self.controller = self.cluster.start_controller(self.port, self.pull, self.reply,
                                                         extra_args=args)
         self.cluster.wait_ready(self.controller, timeout=30)
@@ -52,10 +55,11 @@ class Fleet:
             "command_timeout_s": 5, "max_local_cpu_size": slots * layout.chunk_bytes / (1 << 30),
             "api_token": self.api_token if api_token is None else api_token}
 
-    def spawn_sidecar(self, instance_id: str, layout, slots: int, fill=()):
-        """A sidecar in its own process (``sidecar.standalone``): one a test can kill or stop."""
+    def spawn_sidecar(self, instance_id: str, layout, slots: int, fill=(), **config):
+        """A sidecar in its own process (``sidecar.standalone``): one a test can kill or stop.
+        ``config`` overrides keys of :meth:`sidecar_config`."""
         proc = self.cluster.start_sidecar_process(
-            self.sidecar_config(instance_id, layout, slots), layout.to_dict(), list(fill))
+            self.sidecar_config(instance_id, layout, slots) | config, layout.to_dict(), list(fill))
         self.cluster.wait_ready(proc, timeout=60)
         self.wait_registered(instance_id)
         return proc

@@ -109,6 +109,11 @@ def test_copy_json_status_and_events(fleet, pair, capsys):
     assert kvmove(fleet, "status", eid, "--json") == 0
     assert json.loads(capsys.readouterr().out)["num_tokens"] == 40
 
+    # A job that ended cannot be cancelled: one line, the controller's reason, exit 2.
+    assert kvmove(fleet, "cancel", eid) == 2
+    err = capsys.readouterr().err
+    assert err == f"kvmove: error: job {eid} already ended: done [409 conflict]\n"
+
     assert kvmove(fleet, "events", "--limit", "1") == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.startswith("EVENT") and row.split()[:3] == [eid, "copy", "done"]

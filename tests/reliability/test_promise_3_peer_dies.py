@@ -5,6 +5,10 @@ source still holds and serves every chunk. Nothing hangs: every wait on a peer h
 
 The peers are real sidecar processes (``sidecar.standalone``: real stores, real NIXL agents)
 holding 1 GiB of synthetic KV in an engine-sized layout (64 KiB per token, 16 MiB chunks).
+They read over NIXL (``same_host_copy: false``), as peers on different hosts do: there a
+peer's death interrupts the bytes in flight. On the same-host path a copy in progress runs
+from the destination's own mapping and completes whole even if the source dies; the next
+one fails at once (tests/unit/test_shm.py).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ def start_and_interrupt(fleet, prefix: str, kill: str):
     """Spawn ``{prefix}-src`` (holding TOKENS) and ``{prefix}-dst``, start a copy between them
     and SIGKILL the one named by ``kill`` ("src" or "dst") mid-transfer. Returns the processes,
     the job's final status and the seconds from the kill to the job's end."""
-    procs = {"src": fleet.spawn_sidecar(f"{prefix}-src", LAYOUT, SLOTS, fill=[f"{SEED}:1:{len(TOKENS)}"]),
-             "dst": fleet.spawn_sidecar(f"{prefix}-dst", LAYOUT, SLOTS)}
+    procs = {"src": fleet.spawn_sidecar(f"{prefix}-src", LAYOUT, SLOTS, fill=[f"{SEED}:1:{len(TOKENS)}"],
+                                        same_host_copy=False),
+             "dst": fleet.spawn_sidecar(f"{prefix}-dst", LAYOUT, SLOTS, same_host_copy=False)}
     held = {f"{prefix}-src": len(TOKENS)}
     assert fleet.wait_lookup(TOKENS, held, timeout=10) == held
     final, took = kill_mid_move(fleet.http, f"{prefix}-src", f"{prefix}-dst", TOKENS,
@@ -59,7 +64,7 @@ def test_destination_dies_mid_move(fleet):
     # The source still holds every chunk, unpinned, and serves them: a new move elsewhere works.
     store = httpx.get(src.url + "/store", timeout=10).json()
     assert store["num_chunks"] == 64 and store["pinned_chunks"] == 0
-    again = fleet.spawn_sidecar("die-dst2", LAYOUT, SLOTS)
+    again = fleet.spawn_sidecar("die-dst2", LAYOUT, SLOTS, same_host_copy=False)
     r = fleet.http.post("/move", json={"old_position": ["die-src", LOC], "new_position": ["die-dst2", LOC],
                                        "tokens": TOKENS, "copy": True})
     assert fleet.wait_job(r.json()["event_id"], timeout=60)["status"] == "done"

@@ -56,7 +56,9 @@ class BigKVCluster:
             extra = {"instance_id": iid, "controller_pull_url": f"localhost:{self.pull}",
                      "controller_reply_url": f"localhost:{self.reply}", "sidecar_port": sidecar_port,
                      "p2p_init_port": free_port(), "engine_url": f"http://127.0.0.1:{port}",
-                     "max_local_cpu_size": 0.25, "chunk_size": CHUNK}
+                     "max_local_cpu_size": 0.25, "chunk_size": CHUNK,
+                     # Over NIXL, as between hosts (see test_promise_3_peer_dies.py for why).
+                     "same_host_copy": False}
             proc = self.local.start_engine(iid, port, cpu=i % 2, extra_config=extra,
                                            env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
             engines.append(Engine(iid, proc, f"http://127.0.0.1:{sidecar_port}", str(self.model)))

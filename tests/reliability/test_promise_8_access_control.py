@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from sidecar import wire
+from sidecar.openapi import CONTROLLER_OPS
 from tests.conftest import free_port, put_chunk
 from tests.integration.conftest import Fleet
 from tests.integration.test_controller_sidecars import LOC, fill
@@ -33,7 +34,12 @@ HELD = list(range(50, 90))
 MUTATING = [("/move", {"old_position": ["sec-a", LOC], "new_position": ["sec-b", LOC], "tokens": [1]}),
             ("/pin", {"instance_id": "sec-a", "tokens": [1]}),
             ("/unpin", {"instance_id": "sec-a", "tokens": [1]}),
-            ("/clear", {"instance_id": "sec-a"})]
+            ("/clear", {"instance_id": "sec-a"}),
+            ("/events/{event_id}/cancel", {})]
+
+
+def test_every_route_documented_as_needing_the_token_is_checked_here():
+    assert {op.path for op in CONTROLLER_OPS if op.auth} == {path for path, _ in MUTATING}
 
 
 @pytest.mark.parametrize("path,body", MUTATING)
@@ -41,8 +47,8 @@ MUTATING = [("/move", {"old_position": ["sec-a", LOC], "new_position": ["sec-b",
 def test_mutating_endpoints_need_the_bearer_token(secured, path, body, headers):
     fleet, a, b = secured
     before = (a.store.snapshot(), b.store.snapshot())
-    r = fleet.http.post(path, json={**body, "tokens": HELD} if "tokens" in body else body,
-                        headers=headers)
+    r = fleet.http.post(path.replace("{event_id}", "any"),
+                        json={**body, "tokens": HELD} if "tokens" in body else body, headers=headers)
     assert r.status_code == 401
     assert r.json()["error"]["kind"] == "unauthorized" and "Bearer" in r.json()["error"]["message"]
     assert (a.store.snapshot(), b.store.snapshot()) == before

@@ -1,6 +1,6 @@
-"""A job's fetch window: when one batch fails, batches already sent to the destination are
-waited for (not abandoned), no new batch starts, and the source's pins are released only after
-the destination settled every batch it was sent. The sidecars are faked at ``Controller.command``
+"""A job's fetch window: when one batch fails (or the job is cancelled), batches already sent
+to the destination are waited for (not abandoned), no new batch starts, and the source's pins
+are released only after the destination settled every batch it was sent. The sidecars are faked at ``Controller.command``
 (the one door through which jobs talk to sidecars)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from sidecar import wire
-from sidecar.controller import Controller, ControllerSettings, Job, JobFailed
+from sidecar.controller import Controller, ControllerSettings, Job, JobCancelled, JobFailed
+from sidecar.errors import ApiError
 
 MiB = 1 << 20
 
@@ -53,7 +54,7 @@ def run_transfer(delays: list[float], failing: set[int], kind: str = "move") -> 
         ctl = Controller(ControllerSettings(fetch_batch_bytes=MiB))
         fake = FakeSidecars(delays, failing)
         ctl.command = fake.command
-        reg = SimpleNamespace(agent_name="agent-src", p2p_url="tcp://x", incarnation="1")
+        reg = SimpleNamespace(agent_name="agent-src", p2p_url="tcp://x", incarnation="1", shared_pool=None)
         ctl.instances = {"src": SimpleNamespace(reg=reg), "dst": SimpleNamespace(reg=reg)}
         job = Job(event_id="e1", kind=kind, source="src", destination="dst",
                   keys=[bytes([i]) * 16 for i in range(len(delays))], num_tokens=64)
@@ -92,3 +93,55 @@ def test_all_batches_succeed_then_release(kind):
     assert [what for what, _, _ in fake.log].count("fetch settled") == 4
     # Released last; a move deletes at the source, a copy keeps its chunks.
     assert fake.log[-1][0] == "unpin" and fake.log[-1][2] is (kind == "move")
+
+
+def run_cancelled(cancel_at: str) -> tuple[Job, FakeSidecars, Exception | None]:
+    """A move of four 1 MiB batches (0.2 s each) cancelled ``"before"`` it starts or
+    ``"in flight"`` (while batches 0 and 1 are being fetched)."""
+    async def main():
+        ctl = Controller(ControllerSettings(fetch_batch_bytes=MiB))
+        fake = FakeSidecars([0.2] * 4, failing=set())
+        ctl.command = fake.command
+        reg = SimpleNamespace(agent_name="agent-src", p2p_url="tcp://x", incarnation="1", shared_pool=None)
+        ctl.instances = {"src": SimpleNamespace(reg=reg), "dst": SimpleNamespace(reg=reg)}
+        job = Job(event_id="e1", kind="move", source="src", destination="dst",
+                  keys=[bytes([i]) * 16 for i in range(4)], num_tokens=64)
+        if cancel_at == "before":
+            ctl.cancel(job)
+        else:
+            asyncio.get_running_loop().call_later(0.05, ctl.cancel, job)
+        try:
+            await ctl._transfer(job)
+        except (JobFailed, JobCancelled) as e:
+            return job, fake, e
+        return job, fake, None
+
+    return asyncio.run(main())
+
+
+def test_a_cancel_lets_the_batches_in_flight_finish_and_starts_no_other():
+    job, fake, err = run_cancelled("in flight")
+    assert isinstance(err, JobCancelled) and "2097152 of 4194304 bytes" in str(err)
+    assert [i for what, _, i in fake.log if what == "fetch sent"] == [0, 1]
+    assert [i for what, _, i in fake.log if what == "fetch settled"] == [0, 1]
+    assert fake.log[-1][0] == "unpin" and fake.log[-1][2] is False  # the source keeps them all
+    assert job.bytes == 2 * MiB
+
+
+def test_a_cancel_before_the_start_pins_nothing():
+    job, fake, err = run_cancelled("before")
+    assert isinstance(err, JobCancelled) and "before it started" in str(err) and fake.log == []
+
+
+@pytest.mark.parametrize("status", ["done", "failed", "cancelled"])
+def test_an_ended_job_or_a_store_op_cannot_be_cancelled(status):
+    ctl = Controller(ControllerSettings())
+    ended = Job(event_id="e1", kind="copy", source="a", destination="b", keys=[], num_tokens=0,
+                status=status)
+    with pytest.raises(ApiError) as e:
+        ctl.cancel(ended)
+    assert e.value.kind == "conflict" and status in str(e.value)
+    pin = Job(event_id="e2", kind="pin", source="a", destination="", keys=[], num_tokens=0,
+              status="running")
+    with pytest.raises(ApiError, match="cannot be cancelled"):
+        ctl.cancel(pin)

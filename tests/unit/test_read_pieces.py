@@ -1,14 +1,13 @@
-"""The sidecar's cutting of a fetch into read-and-hash pieces (sidecar.runtime._pieces)."""
+"""The sidecar's cutting of a fetch into read-and-hash pieces (vllm_kvmove.transfer.split_ranges)."""
 
 from __future__ import annotations
 
-from sidecar.runtime import _pieces
-from vllm_kvmove.transfer import ReadRange
+from vllm_kvmove.transfer import ReadRange, split_ranges
 
 
 def test_pieces_cover_every_byte_once_in_order_and_respect_the_size():
     ranges = [ReadRange(1000, 5000, 10), ReadRange(2000, 6000, 25), ReadRange(9000, 9900, 3)]
-    pieces = _pieces(ranges, 8)
+    pieces = split_ranges(ranges, 8)
     assert all(sum(r.nbytes for _, r in p) <= 8 for p in pieces)
     assert all(sum(r.nbytes for _, r in p) == 8 for p in pieces[:-1])  # only the last is short
     covered: dict[int, list[tuple[int, int]]] = {}
@@ -26,4 +25,4 @@ def test_pieces_cover_every_byte_once_in_order_and_respect_the_size():
 
 def test_one_piece_when_everything_fits():
     ranges = [ReadRange(0, 100, 4), ReadRange(50, 200, 4)]
-    assert _pieces(ranges, 1 << 20) == [[(0, ranges[0]), (1, ranges[1])]]
+    assert split_ranges(ranges, 1 << 20) == [[(0, ranges[0]), (1, ranges[1])]]
