@@ -294,6 +294,10 @@ class Controller:
     async def _on_sidecar_message(self, identity: bytes, msg: Any) -> None:
         now = time.monotonic()
         if isinstance(msg, wire.Reply):
+            if msg.heartbeat is not None:
+                inst = self.instances.get(identity.decode(errors="replace"))
+                if inst is not None:
+                    await self._on_heartbeat(inst, msg.heartbeat, now)
             pending = self._pending.pop(msg.req_id, None)
             if pending is not None and not pending[1].done():
                 pending[1].set_result(msg)
@@ -327,18 +331,23 @@ class Controller:
             inst.applied_seq, inst.behind_since = msg.seq, None
             inst.num_chunks = len(msg.chunks)
         elif isinstance(msg, wire.Heartbeat):
-            inst.last_heartbeat = now
-            inst.num_chunks, inst.used_bytes = msg.num_chunks, msg.used_bytes
-            inst.available_bytes = msg.available_bytes
-            if msg.seq == inst.applied_seq:
-                inst.behind_since = None
-            elif msg.seq < inst.applied_seq:
-                await self._send(identity, wire.Resync("store sequence went backwards"))
-            elif inst.behind_since is None:
-                inst.behind_since = now  # events may still be in flight on the other socket
-            elif now - inst.behind_since > _RESYNC_GRACE_S:
-                inst.behind_since = None
-                await self._send(identity, wire.Resync("missed store events"))
+            await self._on_heartbeat(inst, msg, now)
+
+    async def _on_heartbeat(self, inst: Instance, hb: wire.Heartbeat, now: float) -> None:
+        """A heartbeat, alone or in a command's reply: liveness, store summary, and a resync
+        if the store's events stay ahead of what we applied."""
+        inst.last_heartbeat = now
+        inst.num_chunks, inst.used_bytes = hb.num_chunks, hb.used_bytes
+        inst.available_bytes = hb.available_bytes
+        if hb.seq == inst.applied_seq:
+            inst.behind_since = None
+        elif hb.seq < inst.applied_seq:
+            await self._send(inst.identity, wire.Resync("store sequence went backwards"))
+        elif inst.behind_since is None:
+            inst.behind_since = now  # events may still be in flight on the other socket
+        elif now - inst.behind_since > _RESYNC_GRACE_S:
+            inst.behind_since = None
+            await self._send(inst.identity, wire.Resync("missed store events"))
 
     async def _pull_loop(self) -> None:
         assert self._pull is not None

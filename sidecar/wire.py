@@ -190,6 +190,7 @@ class Reply(_Tagged):
         chunks: for :class:`PinChunks`, the pinned chunks in request order.
         count: chunks affected (pin, unpin, delete, fetch).
         bytes: bytes moved (fetch).
+        heartbeat: the store's summary right after the command (counts as a heartbeat).
     """
 
     req_id: int
@@ -199,6 +200,7 @@ class Reply(_Tagged):
     chunks: list[ChunkDesc] = []
     count: int = 0
     bytes: int = 0
+    heartbeat: Heartbeat | None = None
 
 
 class Goodbye(_Tagged):

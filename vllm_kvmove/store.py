@@ -267,6 +267,11 @@ class ChunkStore:
                 self._unsummed.append(key)
         self._notify()
 
+    def checksums_pending(self) -> bool:
+        """Whether chunks committed without a checksum wait for :meth:`fill_checksums`
+        (a hint, read without the lock: a caller skips the call when there is nothing)."""
+        return bool(self._unsummed)
+
     def fill_checksums(self, max_chunks: int = 64) -> int:
         """Compute the checksums of up to ``max_chunks`` chunks committed without one (each
         pinned meanwhile, hashed outside the lock). Returns how many were computed; meant for
