@@ -25,9 +25,9 @@ Contract
 * Commands touch the store only through its public, thread-safe API. A fetch publishes
   nothing unless every chunk arrived and matched its checksum. When the source's pool is in
   shared memory on this host (``same_host_copy``), the fetch maps it and copies the chunks
-  itself (:mod:`vllm_kvmove.shm`: memcpy on ``copy_threads`` threads, each chunk hashed as
-  it lands); otherwise it READs over NIXL, big fetches in pieces, each hashed on the verify
-  thread while the next one is read. Mappings of peers that exited are dropped at every
+  itself (:mod:`vllm_kvmove.shm`: memcpy on ``copy_threads`` threads, each of which then
+  hashes what it copied); otherwise it READs over NIXL, big fetches in pieces, each hashed on
+  the verify thread while the next one is read. Mappings of peers that exited are dropped at every
   heartbeat.
 """
 
@@ -439,8 +439,8 @@ class Sidecar:
         """Copy the reserved chunks from ``source`` and check each one's checksum (when
         verification is on); returns bytes copied. Raises TransferError or IntegrityError.
 
-        Same host with a shared pool: memcpy from the mapped pool, each chunk hashed block by
-        block as it lands (:meth:`vllm_kvmove.shm.MappedPool.copy`). Otherwise a NIXL READ,
+        Same host with a shared pool: memcpy from the mapped pool on the copy threads, each
+        hashing what it copied (:meth:`vllm_kvmove.shm.MappedPool.copy`). Otherwise a NIXL READ,
         verified in a pipeline: the bytes are read in pieces of at most ``_PIECE_BYTES``, and
         each piece is hashed (streaming XXH3, the same digest as one-shot) on the verify
         thread while the next piece is read here — both release the GIL, so on two cores the

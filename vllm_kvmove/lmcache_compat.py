@@ -43,8 +43,7 @@ RENAMED = {
 # LMCache keys accepted without effect here, with why.
 IGNORED = {
     "local_cpu": "KV is always kept in host memory (LocalCPUBackend)",
-    "enable_p2p": "peer-to-peer transfers over NIXL are always on",
-    "transfer_channel": "transfers always use NIXL (UCX)",
+    "enable_p2p": "peer-to-peer transfers are always on",
     "p2p_lookup_ports": "lookups go through the controller's index, not a per-peer port",
     "controller_url": "sidecars reach the controller through controller_pull_url / controller_reply_url",
     "lmcache_worker_ids": "one worker per engine",
@@ -94,7 +93,8 @@ max_hidden_state_cpu_size hidden_state_layers hidden_states_retrieve_mode
 
 
 def is_lmcache_key(key: str) -> bool:
-    return key in RENAMED or key in IGNORED or key in OTHER_LMCACHE_KEYS or key == "enable_controller"
+    return (key in RENAMED or key in IGNORED or key in OTHER_LMCACHE_KEYS
+            or key in ("enable_controller", "transfer_channel"))
 
 
 def translate(lmcache: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -113,6 +113,13 @@ def translate(lmcache: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 value = value[0] if value else None
             if value is not None:
                 out[RENAMED[key]] = value
+        elif key == "transfer_channel":
+            if str(value).lower() == "nixl":
+                # The file asks for NIXL: no same-host shortcut, unless it says so itself.
+                out.setdefault("same_host_copy", lmcache.get("same_host_copy", False))
+            else:
+                notes.append(f"LMCache key 'transfer_channel' ignored: {value!r} is not a channel "
+                             f"here; transfers use NIXL (UCX), or shared memory on one host")
         elif key == "enable_controller":
             if not value:
                 out["controller_pull_url"] = out["controller_reply_url"] = ""

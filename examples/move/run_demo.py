@@ -107,7 +107,7 @@ def main() -> int:
         status: dict = {}
         for _ in range(500):
             status = httpx.get(f"{CONTROLLER}/events/{moved['event_id']}").json()
-            if status["status"] in ("done", "failed"):
+            if status["status"] in ("done", "failed", "cancelled"):
                 break
             time.sleep(0.01)
         get(f"{CONTROLLER}/events/{moved['event_id']}")
@@ -123,8 +123,11 @@ def main() -> int:
         same = src["choices"][0]["text"] == dst["choices"][0]["text"]
         print(f"\n[demo] engine 2 {HITS} rose by {hits:.0f} (prompt: {n} tokens; "
               f"vLLM recomputes the last one), {host:.0f} of them from the host tier")
+        transfers = httpx.get("http://127.0.0.1:8501/store").json()["transfers"]
+        path = ("copied from engine 1's shared pool (same host)" if transfers["same_host_fetches"]
+                else "read over NIXL")
         print(f"[demo] move status: {status['status']}, {status['num_chunks']} chunk(s), "
-              f"{status['bytes']} bytes in {status['elapsed_s'] * 1000:.1f} ms")
+              f"{status['bytes']} bytes in {status['elapsed_s'] * 1000:.1f} ms, {path}")
         print(f"[demo] greedy outputs identical: {same}")
         ok = status["status"] == "done" and moved["num_tokens"] == n and hits >= n - 1 and same
         print("[demo] RESULT:", "the move is proven" if ok else "FAILED")

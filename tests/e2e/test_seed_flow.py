@@ -78,6 +78,11 @@ def test_seed_flow_move(cluster):
     assert st["status"] == "done", st
     assert st["num_chunks"] == len(keys) and st["bytes"] > 0 and st["error"] is None
 
+    # The bytes went over NIXL: the seed's LMCache files say transfer_channel "nixl", which
+    # turns the same-host shortcut off (tests/e2e_same_host has the engines that use it).
+    transfers = e2.sidecar("/store").json()["transfers"]
+    assert transfers["fetches"] >= 1 and transfers["same_host_fetches"] == 0, transfers
+
     # A move: the destination holds the chunks byte for byte, the source no longer does.
     assert {k: chunk_bytes(e2, k) for k in keys} == before
     assert all(chunk_bytes(e1, k) is None for k in keys)

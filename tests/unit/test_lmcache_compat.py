@@ -15,8 +15,29 @@ def test_seed_instance_files_map_onto_kvmove_keys():
     assert (cfg.controller_pull_url, cfg.controller_reply_url) == ("localhost:8300", "localhost:8400")
     assert cfg.chunk_size == 256 and cfg.max_local_cpu_size == 5
     ignored = " ".join(cfg.notes)
-    for key in ("local_cpu", "enable_p2p", "p2p_lookup_ports", "transfer_channel"):
+    for key in ("local_cpu", "enable_p2p", "p2p_lookup_ports"):
         assert repr(key) in ignored
+    # transfer_channel: "nixl" is honoured: bytes go over NIXL, even between engines on one host.
+    assert cfg.same_host_copy is False and "transfer_channel" not in ignored
+
+
+@pytest.mark.parametrize("lmcache,extra,expect", [
+    ({"transfer_channel": "nixl"}, None, False),
+    ({"transfer_channel": "nixl", "same_host_copy": True}, None, True),  # said in the file
+    ({"transfer_channel": "nixl"}, {"same_host_copy": True}, True),  # kv_connector_extra_config
+    ({}, None, True),  # no channel named: the default
+])
+def test_transfer_channel_nixl_turns_the_same_host_shortcut_off(tmp_path, lmcache, extra, expect):
+    import yaml
+
+    f = tmp_path / "lm.yaml"
+    f.write_text(yaml.safe_dump({"lmcache_instance_id": "a", **lmcache}))
+    assert load_config(extra, env={"LMCACHE_CONFIG_FILE": str(f)}).same_host_copy is expect
+
+
+def test_another_transfer_channel_is_reported_not_obeyed():
+    out, notes = translate({"transfer_channel": "py_socket"})
+    assert out == {} and any("'py_socket' is not a channel here" in n for n in notes)
 
 
 def test_kvmove_file_wins_over_lmcache_file(tmp_path):

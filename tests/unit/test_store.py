@@ -18,6 +18,18 @@ def test_pool_is_one_region_of_whole_slots(layout):
     assert store.pool_bytes == 3 * layout.chunk_bytes
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunks_reserved_one_after_another_get_adjacent_slots_even_after_a_clear(layout, shared):
+    # Adjacent slots let a same-host peer copy a run of chunks as one big memcpy.
+    store = ChunkStore(layout, 8 * layout.chunk_bytes, shared=shared)
+    assert (store.shared_pool is not None) == shared
+    for i in (5, 1, 7, 0, 3):
+        put_chunk(store, key(i), 32, i)
+    store.delete([key(7), key(0), key(3)])
+    store.delete([key(5)])
+    assert [store.reserve(key(100 + i), 32) for i in range(5)] == [0, 2, 3, 4, 5]
+
+
 def test_reserved_chunk_is_invisible_until_commit(layout):
     store = make_store(layout, 2)
     assert store.reserve(key(1), 32) is not None
