@@ -10,15 +10,19 @@ Contract
   any sidecar. A gap in an instance's sequence (or a heartbeat showing events it never got)
   triggers a :class:`~sidecar.wire.Resync` and a fresh snapshot.
 * A move or copy is a job (:class:`Job`): ``POST /move`` validates, creates the job and
-  answers at once (or, with ``?wait=S``, when the job ends); the job then pins the chunks at the source, has the destination read them
-  over NIXL (the destination verifies checksums before publishing), unpins them, and — for a
-  move only, and only once the destination has them — deletes them at the source. The job's
-  state is one of ``pending``, ``running``, ``done``, ``failed``.
+  answers at once (or, with ``?wait=S``, when the job ends); the job then pins the chunks at
+  the source, has the destination fetch them in batches, two in flight (from its mapping of
+  the source's pool on the same host, over NIXL otherwise; the destination verifies checksums
+  before publishing), unpins them, and — for a move only, and only once the destination has
+  them — deletes them at the source. A failed batch, or ``POST /events/{id}/cancel``, stops
+  new batches; the job ends only once the batches already sent have settled. The job's state
+  is one of ``pending``, ``running``, ``done``, ``failed``, ``cancelled``.
 * Every command to a sidecar carries a request id and a timeout; any number may be in flight
   to one sidecar. Errors map to HTTP statuses in one place (:mod:`sidecar.errors`).
 
 HTTP routes:
-  ``POST /move``, ``GET /events``, ``GET /events/{event_id}``, ``POST /check_finish``,
+  ``POST /move``, ``GET /events``, ``GET /events/{event_id}``,
+  ``POST /events/{event_id}/cancel``, ``POST /check_finish``,
   ``POST /lookup``, ``POST /pin``, ``POST /unpin``, ``POST /clear``, ``GET /instances``,
   ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /`` (status page); LMCache's
   ``POST /health`` and ``POST /query_worker_info`` shapes.
@@ -816,6 +820,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
             "chunk_size": i.reg.chunk_size, "num_chunks": ctl.index.count(i.instance_id),
             "used_bytes": i.used_bytes, "capacity_bytes": i.reg.capacity_bytes,
             "available_bytes": i.available_bytes,
+            "same_host_copy": i.reg.shared_pool is not None,
             "last_heartbeat_s_ago": round(now - i.last_heartbeat, 3)}
             for i in ctl.instances.values()]})
 

@@ -90,6 +90,8 @@ class InstanceInfo(msgspec.Struct):
     num_chunks: int
     used_bytes: int
     capacity_bytes: int
+    available_bytes: int
+    same_host_copy: bool  # its pool is shared: destinations on its host copy from it directly
     last_heartbeat_s_ago: float
 
 

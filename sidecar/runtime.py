@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import socket
@@ -53,7 +52,7 @@ from sidecar.errors import token_matches
 from sidecar.zmqio import LoopSocket
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
-from vllm_kvmove.shm import PeerPools, PoolHandle
+from vllm_kvmove.shm import PeerPools
 from vllm_kvmove.store import ChunkStore, StoreError, checksum_stream
 from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError, split_ranges
 
@@ -234,8 +233,7 @@ class Sidecar:
             chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
             slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
             auth=cfg.api_token,
-            shared_pool=wire.SharedPool(*dataclasses.astuple(store.shared_pool))
-            if store.shared_pool is not None and cfg.same_host_copy else None)
+            shared_pool=store.shared_pool if cfg.same_host_copy else None)
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
             store.drain_events()  # covered by the snapshot
@@ -430,9 +428,9 @@ class Sidecar:
 
     def _mapped(self, source: wire.PeerInfo):
         """The source's pool mapped here (same host, shared pool), or None: use NIXL."""
-        if self.peer_pools is None or source.shared_pool is None:
+        if self.peer_pools is None:
             return None
-        return self.peer_pools.get(PoolHandle(*msgspec.structs.astuple(source.shared_pool)))
+        return self.peer_pools.get(source.shared_pool)
 
     def _read_verified(self, source: wire.PeerInfo, reserved: list[tuple[wire.ChunkDesc, int]],
                        timeout: float) -> int:

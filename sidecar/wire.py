@@ -27,6 +27,8 @@ from typing import Literal, Union
 
 import msgspec
 
+from vllm_kvmove.shm import PoolHandle
+
 PROTOCOL_VERSION = 1
 LOCATION = "LocalCPUBackend"
 
@@ -55,29 +57,6 @@ class _Command(_Tagged, kw_only=True):
 # ---------------------------------------------------------------------------------------------
 # Sidecar → controller (DEALER → ROUTER)
 # ---------------------------------------------------------------------------------------------
-class SharedPool(msgspec.Struct, array_like=True):
-    """A store pool in shared memory, mappable by peers on the same host
-    (:class:`vllm_kvmove.shm.PoolHandle`, field for field).
-
-    Attributes:
-        boot_id: the owner's kernel boot id (same host iff equal).
-        pid_ns: the owner's pid namespace inode (pids comparable iff equal).
-        pid: the owner's process id.
-        fd: the memfd's descriptor number in the owner (``/proc/<pid>/fd/<fd>``).
-        inode: the memfd's inode, checked after opening (a recycled pid cannot pass).
-        nbytes: pool size.
-        base_addr: the pool's address in the owner (``ChunkDesc.addr`` is relative to it).
-    """
-
-    boot_id: str
-    pid_ns: int
-    pid: int
-    fd: int
-    inode: int
-    nbytes: int
-    base_addr: int
-
-
 class Register(_Tagged):
     """A sidecar announces itself (on start, and whenever the controller asks to resync).
 
@@ -99,7 +78,9 @@ class Register(_Tagged):
         protocol: wire protocol version.
         auth: the shared API token, when the fleet has one (the controller refuses
             registrations without it).
-        shared_pool: the store pool, when it is in shared memory (same-host copies).
+        shared_pool: the store pool, when it is in shared memory: what a peer on the same
+            host needs to map it (:class:`vllm_kvmove.shm.PoolHandle`: boot id, pid
+            namespace, pid, memfd descriptor and inode, size, base address).
     """
 
     instance_id: str
@@ -117,7 +98,7 @@ class Register(_Tagged):
     pid: int
     protocol: int = PROTOCOL_VERSION
     auth: str = ""
-    shared_pool: SharedPool | None = None
+    shared_pool: PoolHandle | None = None
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
@@ -273,7 +254,7 @@ class PeerInfo(msgspec.Struct):
     agent_name: str
     p2p_url: str
     incarnation: str
-    shared_pool: SharedPool | None = None
+    shared_pool: PoolHandle | None = None
 
 
 class FetchChunks(_Command, kw_only=True):

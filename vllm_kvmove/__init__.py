@@ -1,7 +1,7 @@
 """vllm-kvmove: move KV cache between vLLM engines.
 
 Data plane (this package): :mod:`.config`, :mod:`.hashing`, :mod:`.layout`, :mod:`.store`,
-:mod:`.lookup`, :mod:`.transfer`, :mod:`.connector`. Control plane: the ``sidecar`` package.
+:mod:`.lookup`, :mod:`.transfer`, :mod:`.shm`, :mod:`.connector`. Control plane: the ``sidecar`` package.
 """
 
 CONNECTOR_NAME = "KVMoveConnector"

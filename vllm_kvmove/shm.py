@@ -8,12 +8,14 @@ Contract
   copy it itself, at memcpy speed, on several threads.
 * Source side: :func:`allocate_pool` creates a store pool in a memfd (anonymous shared memory:
   pages are committed as they are first written, like ``torch.empty``, and freed with the last
-  mapping). Its :class:`PoolHandle` — boot id, pid, descriptor, inode, size, base address —
-  travels in the sidecar's registration; NIXL still registers the same pool for other hosts.
+  mapping). Its :class:`PoolHandle` — boot id, pid namespace, pid, descriptor, inode, size,
+  base address — travels in the sidecar's registration; NIXL still registers the same pool
+  for other hosts.
 * Destination side: :class:`PeerPools` (one per engine, owned by the sidecar) maps a peer's
   pool read-only by opening ``/proc/<pid>/fd/<fd>``. The kernel opens that path only for a
-  process allowed to ptrace-read the peer — the boundary cma already has — and the inode and
-  size checks make sure a recycled pid (or another pid namespace) cannot pass for the peer.
+  process allowed to ptrace-read the peer — the boundary cma already has — and the boot id,
+  pid namespace and inode checks make sure another host, another container or a recycled pid
+  cannot pass for the peer.
   Mappings are kept per peer (the first copy through a mapping pays its page-table set-up,
   ~90 ms per GiB), checked before every copy (open + fstat, ~0.1 ms: a peer that exited is
   dropped), and :meth:`PeerPools.sweep` drops the mappings of peers that are gone, so a dead
@@ -22,10 +24,11 @@ Contract
   releases the GIL; concurrent copies share them, so a move uses at most ``threads`` cores),
   adjacent ranges as one big copy; with hashers, each thread then hashes what it copied.
 * Failure: a peer in our host and pid namespace whose process (or pool descriptor) is gone is
-  a :class:`~vllm_kvmove.transfer.TransferError` at once. Anything else that prevents a
-  mapping (another host or pid namespace, no permission, another inode) makes
-  :meth:`PeerPools.get` return None — the caller then reads over NIXL. A range outside the peer's pool raises
-  :class:`~vllm_kvmove.transfer.TransferError`: a wrong address is refused, never followed.
+  a :class:`~vllm_kvmove.transfer.TransferError` at once (so is a recycled pid: another
+  inode). Anything else that prevents a mapping (another host or pid namespace, no
+  permission) makes :meth:`PeerPools.get` return None — the caller then reads over NIXL. A
+  range outside the peer's pool raises :class:`~vllm_kvmove.transfer.TransferError`: a wrong
+  address is refused, never followed.
   A peer that exits mid-copy does not disturb it: its pages live until we unmap them.
 * Knows nothing of HTTP, the controller or the store's bookkeeping.
 """
@@ -39,12 +42,15 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from vllm_kvmove.transfer import ReadRange, TransferError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and numpy are imported where a pool is made or mapped, not here: the controller and
+# the CLI import PoolHandle (a wire type, through sidecar.wire) and must start quickly.
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +76,8 @@ def pid_namespace() -> int:
 
 @dataclass(frozen=True, slots=True)
 class PoolHandle:
-    """What a peer on the same host needs to map a pool.
+    """What a peer on the same host needs to map a pool. Also a wire type: the sidecar's
+    ``Register`` and the controller's ``PeerInfo`` carry it as is (msgspec encodes dataclasses).
 
     Attributes:
         boot_id: :func:`boot_id` of the owner's host.
@@ -91,7 +98,7 @@ class PoolHandle:
     base_addr: int
 
 
-def allocate_pool(nbytes: int, name: str = "kvmove-pool") -> tuple[torch.Tensor, PoolHandle]:
+def allocate_pool(nbytes: int, name: str = "kvmove-pool") -> tuple["torch.Tensor", PoolHandle]:
     """Allocate ``nbytes`` of shared host memory as a uint8 tensor.
 
     Returns:
@@ -100,6 +107,8 @@ def allocate_pool(nbytes: int, name: str = "kvmove-pool") -> tuple[torch.Tensor,
     Raises:
         OSError: memfd_create or mmap failed (e.g. no memfd support).
     """
+    import torch
+
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, nbytes)
@@ -127,6 +136,8 @@ class MappedPool:
 
     def __init__(self, handle: PoolHandle, mapping: mmap.mmap, fd: int,
                  executor: concurrent.futures.Executor, threads: int):
+        import numpy as np
+
         self.handle = handle
         self._mapping = mapping
         self._fd = fd  # kept open: fstat on it tells whether the file is still the peer's

@@ -44,6 +44,10 @@ def test_same_host_copies_and_nixl_reads_land_the_same_verified_bytes(fleet):
         assert chunk_bytes(mapped) == want
         assert chunk_bytes(nixl) == want
 
+        shared = {i["instance_id"]: i["same_host_copy"] for i in fleet.http.get("/instances").json()["instances"]
+                  if i["instance_id"].startswith("sh-")}
+        assert shared == {"sh-src": True, "sh-mapped": True, "sh-nixl": False}
+
         by_path = {name: sidecar_json(p, "/store")["transfers"] for name, p in
                    (("mapped", mapped), ("nixl", nixl))}
         assert by_path["mapped"]["fetches"] >= 1
