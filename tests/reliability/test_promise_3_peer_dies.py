@@ -81,3 +81,34 @@ def test_source_dies_mid_move(fleet):
     shown = visible_chunks_are_whole(dst.url)
     assert shown < 64
     fleet.cluster.stop(dst)
+
+
+def test_a_handshake_with_a_dead_peer_fails_at_once_and_a_silent_one_times_out():
+    # A dead peer's metadata port is closed: refused at once, not after the command timeout
+    # (a ZMQ request to a closed port would just wait). A peer that accepts but never answers
+    # ends at the timeout. Either way the destination's fetch fails and its job can end.
+    import socket
+    import time
+
+    import torch
+
+    from tests.conftest import free_port
+    from vllm_kvmove.transfer import NixlTransfer, TransferError
+
+    pool = torch.empty(1 << 16, dtype=torch.uint8)
+    me = NixlTransfer("p3-handshake", pool.data_ptr(), pool.numel(), "127.0.0.1", free_port())
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match="connection refused"):
+            me.connect_peer("gone", f"127.0.0.1:{free_port()}", timeout_s=30)
+        assert time.monotonic() - t0 < 1
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match="NIXL handshake with mute"):
+            me.connect_peer("mute", f"127.0.0.1:{silent.getsockname()[1]}", timeout_s=1)
+        assert 1 <= time.monotonic() - t0 < 3
+    finally:
+        silent.close()
+        me.close()
