@@ -18,8 +18,9 @@ Global options (before or after the command): ``--controller URL`` (default: env
 controller's JSON answer instead of a table; ``move --wait --json`` prints the job's final
 status).
 
-Exit status: 0 success; 1 the job of ``move --wait`` failed (or was cancelled); 2 bad usage, or the controller
-answered with an error; 3 the controller could not be reached. Errors are one line on stderr.
+Exit status: 0 success; 1 the job of ``move --wait`` failed (or was cancelled); 2 bad usage,
+or the controller answered with an error; 3 the controller could not be reached. Errors are
+one line on stderr.
 """
 
 from __future__ import annotations
@@ -328,8 +329,8 @@ def add_global_args(parser: argparse.ArgumentParser, with_defaults: bool) -> Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmove", description="Inspect and move vLLM KV cache through a vllm-kvmove controller.",
-        epilog="exit status: 0 ok, 1 job failed or cancelled (move --wait), 2 bad usage or controller error, "
-               "3 controller unreachable")
+        epilog="exit status: 0 ok, 1 job failed or cancelled (move --wait), 2 bad usage or "
+               "controller error, 3 controller unreachable")
     add_global_args(parser, with_defaults=True)
     common = argparse.ArgumentParser(add_help=False)
     add_global_args(common, with_defaults=False)
