@@ -282,10 +282,11 @@ class PeerPools:
 
         Returns:
             The mapping, or None when the pool cannot be mapped from here (another host or
-            pid namespace, no permission, not the announced file): then use NIXL.
+            pid namespace, no permission, not the announced size): then use NIXL.
         Raises:
             TransferError: the peer shares our host and pid namespace, and its process (or
-                its pool) is gone — NIXL could not reach it either, so say so at once.
+                its pool: another inode behind its pid) is gone — NIXL could not reach it
+                either, so say so at once.
         """
         if handle is None or not handle.boot_id or handle.boot_id != self._boot_id:
             return None
