@@ -18,15 +18,17 @@ BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
 FLOW_PROMPT = "Describe how a prefix cache saves prefill time in a language model server."
 
 
-def fingerprint(cluster, iid: str) -> tuple[str, int]:
-    for i in cluster.http.get("/instances").json()["instances"]:
+def fingerprint(http, iid: str) -> tuple[str, int]:
+    """``iid``'s KV fingerprint and chunk size, from the controller at ``http``."""
+    for i in http.get("/instances").json()["instances"]:
         if i["instance_id"] == iid:
             return i["fingerprint"], i["chunk_size"]
     raise AssertionError(iid)
 
 
-def chunk_keys(cluster, tokens) -> list[str]:
-    fp, cs = fingerprint(cluster, S1)
+def chunk_keys(http, tokens, iid: str = S1) -> list[str]:
+    """Hex keys of the chunks ``tokens`` make at ``iid``."""
+    fp, cs = fingerprint(http, iid)
     return [s.key.hex() for s in chunk_spans(tokens, cs, fp)]
 
 
@@ -35,7 +37,7 @@ def chunk_bytes(engine, key: str) -> bytes | None:
     return r.content if r.status_code == 200 else None
 
 
-def serve_and_check(cluster, dst, prompt, tokens, source_text):
+def serve_and_check(dst, prompt, tokens, source_text):
     """Send ``prompt`` to ``dst``; assert it was served from the moved KV, output unchanged."""
     n = len(tokens)
     hits0, host0 = dst.metric(HITS), dst.metric(BY_SOURCE, source="host")
@@ -67,7 +69,7 @@ def test_seed_flow_move(cluster):
     src = e1.complete(FLOW_PROMPT)
     tokens = e1.tokenize(FLOW_PROMPT)
     assert cluster.wait_lookup(tokens, {S1: len(tokens)}) == {S1: len(tokens)}
-    keys = chunk_keys(cluster, tokens)
+    keys = chunk_keys(cluster.http, tokens)
     before = {k: chunk_bytes(e1, k) for k in keys}
     assert all(before.values())
 
@@ -87,7 +89,7 @@ def test_seed_flow_move(cluster):
     assert {k: chunk_bytes(e2, k) for k in keys} == before
     assert all(chunk_bytes(e1, k) is None for k in keys)
     assert cluster.wait_lookup(tokens, {S2: len(tokens)}) == {S2: len(tokens)}
-    serve_and_check(cluster, e2, FLOW_PROMPT, tokens, src["choices"][0]["text"])
+    serve_and_check(e2, FLOW_PROMPT, tokens, src["choices"][0]["text"])
 
     finish = cluster.http.post("/check_finish", json={"event_id": st["event_id"]}).json()
     assert finish["status"] == "done" and finish["num_tokens"] == len(tokens)
@@ -103,7 +105,7 @@ def test_twelve_token_prompt_is_stored_and_moved(cluster):
     r = cluster.move(S1, S2, tokens=tokens)
     assert r.json()["num_tokens"] == 12
     assert cluster.wait_job(r.json()["event_id"])["status"] == "done"
-    hits = serve_and_check(cluster, e2, tokens, tokens, src["choices"][0]["text"])
+    hits = serve_and_check(e2, tokens, tokens, src["choices"][0]["text"])
     assert hits == 11  # vLLM always recomputes the last prompt token
 
 
@@ -118,7 +120,7 @@ def test_copy_of_multi_chunk_prompt_with_partial_tail(cluster):
     assert len(tokens) > 512 and len(tokens) % 256, "want several chunks and a partial tail"
     src = e1.complete(prompt)
     cluster.wait_lookup(tokens, {S1: len(tokens)})
-    keys = chunk_keys(cluster, tokens)
+    keys = chunk_keys(cluster.http, tokens)
     r = cluster.move(S1, S2, tokens=tokens, copy=True)
     st = cluster.wait_job(r.json()["event_id"])
     assert st["status"] == "done" and st["kind"] == "copy" and st["num_chunks"] == len(keys) >= 3
@@ -128,7 +130,7 @@ def test_copy_of_multi_chunk_prompt_with_partial_tail(cluster):
         assert a is not None and a == b
     assert cluster.wait_lookup(tokens, {S1: len(tokens), S2: len(tokens)}) == {S1: len(tokens),
                                                                              S2: len(tokens)}
-    serve_and_check(cluster, e2, prompt, tokens, src["choices"][0]["text"])
+    serve_and_check(e2, prompt, tokens, src["choices"][0]["text"])
 
 
 def test_move_by_prompt_tokenizes_on_the_source(cluster):
@@ -141,7 +143,7 @@ def test_move_by_prompt_tokenizes_on_the_source(cluster):
     assert r.status_code == 200, r.text
     assert r.json()["num_tokens"] == len(tokens)
     assert cluster.wait_job(r.json()["event_id"])["status"] == "done"
-    serve_and_check(cluster, e2, prompt, tokens, src["choices"][0]["text"])
+    serve_and_check(e2, prompt, tokens, src["choices"][0]["text"])
     assert cluster.wait_lookup(tokens, {S2: len(tokens)}) == {S2: len(tokens)}
 
 
@@ -154,7 +156,7 @@ def test_move_back_and_forth_keeps_serving(cluster):
     cluster.wait_lookup(tokens, {S2: len(tokens)})
     r = cluster.move(S2, S1, tokens=tokens)
     assert cluster.wait_job(r.json()["event_id"])["status"] == "done"
-    serve_and_check(cluster, e1, prompt, tokens, ref["choices"][0]["text"])
+    serve_and_check(e1, prompt, tokens, ref["choices"][0]["text"])
 
 
 @pytest.mark.parametrize("body,status", [

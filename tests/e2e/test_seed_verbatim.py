@@ -77,4 +77,4 @@ def test_seed_curl_commands_verbatim(cluster):
     finish = curl(f"""curl -X POST http://localhost:9000/check_finish -H "Content-Type: application/json" -d '{{"event_id": "{step6['event_id']}"}}'""")
     assert finish["status"] == 200 and finish["json"]["status"] == "done"
 
-    serve_and_check(cluster, e2, PROMPT, tokens, reference)
+    serve_and_check(e2, PROMPT, tokens, reference)

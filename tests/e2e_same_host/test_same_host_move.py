@@ -17,8 +17,7 @@ import pytest
 from sidecar.localcluster import LocalCluster
 from tests.conftest import free_port, post_move, wait_job, wait_lookup
 from tests.e2e.conftest import Engine, model_dir
-from tests.e2e.test_seed_flow import serve_and_check
-from vllm_kvmove.hashing import chunk_spans
+from tests.e2e.test_seed_flow import chunk_bytes, chunk_keys, serve_and_check
 
 PROMPT = ("Moving the KV cache of a long prompt between two engines on one host need not go "
           "through the kernel page by page: the destination maps the source's pool. ") * 6
@@ -53,11 +52,10 @@ def test_a_move_between_engines_on_one_host_copies_from_the_mapped_pool(pair):
     tokens = a.tokenize(PROMPT)
     source = a.complete(PROMPT)
     assert wait_lookup(http, tokens, {"host-a": len(tokens)}, timeout=30) == {"host-a": len(tokens)}
-    info = {i["instance_id"]: i for i in http.get("/instances").json()["instances"]}
-    keys = [s.key.hex() for s in chunk_spans(tokens, info["host-a"]["chunk_size"],
-                                              info["host-a"]["fingerprint"])]
+    keys = chunk_keys(http, tokens, "host-a")
     assert len(keys) >= 2
-    before = {k: a.sidecar(f"/chunks/{k}").content for k in keys}
+    before = {k: chunk_bytes(a, k) for k in keys}
+    assert all(before.values())
 
     r = post_move(http, "host-a", "host-b", tokens=tokens)
     assert r.status_code == 200, r.text
@@ -66,8 +64,8 @@ def test_a_move_between_engines_on_one_host_copies_from_the_mapped_pool(pair):
     transfers = b.sidecar("/store").json()["transfers"]
     assert transfers["same_host_fetches"] == transfers["fetches"] >= 1, transfers
 
-    assert {k: b.sidecar(f"/chunks/{k}").content for k in keys} == before
-    assert all(a.sidecar(f"/chunks/{k}").status_code != 200 for k in keys)  # moved: gone at a
-    hits = serve_and_check(None, b, PROMPT, tokens, source["choices"][0]["text"])
+    assert {k: chunk_bytes(b, k) for k in keys} == before
+    assert all(chunk_bytes(a, k) is None for k in keys)  # moved: gone at a
+    hits = serve_and_check(b, PROMPT, tokens, source["choices"][0]["text"])
     print(f"\n[same host] {len(keys)} chunks, {st['bytes']} bytes moved in {st['elapsed_s'] * 1e3:.1f} ms; "
           f"{hits:.0f} external hits on host-b for a {len(tokens)}-token prompt")
