@@ -707,10 +707,12 @@ def _wait_seconds(request: Request) -> float | None:
     return wait
 
 
-async def _wait_for_end(job: Job, wait: float) -> wire.JobStatusBody:
-    """The job's status once it ended, or after ``wait`` seconds if it is still running."""
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(job.finished.wait(), wait)
+async def _wait_for_end(job: Job, wait: float | None) -> wire.JobStatusBody:
+    """The job's status once it ended, or after ``wait`` seconds if it is still running
+    (``None``: at once)."""
+    if wait is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(job.finished.wait(), wait)
     return job.to_status()
 
 
@@ -764,7 +766,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         """``?wait=S``: long-poll, answering as soon as the job ends (or after S <= 60 s)."""
         job = _job(request.path_params["event_id"])
         wait = _wait_seconds(request)
-        return json_response(job.to_status() if wait is None else await _wait_for_end(job, wait))
+        return json_response(await _wait_for_end(job, wait))
 
     async def cancel(request: Request) -> Response:
         """Stop a move or copy (see :meth:`Controller.cancel`); ``?wait=S``: answer once it
@@ -773,7 +775,7 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         job = _job(request.path_params["event_id"])
         wait = _wait_seconds(request)
         ctl.cancel(job)
-        return json_response(job.to_status() if wait is None else await _wait_for_end(job, wait))
+        return json_response(await _wait_for_end(job, wait))
 
     async def events(request: Request) -> Response:
         recent = list(itertools.islice(reversed(ctl.jobs.values()), query_limit(request, 100)))

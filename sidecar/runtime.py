@@ -27,8 +27,8 @@ Contract
   shared memory on this host (``same_host_copy``), the fetch maps it and copies the chunks
   itself (:mod:`vllm_kvmove.shm`: memcpy on ``copy_threads`` threads, each of which then
   hashes what it copied); otherwise it READs over NIXL, big fetches in pieces, each hashed on
-  the verify thread while the next one is read. Mappings of peers that exited are dropped at every
-  heartbeat.
+  the verify thread while the next one is read. Mappings of peers that exited are dropped at
+  every heartbeat.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from sidecar.errors import token_matches
 from sidecar.zmqio import LoopSocket
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
-from vllm_kvmove.shm import PeerPools
+from vllm_kvmove.shm import MappedPool, PeerPools
 from vllm_kvmove.store import ChunkStore, StoreError, checksum_stream
 from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError, split_ranges
 
@@ -380,11 +380,14 @@ class Sidecar:
             return wire.Reply(req_id=msg.req_id, ok=True, count=n)
         if isinstance(msg, wire.FetchChunks):
             try:
-                small = (sum(c.nbytes for c in msg.chunks) <= _INLINE_BYTES
-                         and (self._mapped(msg.source) is not None
-                              or self.transfer.knows_peer(msg.source.agent_name, msg.source.p2p_url,
-                                                          msg.source.incarnation)))
-                nbytes, count = self._fetch(msg) if small else await asyncio.to_thread(self._fetch, msg)
+                # A small fetch runs inline if it needs no handshake; the mapping looked up for
+                # that decision is the one its copy uses (one /proc check, not two).
+                small = sum(c.nbytes for c in msg.chunks) <= _INLINE_BYTES
+                mapped = self._mapped(msg.source) if small else None
+                inline = small and (mapped is not None or self.transfer.knows_peer(
+                    msg.source.agent_name, msg.source.p2p_url, msg.source.incarnation))
+                nbytes, count = (self._fetch(msg, mapped) if inline
+                                 else await asyncio.to_thread(self._fetch, msg, mapped))
             except Exception:
                 self.stats["fetch_failures"] += 1
                 raise
@@ -393,8 +396,9 @@ class Sidecar:
             return wire.Reply(req_id=msg.req_id, ok=True, count=count, bytes=nbytes)
         raise CommandError("bad_request", f"unknown command {type(msg).__name__}")
 
-    def _fetch(self, msg: wire.FetchChunks) -> tuple[int, int]:
-        """Read, verify and publish chunks from a peer (runs on a worker thread)."""
+    def _fetch(self, msg: wire.FetchChunks, mapped: MappedPool | None = None) -> tuple[int, int]:
+        """Read, verify and publish chunks from a peer (on a worker thread, or inline when
+        small); ``mapped``: the source's pool, if the caller already mapped it."""
         store, layout, transfer = self.store, self.layout, self.transfer
         assert transfer is not None
         timeout = self.config.command_timeout_s
@@ -411,7 +415,7 @@ class Sidecar:
                     reserved.append((c, slot * store.slot_bytes))
             t_read = time.perf_counter()
             try:
-                moved = self._read_verified(msg.source, reserved, timeout)
+                moved = self._read_verified(msg.source, reserved, timeout, mapped)
             except TransferError:
                 transfer.forget_peer(msg.source.agent_name)  # re-handshake next time
                 raise
@@ -426,14 +430,14 @@ class Sidecar:
                      (time.perf_counter() - t_read) * 1e3)
         return moved, len(reserved)
 
-    def _mapped(self, source: wire.PeerInfo):
+    def _mapped(self, source: wire.PeerInfo) -> MappedPool | None:
         """The source's pool mapped here (same host, shared pool), or None: use NIXL."""
         if self.peer_pools is None:
             return None
         return self.peer_pools.get(source.shared_pool)
 
     def _read_verified(self, source: wire.PeerInfo, reserved: list[tuple[wire.ChunkDesc, int]],
-                       timeout: float) -> int:
+                       timeout: float, mapped: MappedPool | None = None) -> int:
         """Copy the reserved chunks from ``source`` and check each one's checksum (when
         verification is on); returns bytes copied. Raises TransferError or IntegrityError.
 
@@ -450,7 +454,8 @@ class Sidecar:
         if not ranges:
             return 0  # this store holds them all already
         hashers = [checksum_stream() for _ in reserved] if self.config.verify_checksums else None
-        mapped = self._mapped(source)
+        if mapped is None:
+            mapped = self._mapped(source)
         if mapped is not None:
             moved = mapped.copy(ranges, hashers)
             self.stats["same_host_fetches"] += 1

@@ -261,8 +261,8 @@ def _probe(peer_name: str, peer_url: str, timeout_s: float) -> None:
 def split_ranges(ranges: list[ReadRange], piece_bytes: int) -> list[list[tuple[int, ReadRange]]]:
     """Cut ``ranges`` into consecutive pieces of at most ``piece_bytes`` bytes.
 
-    A range may be split across pieces; small ranges share one. Used to read-and-hash a
-    fetch in pieces and to share a copy among threads.
+    A range may be split across pieces; small ranges share one. The sidecar reads and
+    hashes a NIXL fetch in such pieces.
 
     Returns:
         The pieces, in order; each item is (index of its range in ``ranges``, sub-range).
