@@ -50,10 +50,11 @@ import zmq
 from sidecar import wire
 from sidecar.errors import token_matches
 from sidecar.zmqio import LoopSocket
+from vllm_kvmove.checksum import checksum_stream
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.shm import MappedPool, PeerPools
-from vllm_kvmove.store import ChunkStore, StoreError, checksum_stream
+from vllm_kvmove.store import ChunkStore, StoreError
 from vllm_kvmove.transfer import NixlTransfer, ReadRange, TransferError, split_ranges
 
 logger = logging.getLogger("vllm_kvmove.sidecar")
@@ -441,33 +442,37 @@ class Sidecar:
         """Copy the reserved chunks from ``source`` and check each one's checksum (when
         verification is on); returns bytes copied. Raises TransferError or IntegrityError.
 
-        Same host with a shared pool: memcpy from the mapped pool on the copy threads, each
-        hashing what it copied (:meth:`vllm_kvmove.shm.MappedPool.copy`). Otherwise a NIXL READ,
-        verified in a pipeline: the bytes are read in pieces of at most ``_PIECE_BYTES``, and
-        each piece is hashed (streaming XXH3, the same digest as one-shot) on the verify
-        thread while the next piece is read here — both release the GIL, so on two cores the
-        hash (~13 GB/s on one core) hides behind the copy instead of adding to it.
+        Same host with a shared pool: copied from the mapped pool on the copy threads, each
+        chunk checksummed in the same pass (:meth:`vllm_kvmove.shm.MappedPool.copy`).
+        Otherwise a NIXL READ, verified in a pipeline: the bytes are read in pieces of at most
+        ``_PIECE_BYTES``, and each piece is hashed (streaming XXH3, the same digest as
+        one-shot) on the verify thread while the next piece is read here — both release the
+        GIL, so on two cores the hash (~13 GB/s on one core) hides behind the copy instead of
+        adding to it.
         """
         store, transfer = self.store, self.transfer
         assert transfer is not None
         ranges = [ReadRange(c.addr, store.base_addr + off, c.nbytes) for c, off in reserved]
         if not ranges:
             return 0  # this store holds them all already
-        hashers = [checksum_stream() for _ in reserved] if self.config.verify_checksums else None
+        verify = self.config.verify_checksums
+        moved = sum(r.nbytes for r in ranges)
         if mapped is None:
             mapped = self._mapped(source)
         if mapped is not None:
-            moved = mapped.copy(ranges, hashers)
+            digests = mapped.copy(ranges, checksums=verify)
             self.stats["same_host_fetches"] += 1
         else:
             transfer.connect_peer(source.agent_name, source.p2p_url, timeout, source.incarnation)
-            if hashers is None:
+            if not verify:
                 return transfer.read(source.agent_name, ranges, timeout)  # one transfer: fastest
+            hashers = [checksum_stream() for _ in reserved]
             moved = self._read_pipelined(source, ranges, hashers, timeout)
-        for (c, _), h in zip(reserved, hashers or ()):
-            if h.intdigest() != c.checksum:
+            digests = [h.intdigest() for h in hashers]
+        for (c, _), digest in zip(reserved, digests or ()):
+            if digest != c.checksum:
                 raise IntegrityError(f"chunk {c.key.hex()} from {source.instance_id}: checksum "
-                                     f"{h.intdigest():08x} != {c.checksum:08x}")
+                                     f"{digest:08x} != {c.checksum:08x}")
         return moved
 
     def _read_pipelined(self, source: wire.PeerInfo, ranges: list[ReadRange], hashers: list,

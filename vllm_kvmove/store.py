@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
-import xxhash
 
+from vllm_kvmove.checksum import checksum
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.shm import PoolHandle, allocate_pool
 
@@ -96,7 +96,7 @@ class ChunkInfo:
         num_tokens: tokens in the chunk.
         offset: byte offset of the chunk in the pool.
         nbytes: valid bytes (a contiguous prefix of the slot).
-        checksum: XXH3-64 of the valid bytes (:func:`checksum`).
+        checksum: XXH3-64 of the valid bytes (:func:`vllm_kvmove.checksum.checksum`).
     """
 
     key: bytes
@@ -449,14 +449,3 @@ class ChunkStore:
         self._seq += 1
         self._events.append(StoreEvent(self._seq, kind, e.key, e.num_tokens))
 
-
-def checksum(data: torch.Tensor) -> int:
-    """XXH3-64 of a contiguous uint8 tensor's bytes. ~11 GB/s here (CRC-32 was 2.8 GB/s, which
-    made verification, not the copy, the cost of a move); releases the GIL."""
-    return xxhash.xxh3_64_intdigest(data.numpy())
-
-
-def checksum_stream() -> "xxhash.xxh3_64":
-    """A streaming hasher: ``update()`` it with a chunk's bytes in order (numpy arrays or
-    buffers); its ``intdigest()`` then equals :func:`checksum` of the whole. Releases the GIL."""
-    return xxhash.xxh3_64()

@@ -13,8 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from vllm_kvmove.checksum import checksum
 from vllm_kvmove.shm import PeerPools, PoolHandle
-from vllm_kvmove.store import checksum, checksum_stream
 from vllm_kvmove.transfer import ReadRange, TransferError
 
 POOL = 8 << 20
@@ -82,13 +82,14 @@ def test_copies_the_peers_bytes_and_hashes_them(owner, threads, verify, spans):
         mapped = pools.get(handle)
         assert mapped is not None
         dst = torch.zeros(6 << 20, dtype=torch.uint8)
-        hashers = [checksum_stream() for _ in spans] if verify else None
-        assert mapped.copy(ranges_into(dst, handle, spans), hashers) == sum(n for *_, n in spans)
+        digests = mapped.copy(ranges_into(dst, handle, spans), checksums=verify)
         want = expected()
         for i, (s, d, n) in enumerate(spans):
             assert torch.equal(dst[d:d + n], want[s:s + n]), f"span {i}"
-            if verify:
-                assert hashers[i].intdigest() == checksum(want[s:s + n])
+        if verify:
+            assert digests == [checksum(want[s:s + n]) for s, _, n in spans]
+        else:
+            assert digests is None
         assert pools.get(handle) is mapped  # kept for the next copy
     finally:
         pools.close()

@@ -183,7 +183,7 @@ def test_on_events_is_called_after_commit_and_delete(layout):
 def test_checksum_stream_matches_checksum_over_any_split():
     import torch
 
-    from vllm_kvmove.store import checksum, checksum_stream
+    from vllm_kvmove.checksum import checksum, checksum_stream
 
     data = torch.randint(0, 256, (3 * 1024 + 17,), dtype=torch.uint8)
     for cut in (1, 1000, 3 * 1024):
