@@ -43,10 +43,8 @@ _KERNEL_MIN_BYTES = 241
 
 
 def checksum(data: Any) -> int:
-    """XXH3-64 of a contiguous buffer (numpy array, memoryview, bytes; a torch tensor via
-    ``.numpy()``). Releases the GIL."""
-    if hasattr(data, "numpy"):
-        data = data.numpy()
+    """XXH3-64 of a contiguous buffer (numpy array, memoryview, bytes; pass a CPU torch
+    tensor as ``t.numpy()``, a view). Releases the GIL."""
     return xxhash.xxh3_64_intdigest(data)
 
 

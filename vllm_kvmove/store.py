@@ -290,7 +290,7 @@ class ChunkStore:
                 self._account(e, 1)
                 offset, nbytes = e.slot * self.slot_bytes, self.layout.valid_bytes(e.num_tokens)
             try:
-                value = checksum(self.pool[offset:offset + nbytes])
+                value = checksum(self.pool[offset:offset + nbytes].numpy())
             finally:
                 self.unpin([key])
             with self._lock:
@@ -340,7 +340,7 @@ class ChunkStore:
             nbytes = self.layout.valid_bytes(e.num_tokens)
             offset = e.slot * self.slot_bytes
             if e.checksum is None and checksums:
-                e.checksum = checksum(self.pool[offset:offset + nbytes])
+                e.checksum = checksum(self.pool[offset:offset + nbytes].numpy())
             infos.append(ChunkInfo(e.key, e.num_tokens, offset, nbytes, e.checksum or 0))
         return infos
 
