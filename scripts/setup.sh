@@ -5,9 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KVMOVE_VENV:-.venv}
-pip_quiet() {  # pip, minus the machine config's "Location ... is ignored" noise
-  "$VENV/bin/pip" "$@" 2>&1 | { grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true; }
-  return "${PIPESTATUS[0]}"
+pip_quiet() {  # pip; all its output if it fails, else minus the noise: the machine config's
+  # "Location ... is ignored" and the build backend's indented notices (setuptools warns that
+  # ext-modules in pyproject.toml are experimental, and about editable installs)
+  local log rc=0
+  log=$(mktemp)
+  "$VENV/bin/pip" "$@" >"$log" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then cat "$log"; else grep -v -e "^WARNING: Location" -e "^ " "$log" || true; fi
+  rm -f "$log"
+  return "$rc"
 }
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

@@ -8,14 +8,16 @@ Contract
   copy it itself, at memcpy speed, on several threads.
 * Source side: :func:`allocate_pool` creates a store pool in a memfd (anonymous shared memory:
   pages are committed as they are first written, like ``torch.empty``, and freed with the last
-  mapping). Its :class:`PoolHandle` — boot id, pid namespace, pid, descriptor, inode, size,
+  mapping), sealed against resizing: a mapped file that shrinks makes its readers fault
+  (SIGBUS) past the new end, and a peer must not be able to crash an engine that way. Its :class:`PoolHandle` — boot id, pid namespace, pid, descriptor, inode, size,
   base address — travels in the sidecar's registration; NIXL still registers the same pool
   for other hosts.
 * Destination side: :class:`PeerPools` (one per engine, owned by the sidecar) maps a peer's
   pool read-only by opening ``/proc/<pid>/fd/<fd>``. The kernel opens that path only for a
   process allowed to ptrace-read the peer — the boundary cma already has — and the boot id,
   pid namespace and inode checks make sure another host, another container or a recycled pid
-  cannot pass for the peer.
+  cannot pass for the peer. A pool that is not sealed against shrinking is not mapped (NIXL
+  then reads it), so no peer can pull pages from under a copy.
   Mappings are kept per peer (the first copy through a mapping pays its page-table set-up,
   ~90 ms per GiB), checked before every copy (open + fstat, ~0.1 ms: a peer that exited is
   dropped), and :meth:`PeerPools.sweep` drops the mappings of peers that are gone, so a dead
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -59,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 # Copies up to this size run on the calling thread.
 _INLINE_BYTES = 1 << 20
+
+# Seals a pool carries: its size can change no more, nor can its seals.
+_POOL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 def boot_id() -> str:
@@ -112,9 +118,10 @@ def allocate_pool(nbytes: int, name: str = "kvmove-pool") -> tuple["torch.Tensor
     """
     import torch
 
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _POOL_SEALS)
         mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError:
         os.close(fd)
@@ -283,7 +290,8 @@ class PeerPools:
 
         Returns:
             The mapping, or None when the pool cannot be mapped from here (another host or
-            pid namespace, no permission, not the announced size): then use NIXL.
+            pid namespace, no permission, not the announced size, not sealed against
+            shrinking): then use NIXL.
         Raises:
             TransferError: the peer shares our host and pid namespace, and its process (or
                 its pool: another inode behind its pid) is gone — NIXL could not reach it
@@ -324,6 +332,11 @@ class PeerPools:
             if st.st_size != h.nbytes:
                 logger.warning("the pool of pid %d has %d bytes, not %d: reading over NIXL",
                                h.pid, st.st_size, h.nbytes)
+                os.close(fd)
+                return None
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK == 0:
+                logger.warning("the pool of pid %d could shrink under a copy (not sealed): "
+                               "reading over NIXL", h.pid)
                 os.close(fd)
                 return None
             mapping = mmap.mmap(fd, h.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)

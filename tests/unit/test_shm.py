@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,10 +36,23 @@ def expected() -> torch.Tensor:
     return torch.randint(0, 256, (POOL,), dtype=torch.uint8, generator=g)
 
 
+# A peer whose memfd is not sealed: it could shrink the file under our copy.
+UNSEALED_OWNER = textwrap.dedent(f"""
+    import dataclasses, json, os, sys
+    from vllm_kvmove.shm import PoolHandle, boot_id, pid_namespace
+    fd = os.memfd_create("unsealed")
+    os.ftruncate(fd, {POOL})
+    h = PoolHandle(boot_id(), pid_namespace(), os.getpid(), fd, os.fstat(fd).st_ino, {POOL}, 0)
+    print(json.dumps(dataclasses.asdict(h)), flush=True)
+    sys.stdin.read()
+""")
+
+
 @contextlib.contextmanager
-def pool_owner():
-    """A second process holding a shared pool of known bytes: yields (process, handle)."""
-    proc = subprocess.Popen([sys.executable, "-c", OWNER], stdin=subprocess.PIPE,
+def pool_owner(script: str = OWNER):
+    """A second process holding a shared pool (of known bytes, with OWNER): yields
+    (process, handle)."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         yield proc, PoolHandle(**json.loads(proc.stdout.readline()))
@@ -142,3 +156,17 @@ def test_a_mapped_peer_that_exits_fails_the_next_copy_at_once(pools):
         proc.wait(timeout=30)
         with pytest.raises(TransferError, match="exited"):
             pools.get(handle)  # before any sweep
+
+
+def test_a_pool_cannot_change_size_and_an_unsealed_one_is_left_to_nixl(pools):
+    """Reading a mapped file past its end faults (SIGBUS): our pools are sealed against
+    resizing, and a peer pool that is not sealed is never mapped."""
+    from vllm_kvmove.shm import allocate_pool
+
+    pool, handle = allocate_pool(1 << 20)
+    for size in (0, 4096, 2 << 20):
+        with pytest.raises(PermissionError):
+            os.ftruncate(handle.fd, size)
+    assert os.fstat(handle.fd).st_size == 1 << 20 and pool.numel() == 1 << 20
+    with pool_owner(UNSEALED_OWNER) as (_, unsealed):
+        assert pools.get(unsealed) is None
