@@ -9,9 +9,9 @@ Contract
 * Source side: :func:`allocate_pool` creates a store pool in a memfd (anonymous shared memory:
   pages are committed as they are first written, like ``torch.empty``, and freed with the last
   mapping), sealed against resizing: a mapped file that shrinks makes its readers fault
-  (SIGBUS) past the new end, and a peer must not be able to crash an engine that way. Its :class:`PoolHandle` — boot id, pid namespace, pid, descriptor, inode, size,
-  base address — travels in the sidecar's registration; NIXL still registers the same pool
-  for other hosts.
+  (SIGBUS) past the new end, and a peer must not be able to crash an engine that way. Its
+  :class:`PoolHandle` — boot id, pid namespace, pid, descriptor, inode, size, base address —
+  travels in the sidecar's registration; NIXL still registers the same pool for other hosts.
 * Destination side: :class:`PeerPools` (one per engine, owned by the sidecar) maps a peer's
   pool read-only by opening ``/proc/<pid>/fd/<fd>``. The kernel opens that path only for a
   process allowed to ptrace-read the peer — the boundary cma already has — and the boot id,

@@ -448,4 +448,3 @@ class ChunkStore:
     def _emit(self, kind: str, e: _Entry) -> None:
         self._seq += 1
         self._events.append(StoreEvent(self._seq, kind, e.key, e.num_tokens))
-
