@@ -205,8 +205,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "vllm_kvmove._copyhash",
-    "Copy a chunk and compute its XXH3-64 in one pass (see the source's contract).", -1, methods,
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "vllm_kvmove._copyhash",
+    .m_doc = "Copy a chunk and compute its XXH3-64 in one pass (see the source's contract).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__copyhash(void)
