@@ -20,7 +20,7 @@
  *   without AVX2, checked at import), and callers then copy and hash in two passes.
  * - The algorithm is XXH3 as specified by its author (Yann Collet, xxHash specification,
  *   "XXH3 long input"); this is our own implementation of it, and the unit tests check it
- *   bit for bit against the xxhash package over every length from 241 to 3000 and random ones.
+ *   bit for bit against the xxhash package over every length from 241 to 2,999 and random ones.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
