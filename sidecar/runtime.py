@@ -456,11 +456,11 @@ class Sidecar:
         if not ranges:
             return 0  # this store holds them all already
         verify = self.config.verify_checksums
-        moved = sum(r.nbytes for r in ranges)
         if mapped is None:
             mapped = self._mapped(source)
         if mapped is not None:
             digests = mapped.copy(ranges, checksums=verify)
+            moved = sum(r.nbytes for r in ranges)
             self.stats["same_host_fetches"] += 1
         else:
             transfer.connect_peer(source.agent_name, source.p2p_url, timeout, source.incarnation)

@@ -23,12 +23,9 @@ Contract
 from __future__ import annotations
 
 import ctypes
-import logging
 from typing import Any
 
 import xxhash
-
-logger = logging.getLogger(__name__)
 
 try:
     from vllm_kvmove import _copyhash
