@@ -111,7 +111,7 @@ def engine_cluster() -> dict[str, Any]:
     """
     if _ENGINES:
         return _ENGINES
-    from sidecar.localcluster import LocalCluster
+    from tests.harness.processes import LocalCluster
 
     model = make_model("tiny-llama")
     cluster = LocalCluster(model, WORK / "engines")

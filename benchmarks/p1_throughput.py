@@ -1,7 +1,7 @@
 """P1 — move throughput: bytes of KV moved ÷ time from POST /move to the event done, for a
 prefix of 1 GiB of KV, against a single-process memcpy of the same bytes in the same run.
 
-The two peers are real sidecar processes (``sidecar.standalone``: the sidecar code an engine
+The two peers are real sidecar processes (``tests.harness.standalone``: the sidecar code an engine
 runs, with its real store, NIXL agent over UCX, and control-plane client), holding KV in the
 layout of a 16-layer, 8-KV-head, head-dim-128 bf16 model (64 KiB per token, 16 MiB chunks).
 No engine is involved in a move's data path, so none is started. Each trial copies the prefix
@@ -27,14 +27,14 @@ import httpx
 import torch
 
 from common import WORK, Result, median
-from sidecar.localcluster import LocalCluster
+from sidecar.protocol import LOCATION as LOC
+from tests.harness.processes import LocalCluster
 from vllm_kvmove.layout import KVLayout
 
 LAYOUT = KVLayout(model="bench-64k", dtype="bfloat16", num_layers=16, num_kv_heads=8,
                   head_size=128, block_size=128, chunk_size=256, backend="cpu_attn/vec")
 NUM_TOKENS = 16384  # 1 GiB at 64 KiB per token
 TRIALS = 5
-LOC = "LocalCPUBackend"
 
 
 def _sidecar_config(iid: str, sc_port: int, p2p_port: int, gib: float, verify: bool = True,

@@ -27,11 +27,11 @@ import time
 import httpx
 
 from common import WORK, Result, make_model, median
+from sidecar.protocol import LOCATION as LOC
 
 PROMPT_TOKENS = 8000
 ALIGNED_TOKENS = 63 * 128 + 1  # whole CPU KV blocks + the one token vLLM always computes
 TRIALS = 3
-LOC = "LocalCPUBackend"
 
 
 def _ttft(url: str, model: str, prompt: list[int]) -> float:
@@ -50,7 +50,7 @@ def _hits(url: str) -> float:
 
 
 def run() -> list[Result]:
-    from sidecar.localcluster import LocalCluster
+    from tests.harness.processes import LocalCluster
 
     model = make_model("ttft-8l-32k", layers=8, heads=8, kv_heads=8, head_dim=128, hidden=256)
     cluster = LocalCluster(model, WORK / "p2")

@@ -5,10 +5,10 @@ Set-up (everything real except the engines):
   * a real controller process (``python -m sidecar.controller`` via :class:`LocalCluster`);
   * 100 simulated sidecars in this process: 100 ZMQ DEALER sockets (identities
     ``sim-000``..``sim-099``) served by one thread, speaking the real protocol exactly as
-    :mod:`sidecar.runtime` does — a :class:`wire.Register` (a realistic Qwen2.5-0.5B layout,
-    one shared fingerprint) then a :class:`wire.Snapshot` of exactly 10,000 chunk keys each,
-    a :class:`wire.Heartbeat` every second for the whole run, and Register + Snapshot again
-    whenever the controller answers :class:`wire.Resync`;
+    :mod:`sidecar.agent.runtime` does — a :class:`protocol.Register` (a realistic Qwen2.5-0.5B layout,
+    one shared fingerprint) then a :class:`protocol.Snapshot` of exactly 10,000 chunk keys each,
+    a :class:`protocol.Heartbeat` every second for the whole run, and Register + Snapshot again
+    whenever the controller answers :class:`protocol.Resync`;
   * the keys are :func:`chunk_spans` of synthetic 1,024-token prefixes (4 chunks of 256):
     each instance holds ~2,000 prefixes of its own, and ~30,000 prefixes are held by 2-12
     instances each (some of those holders only hold their leading 1-3 chunks), so a lookup
@@ -43,8 +43,8 @@ import httpx
 import zmq
 
 from common import WORK, RawHttp, Result, percentile
-from sidecar import wire
-from sidecar.localcluster import LocalCluster
+from sidecar import protocol
+from tests.harness.processes import LocalCluster
 from vllm_kvmove.hashing import chunk_spans
 from vllm_kvmove.layout import KVLayout
 
@@ -128,10 +128,10 @@ class Holdings:
                 left -= n
         for pid in self.holders:  # the keys, computed exactly as every engine computes them
             self.keys[pid] = _keys(_tokens(pid))
-        self.snapshot: dict[str, list[wire.ChunkRecord]] = {iid: [] for iid in self.ids}
+        self.snapshot: dict[str, list[protocol.ChunkRecord]] = {iid: [] for iid in self.ids}
         for pid, held in self.holders.items():
             for iid, n in held.items():
-                self.snapshot[iid].extend(wire.ChunkRecord(k, CHUNK) for k in self.keys[pid][:n])
+                self.snapshot[iid].extend(protocol.ChunkRecord(k, CHUNK) for k in self.keys[pid][:n])
         self.distinct_keys = sum(max(h.values()) for h in self.holders.values())
         self.total_keys = sum(len(s) for s in self.snapshot.values())
         assert all(len(s) == KEYS_PER_INSTANCE for s in self.snapshot.values())
@@ -147,22 +147,22 @@ class SimSidecars:
     """100 DEALER sockets on one thread, speaking the sidecar protocol of sidecar/runtime.py."""
 
     def __init__(self, reply_url: str, holdings: Holdings):
-        enc = wire.sidecar_encoder
+        enc = protocol.sidecar_encoder
         incarnation = uuid.uuid4().hex[:8]
         slot_bytes = LAYOUT.chunk_bytes
         self.register: dict[str, bytes] = {}
         self.snap: dict[str, bytes] = {}
         self.beat: dict[str, bytes] = {}
         for n, iid in enumerate(holdings.ids):
-            self.register[iid] = enc.encode(wire.Register(
+            self.register[iid] = enc.encode(protocol.Register(
                 instance_id=iid, engine_url=f"http://127.0.0.1:{18000 + n}",
                 sidecar_url=f"http://127.0.0.1:{19000 + n}", p2p_url=f"127.0.0.1:{17000 + n}",
                 agent_name=f"kvmove-{iid}-{incarnation}", model=LAYOUT.model, fingerprint=FP,
                 layout=LAYOUT.to_dict(), chunk_size=CHUNK, capacity_bytes=12_000 * slot_bytes,
                 slot_bytes=slot_bytes, incarnation=f"{incarnation}-{iid}", pid=100_000 + n))
-            self.snap[iid] = enc.encode(wire.Snapshot(iid, 1, holdings.snapshot[iid]))
+            self.snap[iid] = enc.encode(protocol.Snapshot(iid, 1, holdings.snapshot[iid]))
             used = KEYS_PER_INSTANCE * slot_bytes
-            self.beat[iid] = enc.encode(wire.Heartbeat(iid, 1, KEYS_PER_INSTANCE, used,
+            self.beat[iid] = enc.encode(protocol.Heartbeat(iid, 1, KEYS_PER_INSTANCE, used,
                                                        12_000 * slot_bytes, 12_000 * slot_bytes - used))
         self.ctx = zmq.Context()
         self.socks: dict[zmq.Socket, str] = {}
@@ -210,10 +210,10 @@ class SimSidecars:
                         raw = s.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    msg = wire.controller_msg_decoder.decode(raw)
-                    if isinstance(msg, wire.RegisterAck):
+                    msg = protocol.controller_msg_decoder.decode(raw)
+                    if isinstance(msg, protocol.RegisterAck):
                         self.acks += 1
-                    elif isinstance(msg, wire.Resync):
+                    elif isinstance(msg, protocol.Resync):
                         self.resyncs += 1
                         self._register(s)
             if time.monotonic() >= next_beat:
@@ -270,7 +270,7 @@ def _wait_indexed(client: httpx.Client, h: Holdings, sims: SimSidecars, timeout:
 def _layout(body: bytes) -> dict[str, int]:
     info = json.loads(body)["layout_info"]
     for loc, _ in info.values():
-        assert loc == wire.LOCATION, loc
+        assert loc == protocol.LOCATION, loc
     return {iid: n for iid, (_, n) in info.items()}
 
 

@@ -22,10 +22,10 @@ import time
 import httpx
 
 from common import RawHttp, Result, engine_cluster, median, percentile
+from sidecar.protocol import LOCATION as LOC
 
 TRIALS = 40
 WARMUP = 3
-LOC = "LocalCPUBackend"
 
 
 def run() -> list[Result]:

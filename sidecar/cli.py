@@ -1,6 +1,6 @@
 """``kvmove``: the operator's command line for a vllm-kvmove controller.
 
-Every command is one or a few HTTP requests to the controller (``sidecar/controller.py``);
+Every command is one or a few HTTP requests to the controller (:mod:`sidecar.controller`);
 nothing here talks to engines or sidecars directly.
 
     kvmove instances                                   the registered engines and their stores
@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 
-from sidecar.wire import FINAL_STATES, LOCATION  # LOCATION: the one store location there is
+from sidecar.protocol import FINAL_STATES, LOCATION  # LOCATION: the one store location there is
 
 DEFAULT_CONTROLLER = "http://localhost:9000"
 # Longer than the controller's own command timeout (60 s), so its error reaches the user.

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from vllm_kvmove.lmcache_compat import translate
+
 CONFIG_FILE_ENV = "KVMOVE_CONFIG_FILE"
 API_TOKEN_ENV = "KVMOVE_API_TOKEN"
 LMCACHE_CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
@@ -174,8 +176,6 @@ def load_config(extra_config: Mapping[str, Any] | None = None,
     if env.get(CONFIG_FILE_ENV):
         file_layer = _read_yaml(env[CONFIG_FILE_ENV], CONFIG_FILE_ENV)
     elif env.get(LMCACHE_CONFIG_FILE_ENV):
-        from vllm_kvmove.lmcache_compat import translate
-
         file_layer, notes = translate(_read_yaml(env[LMCACHE_CONFIG_FILE_ENV], LMCACHE_CONFIG_FILE_ENV))
     else:
         file_layer = {}

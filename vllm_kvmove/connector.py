@@ -3,7 +3,7 @@ and loads matching prefixes back, and starts the engine's vllm-kvmove sidecar.
 
 Contract (who calls what, from which process)
 ---------------------------------------------
-vLLM builds this class twice per engine:
+vLLM builds this class twice per engine (each hook's docstring says more):
 
 * **Worker role** (worker process, first, during KV cache set-up). ``register_kv_caches``
   creates the :class:`~vllm_kvmove.store.ChunkStore` (one host pool), the
@@ -15,7 +15,7 @@ vLLM builds this class twice per engine:
       those blocks instead of reading garbage.
     - ``wait_for_save`` (after the forward): copies every prompt chunk completed by this step
       from the paged cache into the store (block slabs, memcpy only; checksums are computed
-      later, off this path, when a chunk is first pinned for a transfer).
+      later, off this path, by the sidecar).
   ``wait_for_layer_load`` and ``save_kv_layer`` do nothing: whole-step copies are cheaper on
   CPU than per-layer ones.
 * **Scheduler role** (EngineCore process). ``get_num_new_matched_tokens`` computes chunk keys
@@ -28,6 +28,23 @@ vLLM builds this class twice per engine:
 
 Chunks are ``chunk_size`` tokens (a multiple of the block size); the last chunk of a prompt may
 be partial and is stored too, so even a 12-token prompt is saved and can be moved.
+
+What it supports today: one engine = one worker process. Tensor, pipeline or data parallelism
+above 1 is refused at construction (each rank would start a sidecar on the same ports);
+models with more than one KV cache group (hybrid attention) are refused by
+:func:`~vllm_kvmove.layout.layout_from_vllm`.
+
+Process-wide changes, all in the worker process unless noted:
+
+* logging: the ``vllm_kvmove`` logger gets a handler of its own at INFO, and stops propagating
+  (every process that builds a connector);
+* ``sys.setswitchinterval`` is lowered to 0.2 ms (:func:`sidecar.agent.start_sidecar`), so the
+  sidecar's thread gets the GIL within that long of the engine's threads;
+* the sidecar's threads widen their CPU affinity to every CPU of the cgroup (vLLM binds the
+  worker's threads to one core);
+* NIXL: ``UCX_TLS`` is set to ``cma,tcp`` unless already set, and NIXL's agent constructor is
+  wrapped for the duration of the agent's creation to set its progress thread's poll delay
+  (:mod:`vllm_kvmove.transfer`).
 """
 
 from __future__ import annotations
@@ -44,6 +61,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from sidecar.agent import Sidecar, start_sidecar
 from vllm_kvmove.config import load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import block_index, check_kv_caches, copy_blocks, layer_order, layout_from_vllm
@@ -59,6 +77,18 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm_kvmove.connector")
+
+
+def _refuse_parallelism(vllm_config: "VllmConfig") -> None:
+    """Raise ValueError for an engine with tensor, pipeline or data parallelism above 1."""
+    pc = vllm_config.parallel_config
+    sizes = {"tensor_parallel_size": pc.tensor_parallel_size,
+             "pipeline_parallel_size": pc.pipeline_parallel_size,
+             "data_parallel_size": pc.data_parallel_size}
+    over = {k: v for k, v in sizes.items() if v > 1}
+    if over:
+        raise ValueError(f"KVMoveConnector supports one worker per engine today; this engine "
+                         f"has {', '.join(f'{k}={v}' for k, v in over.items())}")
 
 
 def _log_like_vllm() -> None:
@@ -123,8 +153,18 @@ class KVMoveConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig"):
+        """Built by vLLM once per role: in the worker process (WORKER), then in EngineCore
+        (SCHEDULER). Loads the config and computes the KV layout and fingerprint, both the same
+        in every process of the engine; the scheduler side connects its lookup client (no
+        I/O until the first lookup). Does not block.
+
+        Raises:
+            ConfigError: a bad config key or value; ValueError: an unsupported engine
+                (parallelism above 1, several KV cache groups). Either stops start-up.
+        """
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         _log_like_vllm()
+        _refuse_parallelism(vllm_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = load_config(extra)
         self.layout = layout_from_vllm(vllm_config, kv_cache_config, self.config.chunk_size,
@@ -142,7 +182,7 @@ class KVMoveConnector(KVConnectorBase_V1):
         self.store: ChunkStore | None = None
         self._layers: list[torch.Tensor] = []
         self._lookup_server: LookupServer | None = None
-        self._sidecar: Any = None
+        self._sidecar: Sidecar | None = None
         self._load_errors: set[int] = set()
         if role == KVConnectorRole.SCHEDULER:
             self._lookup = LookupClient(self._endpoint)
@@ -156,6 +196,15 @@ class KVMoveConnector(KVConnectorBase_V1):
     # Worker side
     # ======================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Worker, once, during KV cache set-up: check the paged cache against the layout,
+        create the store (allocates the pool's address space; pages are committed as chunks
+        are written), start the lookup server and the sidecar. Blocks until the sidecar
+        serves (its NIXL agent takes ~0.5 s, on the sidecar's thread).
+
+        Raises:
+            ValueError: the KV tensors do not match the layout; RuntimeError: the sidecar did
+                not start (e.g. a port is taken). Either stops the engine.
+        """
         layers = [kv_caches[name] for name in layer_order(self._kv_cache_config)]
         check_kv_caches(self.layout, layers)
         # Byte views [num_blocks, block_slab_bytes]: chunk copies are dtype-agnostic memcpys.
@@ -165,42 +214,51 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._lookup_server = LookupServer(self.store, self._endpoint)
         logger.info("kvmove store: %d slots of %d bytes (%d tokens each)", self.store.num_slots,
                     self.store.slot_bytes, self.layout.chunk_size)
-        from sidecar.runtime import start_sidecar  # the one tie to the control plane
-
-        self._sidecar = start_sidecar(self.config, self.store, self.layout)
+        self._sidecar = start_sidecar(self.config, self.store, self.layout)  # the one tie to
+        # the control plane: from here on, calls flow from the sidecar into the store
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Worker, forward thread, before the step's forward: copy this step's planned loads
+        from the store into the paged cache (memcpy; holds each chunk while it is copied, so
+        no delete or eviction frees it meanwhile). A chunk gone since the lookup is recorded
+        for :meth:`get_block_ids_with_load_errors`. Blocks for the copy only."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMoveConnectorMetadata)
         store = self.store
         assert store is not None
         for load in meta.loads:
             try:
-                store.pin([load.key], checksums=False)
+                (info,) = store.hold([load.key], checksums=False)
             except ChunkMissing:
                 logger.warning("chunk %s vanished before its load; vLLM will recompute it",
                                load.key.hex())
                 self._load_errors.update(dst for _, dst in load.blocks)
                 continue
             try:
-                found = store.entry_slot(load.key)
-                assert found is not None  # pinned chunks cannot go away
-                view = store.slot_view(found[0])
+                view = store.slot_view(info.offset // store.slot_bytes)
                 src = block_index([w for w, _ in load.blocks])
                 dst = block_index([d for _, d in load.blocks])
                 for li, kv in enumerate(self._layers):
                     copy_blocks(kv, dst, view[:, li], src)
             finally:
-                store.unpin([load.key])
+                store.release([load.key])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Worker, forward thread, per layer: nothing to wait for (loads completed in
+        :meth:`start_load_kv`)."""
         return
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
+        """Worker, forward thread, per layer: nothing (saves are whole-step copies in
+        :meth:`wait_for_save`)."""
         return
 
     def wait_for_save(self) -> None:
+        """Worker, forward thread, after the step's forward: copy every prompt chunk this step
+        completed into the store (reserve, memcpy, commit; the commit makes it visible and
+        emits its store event). A full store skips the chunk with a warning; the request is
+        unaffected. Blocks for the copies only (no I/O, no checksums)."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -227,10 +285,15 @@ class KVMoveConnector(KVConnectorBase_V1):
             store.commit(save.key)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """Worker, after the step: paged-cache blocks whose planned load failed (their chunk
+        was deleted or evicted since the lookup); vLLM recomputes them. Clears the set."""
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
+        """Both roles, at engine shutdown (vLLM calls it on SIGINT in the worker, not on
+        SIGTERM): stop the sidecar (it says goodbye to the controller), the lookup server and
+        client. Blocks up to ~5 s for the sidecar's thread."""
         if self._sidecar is not None:
             self._sidecar.stop()
             self._sidecar = None
@@ -252,6 +315,15 @@ class KVMoveConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Scheduler (EngineCore), on every scheduling attempt of a waiting request: how many
+        prompt tokens beyond ``num_computed_tokens`` the store can supply (at most
+        ``prompt_len - 1``), and ``False`` (loads are synchronous, in the next step).
+
+        Blocks the scheduler on one IPC round trip to the worker's lookup server (tens of
+        microseconds when the worker is idle; up to the client's 1 s timeout if the worker
+        does not answer, which then counts as a miss). Side-effect free in the store; it only
+        remembers its answer for :meth:`update_state_after_alloc`.
+        """
         tokens = request.prompt_token_ids
         if not tokens or len(tokens) < 2 or self._lookup is None:
             return 0, False
@@ -266,6 +338,8 @@ class KVMoveConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int) -> None:
+        """Scheduler, after vLLM allocated the request's blocks: turn the remembered hit into
+        a block-level load plan for the next :meth:`build_connector_meta`. Does not block."""
         query = self._query.pop(request.request_id, None)
         if num_external_tokens == 0 or query is None:
             return
@@ -283,6 +357,9 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._pending_loads.extend(by_chunk.values())
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        """Scheduler, once per step: the step's loads (planned since the last step) and the
+        saves of every prompt chunk the step completes; tracks each running request's blocks
+        (new, added, or replaced on resumption). Does not block."""
         meta = KVMoveConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
         scheduled = scheduler_output.num_scheduled_tokens
@@ -325,6 +402,8 @@ class KVMoveConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Scheduler, when a request ends: forget its state. Returns ``(False, None)``: its
+        blocks may be freed at once (saves were synchronous)."""
         rid = request.request_id
         self._trackers.pop(rid, None)
         self._spans.pop(rid, None)

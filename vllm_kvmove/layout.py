@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -81,10 +81,6 @@ class KVLayout:
     def chunk_bytes(self) -> int:
         return self.blocks_per_chunk * self.block_bytes
 
-    @property
-    def bytes_per_token(self) -> int:
-        return self.block_bytes // self.block_size
-
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks that hold ``num_tokens`` tokens of one chunk."""
         return -(-num_tokens // self.block_size)
@@ -103,8 +99,14 @@ class KVLayout:
 
     def mismatch(self, other: "KVLayout") -> list[str]:
         """Names and values of the fields that differ from ``other`` (empty if compatible)."""
-        mine, theirs = asdict(self), asdict(other)
-        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        return layout_mismatch(self.to_dict(), other.to_dict())
+
+
+def layout_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """``"field: mine != theirs"`` for every field of two layouts (as :meth:`KVLayout.to_dict`
+    gives them, e.g. from two registrations) that differs, in field-name order."""
+    return [f"{k}: {mine.get(k)!r} != {theirs.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+            if mine.get(k) != theirs.get(k)]
 
 
 def _cpu_backend_name(dtype: "torch.dtype", block_size: int, head_size: int) -> str:

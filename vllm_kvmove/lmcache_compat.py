@@ -92,11 +92,6 @@ max_hidden_state_cpu_size hidden_state_layers hidden_states_retrieve_mode
 """.split())
 
 
-def is_lmcache_key(key: str) -> bool:
-    return (key in RENAMED or key in IGNORED or key in OTHER_LMCACHE_KEYS
-            or key in ("enable_controller", "transfer_channel"))
-
-
 def translate(lmcache: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Map an LMCache config onto vllm-kvmove keys.
 

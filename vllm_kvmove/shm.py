@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch and numpy are imported where a pool is made or mapped, not here: the controller and
-# the CLI import PoolHandle (a wire type, through sidecar.wire) and must start quickly.
+# the CLI import PoolHandle (a wire type, through sidecar.protocol) and must start quickly.
 
 logger = logging.getLogger(__name__)
 

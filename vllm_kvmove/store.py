@@ -5,26 +5,26 @@ Contract
 * Owner: one ``ChunkStore`` per engine, created in the **worker** process by the connector
   (the KV tensors live there). Other processes reach it only through the lookup channel
   (:mod:`vllm_kvmove.lookup`) and the sidecar.
-* Callers: the connector's worker side (``reserve``/``commit`` on save, ``pin``/``unpin`` around
-  a load, ``match_prefix`` via the lookup server), and the sidecar's command handlers and
-  transfer layer (``pin``/``unpin``/``delete``/``reserve``/``commit``/``abort``, ``snapshot``,
-  ``drain_events``). Every public method is thread-safe and O(chunks touched); none copies
+* Callers: the connector's worker side (``reserve``/``commit`` on save, ``hold``/``release``
+  around a load, ``match_prefix`` via the lookup server), and the sidecar's command handlers
+  (``hold``/``release``/``delete``/``set_pinned``/``reserve``/``commit``/``abort``,
+  ``snapshot``, ``drain_events``). Every public method is thread-safe and O(chunks touched); none copies
   chunk data or blocks on I/O while holding the lock.
 * Memory: one pool of ``capacity_bytes // chunk_bytes`` fixed-size slots, allocated once, so the
   transfer layer registers it with NIXL once. A chunk's bytes live at
   ``pool[slot * chunk_bytes : slot * chunk_bytes + valid_bytes]``. With ``shared=True`` the
   pool is a memfd (:func:`vllm_kvmove.shm.allocate_pool`) that same-host peers may map to
-  copy pinned chunks themselves; ``shared_pool`` describes it.
+  copy held chunks themselves; ``shared_pool`` describes it.
 * Visibility: a chunk is *writing* from ``reserve`` until ``commit`` and invisible to
-  ``match_prefix``, ``pin`` and ``snapshot`` until then; ``abort`` frees it without a trace.
+  ``match_prefix``, ``hold`` and ``snapshot`` until then; ``abort`` frees it without a trace.
   Readers therefore never see a half-written chunk.
-* Pins and persistence: ``pin``/``unpin`` are counted, short-lived references taken around a
-  load or a transfer; ``persist``/``unpersist`` set an operator's flag (the controller's
-  ``/pin``), idempotent. Eviction: when a slot is needed and none is free, the least recently
-  used *ready* chunk that is neither pinned nor persistent is evicted. ``delete`` (and
-  ``clear``) removes persistent chunks too — it is an explicit request, not eviction — but a
-  pinned chunk's slot is freed only at its last ``unpin`` (so a source keeps KV until a
-  destination has it).
+* Holds and pins: ``hold``/``release`` are counted, short-lived references taken around a
+  load or a transfer; ``set_pinned`` sets or clears an operator's never-evict flag (the
+  controller's ``/pin`` and ``/unpin``), idempotent. Eviction: when a slot is needed and none
+  is free, the least recently used *ready* chunk that is neither held nor pinned is evicted.
+  ``delete`` (and ``clear``) removes pinned chunks too — it is an explicit request, not
+  eviction — but a held chunk's slot is freed only at its last ``release`` (so a source
+  keeps KV until a destination has it).
 * Events: every admit (commit) and evict/delete appends a :class:`StoreEvent` with a sequence
   number that increases by one per event; a consumer that sees a gap must re-read
   ``snapshot()``. The event buffer is bounded; overflowing it drops the oldest events, which
@@ -48,7 +48,6 @@ from vllm_kvmove.shm import PoolHandle, allocate_pool
 
 logger = logging.getLogger(__name__)
 
-LOCATION = "LocalCPUBackend"
 _EVENT_BUFFER = 1 << 16
 
 
@@ -59,13 +58,13 @@ class StoreError(Exception):
 
 
 class StoreFull(StoreError):
-    """No free slot and nothing evictable (everything pinned or being written)."""
+    """No free slot and nothing evictable (everything held, pinned or being written)."""
 
     kind = "store_full"
 
 
 class ChunkMissing(StoreError):
-    """A key named by the caller is not (or no longer) held, or not ready."""
+    """A key named by the caller is not (or no longer) in the store, or not ready."""
 
     kind = "not_found"
 
@@ -112,14 +111,14 @@ class _Entry:
     slot: int
     num_tokens: int
     ready: bool = False
-    pins: int = 0
-    persistent: bool = False
+    holds: int = 0
+    pinned: bool = False
     doomed: bool = False
     checksum: int | None = None
 
 
 class ChunkStore:
-    """A bounded, LRU, pinnable map from chunk key to KV bytes in one host-memory pool.
+    """A bounded, LRU map from chunk key to KV bytes in one host-memory pool.
 
     Args:
         layout: KV layout of the engine (fixes the slot size).
@@ -155,7 +154,7 @@ class ChunkStore:
         # before every sidecar reply and heartbeat) is O(1) under the lock, not a pass over
         # tens of thousands of entries (~15-30 ms at 80k, blocking the engine's saves).
         self._n_writing = self._n_chunks = self._n_tokens = 0
-        self._n_pinned = self._n_persistent = self._n_evictable = 0
+        self._n_held = self._n_pinned = self._n_evictable = 0
         # Chunks committed without a checksum, for fill_checksums() to do off the save path.
         self._unsummed: deque[bytes] = deque()
         # Called (outside the lock, from the committing thread) after events were appended;
@@ -180,7 +179,7 @@ class ChunkStore:
 
     # -- queries ---------------------------------------------------------------------------
     def match_prefix(self, keys: Sequence[bytes]) -> int:
-        """Number of leading ``keys`` held and ready. Touches nothing."""
+        """Number of leading ``keys`` in the store and ready. Touches nothing."""
         with self._lock:
             n = 0
             for k in keys:
@@ -203,8 +202,8 @@ class ChunkStore:
 
     def stats(self) -> dict[str, int]:
         """Counts for heartbeats, metrics and HTTP, in O(1): the sidecar calls this before
-        every command's reply. ``num_chunks``/``num_tokens``: visible chunks; ``pinned``,
-        ``persistent`` and ``available_slots`` also count deleted chunks still pinned;
+        every command's reply. ``num_chunks``/``num_tokens``: visible chunks; ``held``,
+        ``pinned`` and ``available_slots`` also count deleted chunks still held;
         ``writing_chunks``: reserved, not yet committed."""
         with self._lock:
             return {
@@ -215,8 +214,8 @@ class ChunkStore:
                 "num_slots": self.num_slots,
                 "free_slots": len(self._free),
                 "available_slots": len(self._free) + self._n_evictable,
+                "held_chunks": self._n_held,
                 "pinned_chunks": self._n_pinned,
-                "persistent_chunks": self._n_persistent,
                 "writing_chunks": self._n_writing,
                 "evictions": self.evictions,
                 "seq": self._seq,
@@ -230,9 +229,11 @@ class ChunkStore:
 
     # -- writes ----------------------------------------------------------------------------
     def reserve(self, key: bytes, num_tokens: int) -> int | None:
-        """Reserve a slot for a new chunk; return the slot, or None if ``key`` is already held.
+        """Reserve a slot for a new chunk; return the slot, or None if ``key`` is already in the
+        store.
 
-        The chunk stays invisible until :meth:`commit`. Evicts LRU unpinned chunks if needed.
+        The chunk stays invisible until :meth:`commit`. Evicts the least recently used chunks
+        that are neither held nor pinned if needed.
 
         Raises:
             StoreFull: no slot could be freed.
@@ -274,7 +275,7 @@ class ChunkStore:
 
     def fill_checksums(self, max_chunks: int = 64) -> int:
         """Compute the checksums of up to ``max_chunks`` chunks committed without one (each
-        pinned meanwhile, hashed outside the lock). Returns how many were computed; meant for
+        held meanwhile, hashed outside the lock). Returns how many were computed; meant for
         an idle background thread, so a later transfer finds them ready."""
         done = 0
         while done < max_chunks:
@@ -286,13 +287,13 @@ class ChunkStore:
                 if e is None or not e.ready or e.doomed or e.checksum is not None:
                     continue
                 self._account(e, -1)
-                e.pins += 1
+                e.holds += 1
                 self._account(e, 1)
                 offset, nbytes = e.slot * self.slot_bytes, self.layout.valid_bytes(e.num_tokens)
             try:
                 value = checksum(self.pool[offset:offset + nbytes].numpy())
             finally:
-                self.unpin([key])
+                self.release([key])
             with self._lock:
                 if self._entries.get(key) is e:
                     e.checksum = value
@@ -311,8 +312,9 @@ class ChunkStore:
             if e is not None and not e.ready:
                 self._drop(e, emit=False)
 
-    def pin(self, keys: Iterable[bytes], checksums: bool = True) -> list[ChunkInfo]:
-        """Pin ready chunks (all or none) and describe them; pinned chunks are never evicted.
+    def hold(self, keys: Iterable[bytes], checksums: bool = True) -> list[ChunkInfo]:
+        """Hold ready chunks (all or none) and describe them; a held chunk is never evicted,
+        and a delete frees its slot only at its last :meth:`release`.
 
         Args:
             keys: chunk keys.
@@ -320,7 +322,7 @@ class ChunkStore:
                 False leaves ``checksum`` as 0 where unknown (for local loads).
 
         Raises:
-            ChunkMissing: a key is not held or not ready; nothing was pinned.
+            ChunkMissing: a key is not in the store or not ready; nothing was held.
         """
         keys = list(keys)
         with self._lock:
@@ -328,11 +330,11 @@ class ChunkStore:
             for k in keys:
                 e = self._entries.get(k)
                 if e is None or not e.ready or e.doomed:
-                    raise ChunkMissing(f"chunk {k.hex()} is not held")
+                    raise ChunkMissing(f"chunk {k.hex()} is not in the store")
                 entries.append(e)
             for e in entries:
                 self._account(e, -1)
-                e.pins += 1
+                e.holds += 1
                 self._account(e, 1)
                 self._entries.move_to_end(e.key)
         infos = []
@@ -344,21 +346,21 @@ class ChunkStore:
             infos.append(ChunkInfo(e.key, e.num_tokens, offset, nbytes, e.checksum or 0))
         return infos
 
-    def unpin(self, keys: Iterable[bytes]) -> None:
-        """Release one pin per key; completes deferred deletes. Unknown keys are ignored."""
+    def release(self, keys: Iterable[bytes]) -> None:
+        """Release one hold per key; completes deferred deletes. Unknown keys are ignored."""
         with self._lock:
             for k in keys:
                 e = self._entries.get(k)
-                if e is None or e.pins == 0:
+                if e is None or e.holds == 0:
                     continue
                 self._account(e, -1)
-                e.pins -= 1
+                e.holds -= 1
                 self._account(e, 1)
-                if e.pins == 0 and e.doomed:
+                if e.holds == 0 and e.doomed:
                     self._drop(e, emit=False)  # its evict event went out at delete()
 
-    def persist(self, keys: Iterable[bytes], persistent: bool = True) -> int:
-        """Set or clear the operator's never-evict flag on held chunks; returns chunks changed
+    def set_pinned(self, keys: Iterable[bytes], pinned: bool = True) -> int:
+        """Set or clear the operator's never-evict flag on chunks in the store; returns chunks changed
         or already in that state. Unknown keys are ignored."""
         n = 0
         with self._lock:
@@ -366,13 +368,13 @@ class ChunkStore:
                 e = self._entries.get(k)
                 if e is not None and e.ready and not e.doomed:
                     self._account(e, -1)
-                    e.persistent = persistent
+                    e.pinned = pinned
                     self._account(e, 1)
                     n += 1
         return n
 
     def delete(self, keys: Iterable[bytes]) -> int:
-        """Delete chunks; a pinned one goes at its last unpin. Returns chunks affected."""
+        """Delete chunks; a held one goes at its last release. Returns chunks affected."""
         n = 0
         with self._lock:
             for k in keys:
@@ -380,9 +382,9 @@ class ChunkStore:
                 if e is None or not e.ready or e.doomed:
                     continue
                 n += 1
-                if e.pins:
+                if e.holds:
                     self._account(e, -1)
-                    e.doomed = True  # invisible from now on; the slot frees at the last unpin
+                    e.doomed = True  # invisible from now on; the slot frees at the last release
                     self._account(e, 1)
                     self._emit("evict", e)
                 else:
@@ -392,35 +394,22 @@ class ChunkStore:
         return n
 
     def clear(self) -> int:
-        """Delete every ready chunk (pinned ones at their last unpin). Returns chunks affected."""
+        """Delete every ready chunk (held ones at their last release). Returns chunks affected."""
         with self._lock:
             keys = [e.key for e in self._entries.values() if e.ready]
         return self.delete(keys)
-
-    def touch(self, key: bytes) -> None:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-
-    def entry_slot(self, key: bytes) -> tuple[int, int] | None:
-        """``(slot, num_tokens)`` of a ready chunk, or None. For loads under a pin."""
-        with self._lock:
-            e = self._entries.get(key)
-            if e is None or not e.ready:
-                return None
-            return e.slot, e.num_tokens
 
     # -- internals (lock held) -------------------------------------------------------------
     def _take_slot(self) -> int:
         if self._free:
             return heapq.heappop(self._free)
         for e in self._entries.values():  # oldest first
-            if e.ready and e.pins == 0 and not e.persistent:
+            if e.ready and e.holds == 0 and not e.pinned:
                 self._drop(e)
                 self.evictions += 1
                 return heapq.heappop(self._free)
         raise StoreFull(
-            f"store full: {self.num_slots} slots, none evictable (pinned, persistent or being written)")
+            f"store full: {self.num_slots} slots, none evictable (held, pinned or being written)")
 
     def _drop(self, e: _Entry, emit: bool = True) -> None:
         self._account(e, -1)
@@ -431,18 +420,18 @@ class ChunkStore:
 
     def _account(self, e: _Entry, sign: int) -> None:
         """Add (sign 1) or remove (sign -1) ``e``'s share of the stats() counts: called
-        around every change of an entry's ready/pins/persistent/doomed state."""
+        around every change of an entry's ready/holds/pinned/doomed state."""
         if not e.ready:
             self._n_writing += sign
             return
         if not e.doomed:
             self._n_chunks += sign
             self._n_tokens += sign * e.num_tokens
-        if e.pins:
+        if e.holds:
+            self._n_held += sign
+        if e.pinned:
             self._n_pinned += sign
-        if e.persistent:
-            self._n_persistent += sign
-        if not e.pins and not e.persistent:
+        if not e.holds and not e.pinned:
             self._n_evictable += sign
 
     def _emit(self, kind: str, e: _Entry) -> None:

@@ -22,6 +22,9 @@ Contract
   an event loop.
 * Failure: every error surfaces as :class:`TransferError` with the cause; nothing here
   changes the store (the caller reserves, verifies and commits or aborts).
+* Process-wide changes, at the agent's creation: ``UCX_TLS`` is set to ``cma,tcp`` unless
+  the operator set it, and NIXL's agent constructor is wrapped (under a lock, for that call
+  only) to set the progress thread's poll delay (:func:`_make_agent`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""The seed's Move/Migrate example, end to end, on this machine.
+"""The seed's Move/Migrate example, end to end, on this machine — with the commands and the
+HTTP API a user has, and nothing else.
 
 1. makes a small local model (random-init Llama + a tokenizer trained locally; no hub);
-2. starts two vLLM engines with the KVMoveConnector (instance1.yaml on :8000, instance2.yaml on
-   :8001) and the controller (:9000, ZMQ :8300/:8400) — the seed's ports;
+2. starts two vLLM engines with ``kvmove-serve`` (instance1.yaml on :8000, instance2.yaml on
+   :8001) and ``kvmove-controller`` (:9000, ZMQ :8300/:8400) — the seed's ports and the
+   README's environment;
 3. walks the seed's steps 3-7, printing every request and answer:
    a completion on engine 1, /tokenize, POST /move, GET /events/{id} (the status check the seed
    calls "coming soon"), and the same prompt on engine 2, served from the moved KV — checked by
    engine 2's own /metrics and by comparing greedy outputs;
-4. stops every process it started, by PID.
+4. stops every process it started, by PID (SIGINT, then SIGKILL of its process group).
 
 Usage: python examples/move/run_demo.py [--prompt TEXT] [--workdir DIR] [--keep-running]
 Exit status 0 when the move is proven, 1 otherwise.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,14 +30,54 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))
-
-from sidecar.localcluster import LocalCluster  # noqa: E402
+BIN = Path(sys.executable).parent  # the console scripts of this environment
 
 SEED_PROMPT = "Explain the significance of KV cache in language models."
 CONTROLLER = "http://localhost:9000"
 ENGINE1, ENGINE2 = "http://localhost:8000", "http://localhost:8001"
 HITS = "vllm:external_prefix_cache_hits_total"
+# As in the README's "Running it by hand": a CPU engine, loopback only, no hub.
+ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
+       "HF_HUB_OFFLINE": "1", "UCX_NET_DEVICES": "lo"}
+KV_TRANSFER_CONFIG = '{"kv_connector":"KVMoveConnector","kv_role":"kv_both"}'
+
+
+def launch(name: str, argv: list[str], env: dict[str, str], workdir: Path) -> subprocess.Popen:
+    """Start a process in its own session (so it can be stopped with its children), output
+    in ``workdir/<name>.log``."""
+    with open(workdir / f"{name}.log", "ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env})
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT (vLLM shuts its engine down and the connector says goodbye), then SIGKILL of the
+    process group after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited ({proc.returncode}); see its log")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not healthy after {timeout} s")
 
 
 def show(method: str, url: str, body: object | None, answer: httpx.Response) -> dict:
@@ -68,22 +112,30 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(REPO / ".work" / "demo"))
     ap.add_argument("--keep-running", action="store_true", help="leave the cluster up at the end")
     args = ap.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
 
     model = REPO / ".work" / "models" / "tiny-llama"
     print(f"[demo] making the local model in {model}")
     subprocess.run([sys.executable, str(REPO / "examples" / "make_model.py"), str(model)], check=True,
                    stdout=subprocess.DEVNULL)
-    cluster = LocalCluster(model, args.workdir)
+    procs: list[subprocess.Popen] = []
     ok = False
     try:
         t0 = time.monotonic()
         print("[demo] step 1-2: starting engine 1 (:8000), engine 2 (:8001) and the controller (:9000)")
-        e1 = cluster.start_engine("lmcache_instance_1", 8000, config_file=HERE / "instance1.yaml", cpu=0)
-        e2 = cluster.start_engine("lmcache_instance_2", 8001, config_file=HERE / "instance2.yaml", cpu=1)
-        ctl = cluster.start_controller(9000, 8300, 8400)
-        for p in (ctl, e1, e2):
-            cluster.wait_ready(p, timeout=300)
-        print(f"[demo] all up in {time.monotonic() - t0:.1f} s (logs in {args.workdir})")
+        for i, port in ((1, 8000), (2, 8001)):
+            procs.append(launch(f"engine{i}", [
+                str(BIN / "kvmove-serve"), str(model), "--port", str(port), "--host", "127.0.0.1",
+                "--enforce-eager", "--kv-transfer-config", KV_TRANSFER_CONFIG],
+                {**ENV, "VLLM_CPU_OMP_THREADS_BIND": str(i - 1),
+                 "KVMOVE_CONFIG_FILE": str(HERE / f"instance{i}.yaml")}, workdir))
+        procs.append(launch("controller", [
+            str(BIN / "kvmove-controller"), "--host", "localhost", "--port", "9000",
+            "--monitor-ports", '{"pull": 8300, "reply": 8400}'], {}, workdir))
+        for url, proc in zip((ENGINE1, ENGINE2, CONTROLLER), procs):
+            wait_healthy(url, proc)
+        print(f"[demo] all up in {time.monotonic() - t0:.1f} s (logs in {workdir})")
         for _ in range(60):
             if sum(i["up"] for i in httpx.get(CONTROLLER + "/instances").json()["instances"]) == 2:
                 break
@@ -103,14 +155,8 @@ def main() -> int:
         moved = post(CONTROLLER + "/move", {
             "old_position": ["lmcache_instance_1", "LocalCPUBackend"],
             "new_position": ["lmcache_instance_2", "LocalCPUBackend"], "tokens": tokens})
-        print("\n[demo] step 6: check the move's status by its event id")
-        status: dict = {}
-        for _ in range(500):
-            status = httpx.get(f"{CONTROLLER}/events/{moved['event_id']}").json()
-            if status["status"] in ("done", "failed", "cancelled"):
-                break
-            time.sleep(0.01)
-        get(f"{CONTROLLER}/events/{moved['event_id']}")
+        print("\n[demo] step 6: check the move's status by its event id (long-polled until it ends)")
+        status = get(f"{CONTROLLER}/events/{moved['event_id']}?wait=30")
         post(CONTROLLER + "/lookup", {"tokens": tokens})
 
         print("\n[demo] step 7: the same prompt on engine 2, served from the moved KV")
@@ -132,11 +178,12 @@ def main() -> int:
         ok = status["status"] == "done" and moved["num_tokens"] == n and hits >= n - 1 and same
         print("[demo] RESULT:", "the move is proven" if ok else "FAILED")
         if args.keep_running:
-            print("[demo] leaving the cluster running; PIDs:", [p.pid for p in cluster.procs])
-            cluster.procs.clear()
+            print("[demo] leaving the cluster running; PIDs:", [p.pid for p in procs])
+            procs.clear()
     finally:
         print("[demo] stopping every process started (by PID)")
-        cluster.stop_all()
+        for proc in reversed(procs):
+            stop(proc)
     return 0 if ok else 1
 
 

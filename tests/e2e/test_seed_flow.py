@@ -10,44 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_kvmove.hashing import chunk_spans
+from tests.harness.engines import S1, S2, chunk_keys
 
-from tests.e2e.conftest import S1, S2
-HITS = "vllm:external_prefix_cache_hits_total"
-BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
 FLOW_PROMPT = "Describe how a prefix cache saves prefill time in a language model server."
-
-
-def fingerprint(http, iid: str) -> tuple[str, int]:
-    """``iid``'s KV fingerprint and chunk size, from the controller at ``http``."""
-    for i in http.get("/instances").json()["instances"]:
-        if i["instance_id"] == iid:
-            return i["fingerprint"], i["chunk_size"]
-    raise AssertionError(iid)
-
-
-def chunk_keys(http, tokens, iid: str = S1) -> list[str]:
-    """Hex keys of the chunks ``tokens`` make at ``iid``."""
-    fp, cs = fingerprint(http, iid)
-    return [s.key.hex() for s in chunk_spans(tokens, cs, fp)]
-
-
-def chunk_bytes(engine, key: str) -> bytes | None:
-    r = engine.sidecar(f"/chunks/{key}")
-    return r.content if r.status_code == 200 else None
-
-
-def serve_and_check(dst, prompt, tokens, source_text):
-    """Send ``prompt`` to ``dst``; assert it was served from the moved KV, output unchanged."""
-    n = len(tokens)
-    hits0, host0 = dst.metric(HITS), dst.metric(BY_SOURCE, source="host")
-    out = dst.complete(prompt)
-    hits, host = dst.metric(HITS) - hits0, dst.metric(BY_SOURCE, source="host") - host0
-    assert hits >= n - 1, f"{dst.instance_id} external hits rose by {hits}, expected >= {n - 1}"
-    assert host == hits, "hits must be attributed to the host tier"
-    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= n - 1
-    assert out["choices"][0]["text"] == source_text
-    return hits
 
 
 def test_instances_describe_both_engines(cluster):
@@ -69,8 +34,8 @@ def test_seed_flow_move(cluster):
     src = e1.complete(FLOW_PROMPT)
     tokens = e1.tokenize(FLOW_PROMPT)
     assert cluster.wait_lookup(tokens, {S1: len(tokens)}) == {S1: len(tokens)}
-    keys = chunk_keys(cluster.http, tokens)
-    before = {k: chunk_bytes(e1, k) for k in keys}
+    keys = chunk_keys(cluster.http, tokens, S1)
+    before = {k: e1.chunk_bytes(k) for k in keys}
     assert all(before.values())
 
     r = cluster.move(S1, S2, tokens=tokens)
@@ -86,10 +51,10 @@ def test_seed_flow_move(cluster):
     assert transfers["fetches"] >= 1 and transfers["same_host_fetches"] == 0, transfers
 
     # A move: the destination holds the chunks byte for byte, the source no longer does.
-    assert {k: chunk_bytes(e2, k) for k in keys} == before
-    assert all(chunk_bytes(e1, k) is None for k in keys)
+    assert {k: e2.chunk_bytes(k) for k in keys} == before
+    assert all(e1.chunk_bytes(k) is None for k in keys)
     assert cluster.wait_lookup(tokens, {S2: len(tokens)}) == {S2: len(tokens)}
-    serve_and_check(e2, FLOW_PROMPT, tokens, src["choices"][0]["text"])
+    e2.serve_and_check(FLOW_PROMPT, tokens, src["choices"][0]["text"])
 
     finish = cluster.http.post("/check_finish", json={"event_id": st["event_id"]}).json()
     assert finish["status"] == "done" and finish["num_tokens"] == len(tokens)
@@ -105,7 +70,7 @@ def test_twelve_token_prompt_is_stored_and_moved(cluster):
     r = cluster.move(S1, S2, tokens=tokens)
     assert r.json()["num_tokens"] == 12
     assert cluster.wait_job(r.json()["event_id"])["status"] == "done"
-    hits = serve_and_check(e2, tokens, tokens, src["choices"][0]["text"])
+    hits = e2.serve_and_check(tokens, tokens, src["choices"][0]["text"])
     assert hits == 11  # vLLM always recomputes the last prompt token
 
 
@@ -120,17 +85,17 @@ def test_copy_of_multi_chunk_prompt_with_partial_tail(cluster):
     assert len(tokens) > 512 and len(tokens) % 256, "want several chunks and a partial tail"
     src = e1.complete(prompt)
     cluster.wait_lookup(tokens, {S1: len(tokens)})
-    keys = chunk_keys(cluster.http, tokens)
+    keys = chunk_keys(cluster.http, tokens, S1)
     r = cluster.move(S1, S2, tokens=tokens, copy=True)
     st = cluster.wait_job(r.json()["event_id"])
     assert st["status"] == "done" and st["kind"] == "copy" and st["num_chunks"] == len(keys) >= 3
     # Copy: both hold every chunk, byte for byte.
     for k in keys:
-        a, b = chunk_bytes(e1, k), chunk_bytes(e2, k)
+        a, b = e1.chunk_bytes(k), e2.chunk_bytes(k)
         assert a is not None and a == b
     assert cluster.wait_lookup(tokens, {S1: len(tokens), S2: len(tokens)}) == {S1: len(tokens),
                                                                              S2: len(tokens)}
-    serve_and_check(e2, prompt, tokens, src["choices"][0]["text"])
+    e2.serve_and_check(prompt, tokens, src["choices"][0]["text"])
 
 
 def test_move_by_prompt_tokenizes_on_the_source(cluster):
@@ -143,7 +108,7 @@ def test_move_by_prompt_tokenizes_on_the_source(cluster):
     assert r.status_code == 200, r.text
     assert r.json()["num_tokens"] == len(tokens)
     assert cluster.wait_job(r.json()["event_id"])["status"] == "done"
-    serve_and_check(e2, prompt, tokens, src["choices"][0]["text"])
+    e2.serve_and_check(prompt, tokens, src["choices"][0]["text"])
     assert cluster.wait_lookup(tokens, {S2: len(tokens)}) == {S2: len(tokens)}
 
 
@@ -156,7 +121,7 @@ def test_move_back_and_forth_keeps_serving(cluster):
     cluster.wait_lookup(tokens, {S2: len(tokens)})
     r = cluster.move(S2, S1, tokens=tokens)
     assert cluster.wait_job(r.json()["event_id"])["status"] == "done"
-    serve_and_check(e1, prompt, tokens, ref["choices"][0]["text"])
+    e1.serve_and_check(prompt, tokens, ref["choices"][0]["text"])
 
 
 @pytest.mark.parametrize("body,status", [

@@ -14,8 +14,7 @@ import json
 import re
 import subprocess
 
-from tests.e2e.conftest import S1, S2
-from tests.e2e.test_seed_flow import serve_and_check
+from tests.harness.engines import S1, S2
 
 STEP3 = """curl -X POST http://localhost:8000/v1/completions \\
   -H "Content-Type: application/json" \\
@@ -77,4 +76,4 @@ def test_seed_curl_commands_verbatim(cluster):
     finish = curl(f"""curl -X POST http://localhost:9000/check_finish -H "Content-Type: application/json" -d '{{"event_id": "{step6['event_id']}"}}'""")
     assert finish["status"] == 200 and finish["json"]["status"] == "done"
 
-    serve_and_check(e2, PROMPT, tokens, reference)
+    e2.serve_and_check(PROMPT, tokens, reference)

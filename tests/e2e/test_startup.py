@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from tests.conftest import free_port
-from tests.e2e.conftest import model_dir
-from sidecar.localcluster import LocalCluster
+from tests.harness.engines import model_dir
+from tests.harness.processes import LocalCluster, free_port
 
 
 def test_unknown_config_key_stops_startup_naming_the_key(tmp_path):

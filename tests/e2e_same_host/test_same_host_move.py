@@ -14,10 +14,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sidecar.localcluster import LocalCluster
-from tests.conftest import free_port, post_move, wait_job, wait_lookup
-from tests.e2e.conftest import Engine, model_dir
-from tests.e2e.test_seed_flow import chunk_bytes, chunk_keys, serve_and_check
+from tests.harness.api import post_move, wait_job, wait_lookup
+from tests.harness.engines import Engine, chunk_keys, model_dir
+from tests.harness.processes import LocalCluster, free_port
 
 PROMPT = ("Moving the KV cache of a long prompt between two engines on one host need not go "
           "through the kernel page by page: the destination maps the source's pool. ") * 6
@@ -54,7 +53,7 @@ def test_a_move_between_engines_on_one_host_copies_from_the_mapped_pool(pair):
     assert wait_lookup(http, tokens, {"host-a": len(tokens)}, timeout=30) == {"host-a": len(tokens)}
     keys = chunk_keys(http, tokens, "host-a")
     assert len(keys) >= 2
-    before = {k: chunk_bytes(a, k) for k in keys}
+    before = {k: a.chunk_bytes(k) for k in keys}
     assert all(before.values())
 
     r = post_move(http, "host-a", "host-b", tokens=tokens)
@@ -64,8 +63,8 @@ def test_a_move_between_engines_on_one_host_copies_from_the_mapped_pool(pair):
     transfers = b.sidecar("/store").json()["transfers"]
     assert transfers["same_host_fetches"] == transfers["fetches"] >= 1, transfers
 
-    assert {k: chunk_bytes(b, k) for k in keys} == before
-    assert all(chunk_bytes(a, k) is None for k in keys)  # moved: gone at a
-    hits = serve_and_check(b, PROMPT, tokens, source["choices"][0]["text"])
+    assert {k: b.chunk_bytes(k) for k in keys} == before
+    assert all(a.chunk_bytes(k) is None for k in keys)  # moved: gone at a
+    hits = b.serve_and_check(PROMPT, tokens, source["choices"][0]["text"])
     print(f"\n[same host] {len(keys)} chunks, {st['bytes']} bytes moved in {st['elapsed_s'] * 1e3:.1f} ms; "
           f"{hits:.0f} external hits on host-b for a {len(tokens)}-token prompt")

@@ -1,114 +1,12 @@
-"""A real controller process and real sidecars (real stores, real NIXL agents), no vLLM.
-
-The sidecars run in this test process, exactly as they run inside an engine's worker: each
-on its own thread with its own NIXL agent, around a ChunkStore filled by the test.
-"""
+"""Fixtures of the integration tests (a real controller process and real sidecars, no vLLM;
+the ``fleet`` fixture is in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import sys
-import time
-
-import httpx
 import pytest
-
-from sidecar.localcluster import LocalCluster
-from sidecar.runtime import Sidecar
-from tests.conftest import free_port, post_move, tiny_layout, wait_job, wait_lookup
-from vllm_kvmove.config import build_config
-from vllm_kvmove.store import ChunkStore
-
-
-class Fleet:
-    def __init__(self, tmp_path, start_controller: bool = True, api_token: str = "",
-                 controller_args: tuple[str, ...] = ()):
-        self.api_token = api_token
-        self.controller_args = list(controller_args)
-        self.cluster = LocalCluster("unused", tmp_path, python=sys.executable)
-        self.pull, self.reply, self.port = free_port(), free_port(), free_port()
-        self.http = httpx.Client(base_url=f"http://localhost:{self.port}", timeout=10)
-        self.sidecars: dict[str, Sidecar] = {}
-        self.controller = None
-        if start_controller:
-            self.start_controller()
-
-    def start_controller(self) -> None:
-        """Start the controller process (again, after :meth:`kill_controller`) on the same ports."""
-        args = ["--heartbeat-timeout", "3", *self.controller_args] + (
-            ["--api-token", self.api_token] if self.api_token else [])
-        self.controller = self.cluster.start_controller(self.port, self.pull, self.reply,
-                                                        extra_args=args)
-        self.cluster.wait_ready(self.controller, timeout=30)
-
-    def kill_controller(self) -> None:
-        self.cluster.kill(self.controller)
-        self.controller = None
-
-    def sidecar_config(self, instance_id: str, layout, slots: int, api_token: str | None = None,
-                       engine_url: str = "http://127.0.0.1:9") -> dict:
-        """Config keys of a test sidecar attached to this fleet's controller."""
-        return {
-            "instance_id": instance_id, "controller_pull_url": f"localhost:{self.pull}",
-            "controller_reply_url": f"localhost:{self.reply}", "sidecar_port": free_port(),
-            "p2p_init_port": free_port(), "engine_url": engine_url,
-            "chunk_size": layout.chunk_size, "heartbeat_interval_s": 0.2,
-            "command_timeout_s": 5, "max_local_cpu_size": slots * layout.chunk_bytes / (1 << 30),
-            "api_token": self.api_token if api_token is None else api_token}
-
-    def spawn_sidecar(self, instance_id: str, layout, slots: int, fill=(), **config):
-        """A sidecar in its own process (``sidecar.standalone``): one a test can kill or stop.
-        ``config`` overrides keys of :meth:`sidecar_config`."""
-        proc = self.cluster.start_sidecar_process(
-            self.sidecar_config(instance_id, layout, slots) | config, layout.to_dict(), list(fill))
-        self.cluster.wait_ready(proc, timeout=60)
-        self.wait_registered(instance_id)
-        return proc
-
-    def add_sidecar(self, instance_id: str, slots: int = 64, wait: bool = True,
-                    api_token: str | None = None, engine_url: str = "http://127.0.0.1:9",
-                    **layout_over) -> Sidecar:
-        layout = tiny_layout(**layout_over)
-        cfg = build_config(self.sidecar_config(instance_id, layout, slots, api_token, engine_url))
-        store = ChunkStore(layout, slots * layout.chunk_bytes)
-        sc = Sidecar(cfg, store, layout).start()
-        assert sc.ready.wait(30), "sidecar did not start"
-        self.sidecars[instance_id] = sc
-        if wait:
-            self.wait_registered(instance_id)
-        return sc
-
-    def wait_registered(self, instance_id: str, timeout: float = 10) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            try:
-                ids = {i["instance_id"] for i in self.http.get("/instances").json()["instances"]}
-            except httpx.HTTPError:
-                ids = set()
-            if instance_id in ids:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{instance_id} never registered")
-
-    def move(self, src: str, dst: str, **body) -> httpx.Response:
-        return post_move(self.http, src, dst, **body)
-
-    def wait_job(self, event_id: str, timeout: float = 20) -> dict:
-        return wait_job(self.http, event_id, timeout)
-
-    def wait_lookup(self, tokens, expect: dict, timeout: float = 5) -> dict:
-        return wait_lookup(self.http, tokens, expect, timeout)
-
-    def close(self) -> None:
-        for sc in self.sidecars.values():
-            sc.stop()
-        self.http.close()
-        self.cluster.stop_all()
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("fleet"))
-    try:
-        yield f
-    finally:
-        f.close()
+def pair(fleet):
+    """Two in-process sidecars, ``a`` and ``b``, of the tiny layout."""
+    return fleet.add_sidecar("a"), fleet.add_sidecar("b")

@@ -14,24 +14,14 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
-from tests.conftest import free_port
-from tests.integration.test_controller_sidecars import chunk_bytes, fill, pair  # noqa: F401 (fixture)
-from vllm_kvmove.hashing import chunk_spans
+from tests.harness.processes import free_port
+from tests.harness.stores import chunk_bytes, fill, keys_of
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def kvmove(fleet, *args: str) -> int:
-    """Run ``kvmove --controller <fleet's controller> ARGS...`` in this process."""
-    return main(["--controller", f"http://localhost:{fleet.port}", *args])
-
-
 def csv(tokens: list[int]) -> str:
     return ",".join(map(str, tokens))
-
-
-def keys_of(sidecar, tokens: list[int]) -> list[bytes]:
-    return [s.key for s in chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)]
 
 
 def test_console_script_is_declared():
@@ -40,7 +30,7 @@ def test_console_script_is_declared():
 
 
 def test_instances_table_lists_the_sidecars(fleet, pair, capsys):
-    assert kvmove(fleet, "instances") == 0
+    assert fleet.kvmove("instances") == 0
     header, *rows = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["INSTANCE", "STATE", "CHUNKS"]
     by_id = {row.split()[0]: row for row in rows}
@@ -63,11 +53,11 @@ def test_lookup_by_tokens_lists_holders(fleet, pair, capsys):
     tokens = list(range(6000, 6070))
     fill(a, tokens, seed=21)
     fleet.wait_lookup(tokens, {"a": 70})
-    assert kvmove(fleet, "lookup", "--tokens", csv(tokens)) == 0
+    assert fleet.kvmove("lookup", "--tokens", csv(tokens)) == 0
     assert capsys.readouterr().out.split() == ["INSTANCE", "MATCHED", "TOKENS", "a", "70"]
-    assert kvmove(fleet, "lookup", "--tokens", csv(tokens), "--instance", "b") == 0
+    assert fleet.kvmove("lookup", "--tokens", csv(tokens), "--instance", "b") == 0
     assert capsys.readouterr().out.split() == ["INSTANCE", "MATCHED", "TOKENS", "b", "0"]
-    assert kvmove(fleet, "lookup", "--tokens", "1,2,3") == 0
+    assert fleet.kvmove("lookup", "--tokens", "1,2,3") == 0
     assert "no instance holds KV" in capsys.readouterr().out
 
 
@@ -76,7 +66,7 @@ def test_move_wait_moves_the_data(fleet, pair, capsys):
     tokens = list(range(6100, 6200))  # 3 full chunks + a 4-token tail
     written = fill(a, tokens, seed=22)
     fleet.wait_lookup(tokens, {"a": 100})
-    assert kvmove(fleet, "move", "--from", "a", "--to", "b", "--tokens", csv(tokens), "--wait") == 0
+    assert fleet.kvmove("move", "--from", "a", "--to", "b", "--tokens", csv(tokens), "--wait") == 0
     out, err = capsys.readouterr()
     assert out.startswith("move a -> b: 100 tokens, event ")
     assert "done: 4 chunks" in out
@@ -93,7 +83,7 @@ def test_copy_json_status_and_events(fleet, pair, capsys):
     written = fill(a, tokens, seed=23)
     fleet.wait_lookup(tokens, {"a": 40})
     # --json before the command here, after it below
-    assert kvmove(fleet, "--json", "move", "--from", "a", "--to", "b", "--tokens", csv(tokens),
+    assert fleet.kvmove("--json", "move", "--from", "a", "--to", "b", "--tokens", csv(tokens),
                   "--copy") == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["num_tokens"] == 40 and answer["event_id"]
@@ -102,22 +92,22 @@ def test_copy_json_status_and_events(fleet, pair, capsys):
     for key, data in written.items():
         assert chunk_bytes(a, key) == chunk_bytes(b, key) == data
 
-    assert kvmove(fleet, "status", eid) == 0
+    assert fleet.kvmove("status", eid) == 0
     fields = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:]
                   if len(line.split()) > 1)
     assert fields["event_id"] == eid and fields["status"] == "done" and fields["kind"] == "copy"
-    assert kvmove(fleet, "status", eid, "--json") == 0
+    assert fleet.kvmove("status", eid, "--json") == 0
     assert json.loads(capsys.readouterr().out)["num_tokens"] == 40
 
     # A job that ended cannot be cancelled: one line, the controller's reason, exit 2.
-    assert kvmove(fleet, "cancel", eid) == 2
+    assert fleet.kvmove("cancel", eid) == 2
     err = capsys.readouterr().err
     assert err == f"kvmove: error: job {eid} already ended: done [409 conflict]\n"
 
-    assert kvmove(fleet, "events", "--limit", "1") == 0
+    assert fleet.kvmove("events", "--limit", "1") == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.startswith("EVENT") and row.split()[:3] == [eid, "copy", "done"]
-    assert kvmove(fleet, "events", "--limit", "1", "--json") == 0
+    assert fleet.kvmove("events", "--limit", "1", "--json") == 0
     assert [e["event_id"] for e in json.loads(capsys.readouterr().out)["events"]] == [eid]
 
 
@@ -130,30 +120,30 @@ def test_pin_unpin_clear(fleet, capsys):
     fleet.wait_lookup(tokens, {"cli-pins": 32})
     fleet.wait_lookup(other, {"cli-pins": 64})
 
-    assert kvmove(fleet, "pin", "--instance", "cli-pins", "--tokens", csv(tokens)) == 0
+    assert fleet.kvmove("pin", "--instance", "cli-pins", "--tokens", csv(tokens)) == 0
     assert capsys.readouterr().out.startswith("pinned 32 tokens (1 chunk) at cli-pins, event ")
-    assert s.store.stats()["persistent_chunks"] == 1
-    assert kvmove(fleet, "unpin", "--instance", "cli-pins", "--tokens", csv(tokens)) == 0
+    assert s.store.stats()["pinned_chunks"] == 1
+    assert fleet.kvmove("unpin", "--instance", "cli-pins", "--tokens", csv(tokens)) == 0
     assert capsys.readouterr().out.startswith("unpinned 32 tokens (1 chunk) at cli-pins")
-    assert s.store.stats()["persistent_chunks"] == 0
+    assert s.store.stats()["pinned_chunks"] == 0
 
-    assert kvmove(fleet, "clear", "--instance", "cli-pins", "--tokens", csv(tokens)) == 0
+    assert fleet.kvmove("clear", "--instance", "cli-pins", "--tokens", csv(tokens)) == 0
     assert capsys.readouterr().out.startswith("cleared 32 tokens (1 chunk) at cli-pins")
     assert not s.store.contains(keys_of(s, tokens)[0])
     assert s.store.stats()["num_chunks"] == 2
-    assert kvmove(fleet, "clear", "--instance", "cli-pins", "--json") == 0
+    assert fleet.kvmove("clear", "--instance", "cli-pins", "--json") == 0
     assert json.loads(capsys.readouterr().out)["num_chunks"] == 2
     assert s.store.stats()["num_chunks"] == 0
 
 
 def test_controller_error_is_one_line_and_exit_2(fleet, pair, capsys):
-    assert kvmove(fleet, "move", "--from", "nope", "--to", "b", "--tokens", "1,2") == 2
+    assert fleet.kvmove("move", "--from", "nope", "--to", "b", "--tokens", "1,2") == 2
     out, err = capsys.readouterr()
     assert out == ""
     (line,) = err.splitlines()
     assert line.startswith("kvmove: error: unknown instance 'nope' (registered: ")
     assert line.endswith("[404 not_found]")
-    assert kvmove(fleet, "status", "no-such-event") == 2
+    assert fleet.kvmove("status", "no-such-event") == 2
     err = capsys.readouterr().err
     assert err.startswith("kvmove: error: unknown event_id 'no-such-event'")
     assert err.endswith("[404 not_found]\n") and err.count("\n") == 1
@@ -174,10 +164,10 @@ def test_failed_move_with_wait_exits_1_with_the_cause(fleet, pair, capsys):
     fill(a, tokens, seed=27)
     fleet.wait_lookup(tokens, {"a": 64})
     keys = keys_of(a, tokens)
-    (info, *_) = a.store.pin(keys)  # computes and caches the checksums...
-    a.store.unpin(keys)
+    (info, *_) = a.store.hold(keys)  # computes and caches the checksums...
+    a.store.release(keys)
     a.store.pool[info.offset] ^= 0xFF  # ...then a bit flip: the destination must refuse it
-    assert kvmove(fleet, "move", "--from", "a", "--to", "b", "--tokens", csv(tokens), "--wait") == 1
+    assert fleet.kvmove("move", "--from", "a", "--to", "b", "--tokens", csv(tokens), "--wait") == 1
     out, err = capsys.readouterr()
     assert out.startswith("move a -> b: 64 tokens, event ")
     error = [line for line in err.splitlines() if line.startswith("kvmove: error:")]

@@ -6,29 +6,8 @@ import random
 
 import pytest
 
-from tests.conftest import put_chunk
-from vllm_kvmove.hashing import chunk_spans
-
-LOC = "LocalCPUBackend"
-
-
-def fill(sidecar, tokens, seed=0) -> dict[bytes, bytes]:
-    """Store every chunk of ``tokens`` in the sidecar's store, as the connector would."""
-    spans = chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)
-    return {s.key: put_chunk(sidecar.store, s.key, s.num_tokens, seed + i) for i, s in enumerate(spans)}
-
-
-def chunk_bytes(sidecar, key) -> bytes:
-    (info,) = sidecar.store.pin([key], checksums=False)
-    try:
-        return sidecar.store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes()
-    finally:
-        sidecar.store.unpin([key])
-
-
-@pytest.fixture(scope="module")
-def pair(fleet):
-    return fleet.add_sidecar("a"), fleet.add_sidecar("b")
+from tests.harness.api import LOC
+from tests.harness.stores import chunk_bytes, fill, keys_of
 
 
 def test_instances_lists_both(fleet, pair):
@@ -55,7 +34,7 @@ def test_move_is_byte_exact_and_deletes_source(fleet, pair):
         assert not a.store.contains(k)
     assert fleet.wait_lookup(tokens, {"b": 100}) == {"b": 100}
     for s in (a, b):
-        assert s.store.stats()["pinned_chunks"] == 0
+        assert s.store.stats()["held_chunks"] == 0
 
 
 def test_copy_keeps_both_and_lookup_lists_every_holder(fleet, pair):
@@ -163,13 +142,17 @@ def test_pin_protects_from_eviction_unpin_and_clear(fleet):
     r = fleet.http.post("/pin", json={"instance_id": "small", "location": LOC, "tokens": pinned})
     assert r.status_code == 200, r.text
     assert r.json()["num_chunks"] == 1 and r.json()["num_tokens"] == 32
-    assert s.store.stats()["persistent_chunks"] == 1
-    for i in range(6):  # more than the store holds: LRU eviction, but never the pinned chunk
-        fill(s, list(range(4000 + 100 * i, 4000 + 100 * i + 32)), seed=i)
-    assert s.store.match_prefix([k for k in [s.store.snapshot()[1][0][0]]]) == 1
+    assert s.store.stats()["pinned_chunks"] == 1
+    others = [list(range(4000 + 100 * i, 4000 + 100 * i + 32)) for i in range(6)]
+    for i, tokens in enumerate(others):  # more than the 4 slots hold: LRU eviction...
+        fill(s, tokens, seed=i)
+    # ...of the three oldest unpinned chunks, never of the pinned one (the oldest of all)
+    assert s.store.stats()["evictions"] == 3
+    assert {k for k, _ in s.store.snapshot()[1]} == {
+        k for tokens in [pinned, *others[3:]] for k in keys_of(s, tokens)}
     assert fleet.wait_lookup(pinned, {"small": 32}) == {"small": 32}
     assert fleet.http.post("/unpin", json={"instance_id": "small", "tokens": pinned}).status_code == 200
-    assert s.store.stats()["persistent_chunks"] == 0
+    assert s.store.stats()["pinned_chunks"] == 0
     st = fleet.http.get(f"/events/{r.json()['event_id']}").json()
     assert st["kind"] == "pin" and st["status"] == "done"
     # clear by tokens, then the whole store

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_controller_sidecars import LOC, fill
+from tests.harness.api import LOC
+from tests.harness.stores import fill
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import tiny_layout
-from tests.integration.test_controller_sidecars import LOC
+from tests.harness.api import LOC
+from tests.harness.stores import tiny_layout
 
 # 4 MiB chunks (16 layers x 8 heads x 128 x bf16 = 64 KiB/token, 64 tokens), 12 chunks: the
 # copies cross the copy threads' 1 MiB inline threshold.

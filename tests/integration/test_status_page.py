@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
-from tests.integration.test_controller_sidecars import LOC, fill
+from tests.harness.api import LOC
+from tests.harness.stores import fill
 
 try:
     from playwright.sync_api import expect
@@ -33,25 +33,6 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 SETUP_HINT = ("run `bash scripts/setup-browser.sh` (installs Debian's chromium and the Python "
               "package playwright into .venv; never `playwright install`)")
 WAIT_MS = 10_000
-
-
-def human_bytes(n: int) -> str:
-    """What the page shows for ``n`` bytes (its ``fmtBytes``; JS ``toFixed`` rounds half up)."""
-    if n < 1024:
-        return f"{n} B"
-    units = ["KiB", "MiB", "GiB", "TiB", "PiB"]
-    v, i = Decimal(n), -1
-    while True:
-        v, i = v / 1024, i + 1
-        if not (v >= 1024 and i < len(units) - 1):
-            break
-    digits = 0 if v >= 100 else 1 if v >= 10 else 2
-    return f"{v.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)} {units[i]}"
-
-
-def test_human_bytes_matches_the_pages_format():
-    assert [human_bytes(n) for n in (0, 1023, 1024, 1152, 6400, 10 << 20, 300 << 30)] == \
-        ["0 B", "1023 B", "1.00 KiB", "1.13 KiB", "6.25 KiB", "10.0 MiB", "300 GiB"]
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +100,10 @@ def test_page_lists_instances_and_shows_a_move_finish(fleet, sidecars, browser, 
             expect(row).to_have_attribute("data-up", "true")
             expect(row.locator("td").first).to_have_text(iid)
             expect(row.locator(".badge")).to_have_text("up")
-            cap = api[iid]["capacity_bytes"]
-            assert cap > 0
-            expect(row.locator("td.usage")).to_have_attribute("data-capacity-bytes", str(cap))
-            expect(row.locator("td.usage .text")).to_contain_text(" / " + human_bytes(cap))
+            # 64 slots of 2 KiB (the tiny layout's chunk: 2 blocks x 2 layers x 512 B)
+            assert api[iid]["capacity_bytes"] == 64 * 2048
+            expect(row.locator("td.usage")).to_have_attribute("data-capacity-bytes", str(64 * 2048))
+            expect(row.locator("td.usage .text")).to_contain_text(" / 128 KiB")
             expect(row.locator("td.engine")).to_have_text(api[iid]["engine_url"])
         expect(page.locator("#health")).to_have_attribute("data-state", "ok")
         expect(page.locator("#health-up")).to_have_text(str(health["instances_up"]))
@@ -145,7 +126,8 @@ def test_page_lists_instances_and_shows_a_move_finish(fleet, sidecars, browser, 
         expect(row).to_have_count(1)
         expect(row).to_have_attribute("data-status", "done")
         job = fleet.http.get(f"/events/{eid}").json()
-        assert job["status"] == "done" and job["bytes"] > 0, job
+        # 3 full chunks of 2 KiB and a 4-token tail in one 1 KiB block: 7 KiB
+        assert job["status"] == "done" and job["bytes"] == job["total_bytes"] == 7168, job
         expect(row).to_have_attribute("data-kind", "move")
         expect(row.locator(".badge")).to_have_text("done")
         expect(row.locator("td.event-id")).to_have_text(eid[:8])
@@ -154,8 +136,8 @@ def test_page_lists_instances_and_shows_a_move_finish(fleet, sidecars, browser, 
         cell = row.locator("td.bytes")
         expect(cell).to_have_attribute("data-bytes", str(job["bytes"]))
         expect(cell).to_have_attribute("data-total-bytes", str(job["total_bytes"]))
-        expect(row.locator(".bytes-moved")).to_have_text(human_bytes(job["bytes"]))
-        expect(row.locator(".bytes-total")).to_have_text(human_bytes(job["total_bytes"]))
+        expect(row.locator(".bytes-moved")).to_have_text("7.00 KiB")
+        expect(row.locator(".bytes-total")).to_have_text("7.00 KiB")
         expect(row.locator("td.tokens")).to_have_text("100")
         # Newest first: the move is the top row.
         expect(page.locator("#events tbody tr").first).to_have_attribute("data-event-id", eid)

@@ -1,7 +1,5 @@
 """Fixtures of the reliability tests.
 
-* ``fleet``: the integration tests' fleet (a real controller process and real in-process
-  sidecars), re-exported rather than copied.
 * ``fuzz_cases``: a counter of fuzz cases sent, by ``(app, status)``; the totals are printed
   in the terminal summary ("fuzz cases run: ...").
 """
@@ -11,8 +9,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
-from tests.integration.conftest import fleet  # noqa: F401  (a pytest fixture, used by name)
 
 _FUZZ_CASES: Counter = Counter()
 

@@ -38,12 +38,15 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, negativ
                                                response_schema_conformance,
                                                status_code_conformance)
 
-from sidecar.errors import STATUS_BY_KIND
-from sidecar.openapi import controller_openapi, sidecar_openapi
-from tests.conftest import free_port, put_chunk
+from sidecar.httpkit import STATUS_BY_KIND
+from sidecar.agent.app import sidecar_openapi
+from sidecar.protocol import FINAL_STATES
+from sidecar.controller.api import controller_openapi
+from tests.harness.api import LOC
+from tests.harness.processes import free_port
+from tests.harness.stores import put_chunk
 from vllm_kvmove.hashing import chunk_spans
 
-LOC = "LocalCPUBackend"
 FUZZ_IDS = ("fuzz-a", "fuzz-b")
 HAND_SRC, HAND_DST = "hand-src", "hand-dst"
 FUZZ_TOKENS = list(range(7000, 7100))  # 3 full chunks + a 4-token tail at fuzz-a
@@ -115,7 +118,7 @@ class World:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             events = self.fleet.http.get("/events", params={"limit": 100000}).json()["events"]
-            if all(e["status"] in ("done", "failed") for e in events):
+            if all(e["status"] in FINAL_STATES for e in events):
                 return
             time.sleep(0.02)
         raise AssertionError("jobs still running")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_controller_sidecars import LOC, fill
+from tests.harness.api import LOC
+from tests.harness.stores import fill
 
 DIFFERENT = {"model": "other-model", "dtype": "float16", "backend": "cpu_attn/amx",
              "block_size": 32, "chunk_size": 64, "hash_seed": "other-seed", "num_kv_heads": 2}
@@ -33,4 +34,4 @@ def test_incompatible_move_is_409_naming_the_field(fleet, source, field):
         err = r.json()["error"]
         assert err["kind"] == "incompatible" and f"{field}:" in err["message"]
     assert (src.store.snapshot(), dst.store.snapshot()) == before
-    assert dst.stats["fetches"] == dst.stats["fetch_failures"] == 0  # not a byte was read
+    assert dst.counters.fetches == dst.counters.fetch_failures == 0  # not a byte was read

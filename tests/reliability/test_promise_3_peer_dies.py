@@ -3,7 +3,7 @@ the source): the event ends failed with the cause within 10 s, the controller ke
 half-written chunk is ever visible at the destination, and after a destination failure the
 source still holds and serves every chunk. Nothing hangs: every wait on a peer has a timeout.
 
-The peers are real sidecar processes (``sidecar.standalone``: real stores, real NIXL agents)
+The peers are real sidecar processes (``tests.harness.standalone``: real stores, real NIXL agents)
 holding 1 GiB of synthetic KV in an engine-sized layout (64 KiB per token, 16 MiB chunks).
 They read over NIXL (``same_host_copy: false``), as peers on different hosts do: there a
 peer's death interrupts the bytes in flight. On the same-host path a copy in progress runs
@@ -16,14 +16,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sidecar.standalone import synthetic_chunk
-from tests.conftest import kill_mid_move, tiny_layout
-from tests.integration.test_controller_sidecars import LOC
+from tests.harness.api import LOC, kill_mid_move
+from tests.harness.stores import BIG_LAYOUT as LAYOUT
+from tests.harness.stores import GIB_TOKENS as TOKENS
+from tests.harness.stores import synthetic_chunk
 from vllm_kvmove.hashing import chunk_spans
 
-LAYOUT = tiny_layout(model="big-kv", num_layers=16, num_kv_heads=8, head_size=128,
-                     block_size=128, chunk_size=256)
-TOKENS = list(range(1, 1 + 64 * 256))  # 64 chunks of 16 MiB: 1 GiB
 SEED = 11
 SLOTS = 72
 
@@ -63,7 +61,7 @@ def test_destination_dies_mid_move(fleet):
     src, _ = start_and_interrupt(fleet, "die", kill="dst")
     # The source still holds every chunk, unpinned, and serves them: a new move elsewhere works.
     store = httpx.get(src.url + "/store", timeout=10).json()
-    assert store["num_chunks"] == 64 and store["pinned_chunks"] == 0
+    assert store["num_chunks"] == 64 and store["held_chunks"] == 0
     again = fleet.spawn_sidecar("die-dst2", LAYOUT, SLOTS, same_host_copy=False)
     r = fleet.http.post("/move", json={"old_position": ["die-src", LOC], "new_position": ["die-dst2", LOC],
                                        "tokens": TOKENS, "copy": True})
@@ -92,7 +90,7 @@ def test_a_handshake_with_a_dead_peer_fails_at_once_and_a_silent_one_times_out()
 
     import torch
 
-    from tests.conftest import free_port
+    from tests.harness.processes import free_port
     from vllm_kvmove.transfer import NixlTransfer, TransferError
 
     pool = torch.empty(1 << 16, dtype=torch.uint8)
@@ -104,11 +102,11 @@ def test_a_handshake_with_a_dead_peer_fails_at_once_and_a_silent_one_times_out()
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="connection refused"):
             me.connect_peer("gone", f"127.0.0.1:{free_port()}", timeout_s=30)
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 5  # at once, not after the 30 s timeout (with margin)
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="NIXL handshake with mute"):
             me.connect_peer("mute", f"127.0.0.1:{silent.getsockname()[1]}", timeout_s=1)
-        assert 1 <= time.monotonic() - t0 < 3
+        assert 1 <= time.monotonic() - t0 < 1 + 4  # the timeout (with margin)
     finally:
         silent.close()
         me.close()

@@ -23,13 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.localcluster import LocalCluster
-from tests.conftest import free_port, kill_mid_move, wait_lookup
-from tests.e2e.conftest import Engine, model_dir
+from tests.harness.api import kill_mid_move, lookup, wait_lookup
+from tests.harness.engines import HITS, Engine, model_dir
+from tests.harness.processes import LocalCluster, free_port
 
 N = 1100
 CHUNK = 128
-EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 
 
 def big_kv_model() -> Path:
@@ -78,9 +77,9 @@ def complete_uncached(engine: Engine, tokens: list[int]) -> tuple[dict, float]:
     """Reset the engine's own prefix cache, send ``tokens``; the response and the rise of the
     engine's external prefix-cache hits."""
     engine.http.post("/reset_prefix_cache").raise_for_status()
-    before = engine.metric(EXTERNAL_HITS)
+    before = engine.metric(HITS)
     out = engine.complete(tokens, max_tokens=6)
-    return out, engine.metric(EXTERNAL_HITS) - before
+    return out, engine.metric(HITS) - before
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +112,10 @@ def test_engines_destination_then_source_die_mid_move(big):
     assert final["status"] == "failed" and dst.instance_id in final["error"], final
     assert took < 10
     assert big.http.get("/health").status_code == 200
-    # The source still holds every chunk, unpinned, and its engine is served from them.
+    # The source still holds every chunk, none held, and its engine is served from them.
     assert wait_lookup(big.http, tokens, {src.instance_id: N}, timeout=0) == {src.instance_id: N}
     store = src.sidecar("/store").json()
-    assert store["num_chunks"] == len(keys) and store["pinned_chunks"] == 0, store
+    assert store["num_chunks"] == len(keys) and store["held_chunks"] == 0, store
     out, hits = complete_uncached(src, tokens)
     assert hits == N - 1, f"source served {hits} of {N - 1} tokens from the store"
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == N - 1
@@ -138,7 +137,7 @@ def test_engines_destination_then_source_die_mid_move(big):
     for k in shown:
         assert dst2.sidecar(f"/chunks/{k}").content == source_bytes[k]
     # ...and its engine is served from exactly the prefix those chunks cover.
-    prefix = wait_lookup(big.http, tokens, {}, timeout=0).get(dst2.instance_id, 0)
+    prefix = lookup(big.http, tokens).get(dst2.instance_id, 0)
     out, hits = complete_uncached(dst2, tokens)
     assert hits == min(prefix, N - 1)
     assert out["choices"][0]["text"] == reference["choices"][0]["text"]

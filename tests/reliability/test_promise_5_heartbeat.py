@@ -8,8 +8,8 @@ import os
 import signal
 import time
 
-from tests.conftest import tiny_layout
-from tests.integration.test_controller_sidecars import LOC, fill
+from tests.harness.api import LOC
+from tests.harness.stores import fill, tiny_layout
 
 
 def instance(fleet, iid):
@@ -37,7 +37,9 @@ def test_frozen_sidecar_is_down_refused_with_503_and_comes_back(fleet):
     os.kill(proc.pid, signal.SIGSTOP)
     try:
         detect_s = wait_up(fleet, "frozen", False)
-        assert detect_s < 3 + 1.5  # the fleet's --heartbeat-timeout is 3 s
+        # Down within the fleet's --heartbeat-timeout (3 s) of the last heartbeat; margin for
+        # a loaded 2-core machine.
+        assert detect_s < 3 + 3
         for body in ({"old_position": ["frozen", LOC], "new_position": ["hb-live", LOC], "tokens": tokens},
                      {"old_position": ["hb-live", LOC], "new_position": ["frozen", LOC], "tokens": mine}):
             r = fleet.http.post("/move", json=body)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.integration.test_controller_sidecars import LOC, chunk_bytes, fill
+from tests.harness.api import LOC
+from tests.harness.stores import chunk_bytes, fill
 
 N_OPS = 100
 
@@ -45,14 +46,14 @@ def test_100_concurrent_moves_and_copies(fleet):
         assert fleet.wait_lookup(tokens, want) == want
     for i in ids:
         assert {k for k, _ in sc[i].store.snapshot()[1]} == expected[i]
-        assert sc[i].store.stats()["pinned_chunks"] == 0
-        assert not sc[i]._leases
+        assert sc[i].store.stats()["held_chunks"] == 0
+        assert len(sc[i].commands.leases) == 0
 
     for i in ids:  # delete everything: nothing may stay referenced
         assert fleet.http.post("/clear", json={"instance_id": i}).status_code == 200
     for i in ids:
         st = sc[i].store.stats()
-        assert (st["num_chunks"], st["pinned_chunks"], st["writing_chunks"]) == (0, 0, 0)
+        assert (st["num_chunks"], st["held_chunks"], st["writing_chunks"]) == (0, 0, 0)
         assert st["free_slots"] == st["num_slots"]
     for tokens, *_ in plan[:10]:
         assert fleet.wait_lookup(tokens, {}) == {}

@@ -3,20 +3,22 @@ or fails cleanly with 507 when it cannot; pinned chunks are never evicted."""
 
 from __future__ import annotations
 
-from tests.integration.test_controller_sidecars import LOC, fill
-from vllm_kvmove.hashing import chunk_spans
+import time
+
+from tests.harness.api import LOC
+from tests.harness.fleet import Fleet
+from tests.harness.stores import fill
+from tests.harness.stores import keys_of as keys
 
 
-def keys(sidecar, tokens):
-    return [s.key for s in chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)]
+def instance(fleet, iid: str) -> dict:
+    return {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}[iid]
 
 
 def wait_heartbeat(fleet, iid, available):
-    import time
     t0 = time.monotonic()
     while time.monotonic() - t0 < 5:
-        inst = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}[iid]
-        if inst["available_bytes"] == available:
+        if instance(fleet, iid)["available_bytes"] == available:
             return
         time.sleep(0.05)
     raise AssertionError(f"{iid} never reported {available} available bytes")
@@ -61,24 +63,36 @@ def test_move_that_cannot_fit_is_507_and_changes_nothing(fleet):
     assert (src.store.snapshot(), dst.store.snapshot()) == before
 
 
-def test_store_full_found_at_fetch_time_fails_the_job_cleanly(fleet):
-    """The controller's view lags by a heartbeat; the destination's own check still holds."""
-    src, dst = fleet.add_sidecar("race-src"), fleet.add_sidecar("race-dst", slots=2)
-    incoming = list(range(800, 832))
-    fill(src, incoming, seed=3)
-    fleet.wait_lookup(incoming, {"race-src": 32})
-    held = list(range(900, 964))
-    fill(dst, held, seed=4)
-    dst.store.pin(keys(dst, held))  # pinned behind the controller's back: no heartbeat yet
+def test_store_full_found_at_fetch_time_fails_the_job_cleanly(tmp_path):
+    """The controller's view of a store's free space comes with heartbeats and replies, so it
+    lags; the destination's own check at fetch time still holds. Here the destination
+    heartbeats every 30 s (and the controller waits 60 s before calling it down), so when the
+    move starts the controller still believes its registration — every slot free — although
+    both slots are taken and held: the move passes the controller's 507 check and must fail at
+    the fetch, cleanly."""
+    fleet = Fleet(tmp_path, controller_args=("--heartbeat-timeout", "60"))
     try:
+        src = fleet.add_sidecar("race-src")
+        dst = fleet.add_sidecar("race-dst", slots=2, config={"heartbeat_interval_s": 30})
+        incoming = list(range(800, 832))
+        fill(src, incoming, seed=3)
+        fleet.wait_lookup(incoming, {"race-src": 32})
+        held = list(range(900, 964))
+        fill(dst, held, seed=4)
+        fleet.wait_lookup(held, {"race-dst": 64})
+        dst.store.hold(keys(dst, held))  # behind the controller's back: no heartbeat tells it
+        assert instance(fleet, "race-dst")["available_bytes"] == 2 * dst.store.slot_bytes
         r = fleet.http.post("/move", json={"old_position": ["race-src", LOC],
                                            "new_position": ["race-dst", LOC], "tokens": incoming})
-        if r.status_code == 507:  # a heartbeat got there first: the clean refusal
-            assert r.json()["error"]["kind"] == "store_full"
-        else:
-            st = fleet.wait_job(r.json()["event_id"])
-            assert st["status"] == "failed" and st["error_kind"] == "store_full"
+        assert r.status_code == 200, r.text
+        st = fleet.wait_job(r.json()["event_id"])
+        assert st["status"] == "failed" and st["error_kind"] == "store_full", st
         assert set(keys(dst, held)) == {k for k, _ in dst.store.snapshot()[1]}
+        assert dst.store.stats()["writing_chunks"] == 0
         assert src.store.contains(keys(src, incoming)[0])
+        assert src.store.stats()["held_chunks"] == 0  # the source's lease ended
+        # The failed fetch's reply carried a heartbeat: the controller knows now.
+        assert instance(fleet, "race-dst")["available_bytes"] == 0
+        dst.store.release(keys(dst, held))
     finally:
-        dst.store.unpin(keys(dst, held))
+        fleet.close()

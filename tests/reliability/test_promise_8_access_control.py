@@ -8,11 +8,12 @@ import asyncio
 import httpx
 import pytest
 
-from sidecar import wire
-from sidecar.openapi import CONTROLLER_OPS
-from tests.conftest import free_port, put_chunk
-from tests.integration.conftest import Fleet
-from tests.integration.test_controller_sidecars import LOC, fill
+from sidecar import protocol
+from sidecar.controller.api import ENDPOINTS
+from tests.harness.api import LOC
+from tests.harness.fleet import Fleet
+from tests.harness.processes import free_port
+from tests.harness.stores import fill, put_chunk
 from vllm_kvmove.transfer import NixlTransfer, TransferError
 
 TOKEN = "s3cret-token-for-tests"
@@ -39,7 +40,7 @@ MUTATING = [("/move", {"old_position": ["sec-a", LOC], "new_position": ["sec-b",
 
 
 def test_every_route_documented_as_needing_the_token_is_checked_here():
-    assert {op.path for op in CONTROLLER_OPS if op.auth} == {path for path, _ in MUTATING}
+    assert {op.path for op in ENDPOINTS if op.auth} == {path for path, _ in MUTATING}
 
 
 @pytest.mark.parametrize("path,body", MUTATING)
@@ -100,10 +101,10 @@ def test_sidecar_refuses_commands_without_the_token(secured):
     fleet, a, _ = secured
     key = bytes([9] * 16)
     put_chunk(a.store, key, 8, seed=2)
-    for forged in (wire.ClearChunks(keys=[key]), wire.ClearChunks(keys=None),
-                   wire.ClearChunks(keys=[key], auth="guess"),
-                   wire.PersistChunks(keys=[key], persistent=True)):
-        reply = asyncio.run_coroutine_threadsafe(a.execute_authorized(forged), a.loop).result(5)
+    for forged in (protocol.ClearChunks(keys=[key]), protocol.ClearChunks(keys=None),
+                   protocol.ClearChunks(keys=[key], auth="guess"),
+                   protocol.SetPinned(keys=[key], pinned=True)):
+        reply = asyncio.run_coroutine_threadsafe(a.commands.run(forged), a.loop).result(5)
         assert not reply.ok and reply.error_kind == "unauthorized"
     assert a.store.contains(key)
 

@@ -1,25 +1,25 @@
 """A job's fetch window: when one batch fails (or the job is cancelled), batches already sent
-to the destination are waited for (not abandoned), no new batch starts, and the source's pins
-are released only after the destination settled every batch it was sent. The sidecars are faked at ``Controller.command``
-(the one door through which jobs talk to sidecars)."""
+to the destination are waited for (not abandoned), no new batch starts, and the source's lease
+ends only after the destination settled every batch it was sent. The sidecars are faked at the
+``command`` callable of :func:`sidecar.controller.jobs.run_transfer` (the one door through
+which a job talks to sidecars)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from sidecar import wire
-from sidecar.controller import Controller, ControllerSettings, Job, JobCancelled, JobFailed
-from sidecar.errors import ApiError
+from sidecar import protocol
+from sidecar.controller.jobs import Job, JobCancelled, JobFailed, run_transfer
+from sidecar.httpkit import ApiError
 
 MiB = 1 << 20
 
 
 class FakeSidecars:
-    """Answers PinChunks with four 1 MiB chunks; each FetchChunks (one chunk per batch) after
+    """Answers LeaseChunks with four 1 MiB chunks; each FetchChunks (one chunk per batch) after
     ``delays[i]`` seconds, failing the batches in ``failing``; records what happened when."""
 
     def __init__(self, delays: list[float], failing: set[int]):
@@ -27,94 +27,92 @@ class FakeSidecars:
         self.log: list[tuple[str, float, object]] = []
         self.t0 = time.monotonic()
 
-    async def command(self, instance_id: str, msg, timeout=None) -> wire.Reply:
+    async def command(self, instance_id: str, msg, timeout=None) -> protocol.Reply:
         now = lambda: time.monotonic() - self.t0  # noqa: E731
-        if isinstance(msg, wire.PinChunks):
-            chunks = [wire.ChunkDesc(key=k, num_tokens=16, addr=i * MiB, nbytes=MiB, checksum=i)
+        if isinstance(msg, protocol.LeaseChunks):
+            chunks = [protocol.ChunkDesc(key=k, num_tokens=16, addr=i * MiB, nbytes=MiB, checksum=i)
                       for i, k in enumerate(msg.keys)]
-            return wire.Reply(req_id=msg.req_id, ok=True, chunks=chunks, count=len(chunks))
-        if isinstance(msg, wire.FetchChunks):
+            return protocol.Reply(req_id=msg.req_id, ok=True, chunks=chunks, count=len(chunks))
+        if isinstance(msg, protocol.FetchChunks):
             (c,) = msg.chunks
             i = c.checksum
             self.log.append(("fetch sent", now(), i))
             await asyncio.sleep(self.delays[i])
             self.log.append(("fetch settled", now(), i))
             if i in self.failing:
-                return wire.Reply(req_id=msg.req_id, ok=False, error_kind="transfer",
+                return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="transfer",
                                   error=f"batch {i} broke")
-            return wire.Reply(req_id=msg.req_id, ok=True, count=1, bytes=MiB)
-        if isinstance(msg, wire.UnpinChunks):
-            self.log.append(("unpin", now(), msg.delete))
-            return wire.Reply(req_id=msg.req_id, ok=True)
+            return protocol.Reply(req_id=msg.req_id, ok=True, count=1, bytes=MiB)
+        if isinstance(msg, protocol.EndLease):
+            self.log.append(("end lease", now(), msg.delete))
+            return protocol.Reply(req_id=msg.req_id, ok=True)
         raise AssertionError(msg)
 
 
-def run_transfer(delays: list[float], failing: set[int], kind: str = "move") -> tuple[Job, FakeSidecars, Exception | None]:
+SOURCE = protocol.PeerInfo("src", "agent-src", "127.0.0.1:1", "1")
+
+
+async def transfer(job: Job, fake: FakeSidecars) -> Exception | None:
+    """Run the job's steps against the fakes, in 1 MiB batches; the exception it ended with."""
+    try:
+        await run_transfer(job, SOURCE, fake.command, fetch_batch_bytes=MiB, lease_s=60)
+    except (JobFailed, JobCancelled) as e:
+        return e
+    return None
+
+
+def new_job(n: int, kind: str = "move") -> Job:
+    return Job(event_id="e1", kind=kind, source="src", destination="dst",
+               keys=[bytes([i]) * 16 for i in range(n)], num_tokens=64)
+
+
+def run_job(delays: list[float], failing: set[int], kind: str = "move") -> tuple[Job, FakeSidecars, Exception | None]:
     async def main():
-        ctl = Controller(ControllerSettings(fetch_batch_bytes=MiB))
-        fake = FakeSidecars(delays, failing)
-        ctl.command = fake.command
-        reg = SimpleNamespace(agent_name="agent-src", p2p_url="tcp://x", incarnation="1", shared_pool=None)
-        ctl.instances = {"src": SimpleNamespace(reg=reg), "dst": SimpleNamespace(reg=reg)}
-        job = Job(event_id="e1", kind=kind, source="src", destination="dst",
-                  keys=[bytes([i]) * 16 for i in range(len(delays))], num_tokens=64)
-        try:
-            await ctl._transfer(job)
-        except JobFailed as e:
-            return job, fake, e
-        return job, fake, None
+        job, fake = new_job(len(delays), kind), FakeSidecars(delays, failing)
+        return job, fake, await transfer(job, fake)
 
     return asyncio.run(main())
 
 
 def test_a_failed_batch_waits_for_the_batch_in_flight_and_starts_no_other():
     # Batch 0 fails at once; batch 1, already sent, settles 0.3 s later; 2 and 3 never start.
-    job, fake, err = run_transfer([0.0, 0.3, 0.0, 0.0], failing={0})
+    job, fake, err = run_job([0.0, 0.3, 0.0, 0.0], failing={0})
     assert isinstance(err, JobFailed) and "batch 0 broke" in str(err)
     sent = [i for what, _, i in fake.log if what == "fetch sent"]
     assert sent == [0, 1]
     settled_1 = next(t for what, t, i in fake.log if what == "fetch settled" and i == 1)
-    unpin_at, delete = next((t, d) for what, t, d in fake.log if what == "unpin")
-    assert unpin_at >= settled_1  # the source kept its pins while batch 1 was being read
+    end_at, delete = next((t, d) for what, t, d in fake.log if what == "end lease")
+    assert end_at >= settled_1  # the source kept its lease while batch 1 was being read
     assert delete is False  # a failed move deletes nothing at the source
     assert job.bytes == MiB  # batch 1's bytes are counted: they did arrive
 
 
 def test_the_cause_reported_is_the_first_batch_that_failed():
-    job, fake, err = run_transfer([0.2, 0.0, 0.0, 0.0], failing={0, 1})
+    job, fake, err = run_job([0.2, 0.0, 0.0, 0.0], failing={0, 1})
     assert isinstance(err, JobFailed) and "batch 0 broke" in str(err)
     assert [i for what, _, i in fake.log if what == "fetch sent"] == [0, 1]
 
 
 @pytest.mark.parametrize("kind", ["move", "copy"])
 def test_all_batches_succeed_then_release(kind):
-    job, fake, err = run_transfer([0.01, 0.0, 0.02, 0.0], failing=set(), kind=kind)
+    job, fake, err = run_job([0.01, 0.0, 0.02, 0.0], failing=set(), kind=kind)
     assert err is None and job.bytes == 4 * MiB
     assert [what for what, _, _ in fake.log].count("fetch settled") == 4
-    # Released last; a move deletes at the source, a copy keeps its chunks.
-    assert fake.log[-1][0] == "unpin" and fake.log[-1][2] is (kind == "move")
+    # The lease ends last; a move deletes at the source, a copy keeps its chunks.
+    assert fake.log[-1][0] == "end lease" and fake.log[-1][2] is (kind == "move")
 
 
 def run_cancelled(cancel_at: str) -> tuple[Job, FakeSidecars, Exception | None]:
     """A move of four 1 MiB batches (0.2 s each) cancelled ``"before"`` it starts or
     ``"in flight"`` (while batches 0 and 1 are being fetched)."""
     async def main():
-        ctl = Controller(ControllerSettings(fetch_batch_bytes=MiB))
-        fake = FakeSidecars([0.2] * 4, failing=set())
-        ctl.command = fake.command
-        reg = SimpleNamespace(agent_name="agent-src", p2p_url="tcp://x", incarnation="1", shared_pool=None)
-        ctl.instances = {"src": SimpleNamespace(reg=reg), "dst": SimpleNamespace(reg=reg)}
-        job = Job(event_id="e1", kind="move", source="src", destination="dst",
-                  keys=[bytes([i]) * 16 for i in range(4)], num_tokens=64)
+        job, fake = new_job(4), FakeSidecars([0.2] * 4, failing=set())
+        job.begin()
         if cancel_at == "before":
-            ctl.cancel(job)
+            job.request_cancel()
         else:
-            asyncio.get_running_loop().call_later(0.05, ctl.cancel, job)
-        try:
-            await ctl._transfer(job)
-        except (JobFailed, JobCancelled) as e:
-            return job, fake, e
-        return job, fake, None
+            asyncio.get_running_loop().call_later(0.05, job.request_cancel)
+        return job, fake, await transfer(job, fake)
 
     return asyncio.run(main())
 
@@ -124,24 +122,23 @@ def test_a_cancel_lets_the_batches_in_flight_finish_and_starts_no_other():
     assert isinstance(err, JobCancelled) and "2097152 of 4194304 bytes" in str(err)
     assert [i for what, _, i in fake.log if what == "fetch sent"] == [0, 1]
     assert [i for what, _, i in fake.log if what == "fetch settled"] == [0, 1]
-    assert fake.log[-1][0] == "unpin" and fake.log[-1][2] is False  # the source keeps them all
+    assert fake.log[-1][0] == "end lease" and fake.log[-1][2] is False  # the source keeps them all
     assert job.bytes == 2 * MiB
 
 
-def test_a_cancel_before_the_start_pins_nothing():
+def test_a_cancel_before_the_start_leases_nothing():
     job, fake, err = run_cancelled("before")
     assert isinstance(err, JobCancelled) and "before it started" in str(err) and fake.log == []
 
 
 @pytest.mark.parametrize("status", ["done", "failed", "cancelled"])
 def test_an_ended_job_or_a_store_op_cannot_be_cancelled(status):
-    ctl = Controller(ControllerSettings())
     ended = Job(event_id="e1", kind="copy", source="a", destination="b", keys=[], num_tokens=0,
                 status=status)
     with pytest.raises(ApiError) as e:
-        ctl.cancel(ended)
+        ended.request_cancel()
     assert e.value.kind == "conflict" and status in str(e.value)
     pin = Job(event_id="e2", kind="pin", source="a", destination="", keys=[], num_tokens=0,
               status="running")
     with pytest.raises(ApiError, match="cannot be cancelled"):
-        ctl.cancel(pin)
+        pin.request_cancel()

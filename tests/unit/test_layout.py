@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.conftest import tiny_layout
+from tests.harness.stores import tiny_layout
 from vllm_kvmove.layout import check_kv_caches
 
 

@@ -7,12 +7,12 @@ import schemathesis
 from openapi_spec_validator import validate
 from starlette.routing import Route
 
-from sidecar.app import create_sidecar_app
-from sidecar.controller import ControllerSettings, create_controller_app
-from sidecar.errors import STATUS_BY_KIND
-from sidecar.openapi import controller_openapi, sidecar_openapi
-from sidecar.runtime import Sidecar
-from tests.conftest import tiny_layout
+from sidecar.agent import Sidecar
+from sidecar.agent.app import create_sidecar_app, sidecar_openapi
+from sidecar.controller.api import controller_openapi, create_controller_app
+from sidecar.controller.settings import ControllerSettings
+from sidecar.httpkit import STATUS_BY_KIND
+from tests.harness.stores import tiny_layout
 from vllm_kvmove.config import build_config
 from vllm_kvmove.store import ChunkStore
 
@@ -94,7 +94,3 @@ def test_key_shapes_of_the_controller_document():
     sc = sidecar_openapi()["paths"]["/chunks/{key}"]["get"]
     assert "application/octet-stream" in sc["responses"]["200"]["content"]
     assert sc["parameters"][0]["schema"]["pattern"] == "^[0-9a-fA-F]{32}$"
-
-
-def test_documents_are_cached():
-    assert controller_openapi() is controller_openapi() and sidecar_openapi() is sidecar_openapi()

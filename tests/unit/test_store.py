@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import put_chunk
+from tests.harness.stores import put_chunk
 from vllm_kvmove.store import ChunkMissing, ChunkStore, StoreFull
 
 
@@ -35,7 +35,7 @@ def test_reserved_chunk_is_invisible_until_commit(layout):
     assert store.reserve(key(1), 32) is not None
     assert store.match_prefix([key(1)]) == 0
     with pytest.raises(ChunkMissing):
-        store.pin([key(1)])
+        store.hold([key(1)])
     assert store.snapshot() == (0, [])
     store.commit(key(1))
     assert store.match_prefix([key(1)]) == 1
@@ -63,15 +63,35 @@ def test_match_prefix_stops_at_first_gap(layout):
     assert store.match_prefix([key(1), key(2), key(3)]) == 1
 
 
-def test_lru_eviction_skips_pinned_chunks(layout):
+def test_lru_eviction_skips_held_chunks(layout):
     store = make_store(layout, 3)
     for i in (1, 2, 3):
         put_chunk(store, key(i), 32, i)
-    store.pin([key(1)])  # oldest, but pinned
-    put_chunk(store, key(4), 32, 4)  # evicts key(2), the oldest unpinned
+    store.hold([key(1)])  # oldest, but held
+    put_chunk(store, key(4), 32, 4)  # evicts key(2), the oldest not held
     held = {k for k, _ in store.snapshot()[1]}
     assert held == {key(1), key(3), key(4)}
     assert store.evictions == 1
+
+
+def test_lru_eviction_skips_pinned_chunks_until_unpinned_and_delete_removes_them(layout):
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    put_chunk(store, key(2), 32, 2)
+    assert store.set_pinned([key(1), key(9)]) == 1  # an operator's pin; unknown keys ignored
+    assert store.stats()["pinned_chunks"] == 1 and store.stats()["available_slots"] == 1
+    put_chunk(store, key(3), 32, 3)  # evicts key(2): key(1) is older, but pinned
+    assert {k for k, _ in store.snapshot()[1]} == {key(1), key(3)}
+    store.hold([key(3)])
+    with pytest.raises(StoreFull):
+        store.reserve(key(4), 32)  # one chunk pinned, the other held
+    assert store.set_pinned([key(1)], False) == 1
+    assert store.reserve(key(4), 32) is not None  # unpinned: evictable again
+    store.abort(key(4))
+    store.set_pinned([key(3)])
+    assert store.delete([key(3)]) == 1  # an explicit delete removes a pinned chunk too
+    store.release([key(3)])
+    assert store.stats()["pinned_chunks"] == 0 and not store.contains(key(3))
 
 
 def test_touch_on_reserve_hit_refreshes_lru(layout):
@@ -83,43 +103,43 @@ def test_touch_on_reserve_hit_refreshes_lru(layout):
     assert {k for k, _ in store.snapshot()[1]} == {key(1), key(3)}
 
 
-def test_store_full_when_everything_is_pinned(layout):
+def test_store_full_when_everything_is_held(layout):
     store = make_store(layout, 2)
     put_chunk(store, key(1), 32, 1)
     put_chunk(store, key(2), 32, 2)
-    store.pin([key(1), key(2)])
+    store.hold([key(1), key(2)])
     with pytest.raises(StoreFull):
         store.reserve(key(3), 32)
-    store.unpin([key(1)])
+    store.release([key(1)])
     assert store.reserve(key(3), 32) is not None
 
 
-def test_pin_is_all_or_nothing(layout):
+def test_hold_is_all_or_nothing(layout):
     store = make_store(layout, 2)
     put_chunk(store, key(1), 32, 1)
     with pytest.raises(ChunkMissing):
-        store.pin([key(1), key(2)])
-    assert store.stats()["pinned_chunks"] == 0
+        store.hold([key(1), key(2)])
+    assert store.stats()["held_chunks"] == 0
 
 
-def test_delete_of_pinned_chunk_is_deferred_to_last_unpin(layout):
+def test_delete_of_held_chunk_is_deferred_to_last_release(layout):
     store = make_store(layout, 2)
     put_chunk(store, key(1), 32, 1)
-    store.pin([key(1)])
-    store.pin([key(1)])
+    store.hold([key(1)])
+    store.hold([key(1)])
     assert store.delete([key(1)]) == 1
     assert store.match_prefix([key(1)]) == 0  # invisible at once
-    store.unpin([key(1)])
-    assert store.stats()["free_slots"] == 1  # still pinned once: slot not reused
-    store.unpin([key(1)])
+    store.release([key(1)])
+    assert store.stats()["free_slots"] == 1  # still held once: slot not reused
+    store.release([key(1)])
     assert store.stats()["free_slots"] == 2
-    assert store.stats()["pinned_chunks"] == 0
+    assert store.stats()["held_chunks"] == 0
 
 
-def test_pin_describes_valid_bytes_and_checksum(layout):
+def test_hold_describes_valid_bytes_and_checksum(layout):
     store = make_store(layout, 2)
     data = put_chunk(store, key(1), 20, 7)  # partial chunk: 2 blocks of 16 tokens
-    (info,) = store.pin([key(1)])
+    (info,) = store.hold([key(1)])
     assert info.nbytes == layout.valid_bytes(20) == len(data)
     import xxhash
     assert info.checksum == xxhash.xxh3_64_intdigest(data)
@@ -144,11 +164,11 @@ def test_clear_removes_everything_and_leaks_nothing(layout):
     store = make_store(layout, 4)
     for i in range(4):
         put_chunk(store, key(i), 32, i)
-    store.pin([key(0)])
+    store.hold([key(0)])
     assert store.clear() == 4
-    store.unpin([key(0)])
+    store.release([key(0)])
     st = store.stats()
-    assert (st["num_chunks"], st["pinned_chunks"], st["free_slots"]) == (0, 0, 4)
+    assert (st["num_chunks"], st["held_chunks"], st["free_slots"]) == (0, 0, 4)
 
 
 def test_reserve_rejects_bad_token_counts(layout):
@@ -165,10 +185,10 @@ def test_fill_checksums_works_the_backlog_off_the_save_path(layout):
     store.delete([key(1)])
     assert store.fill_checksums() == 2  # the deleted one is skipped
     assert store.fill_checksums() == 0
-    infos = store.pin([key(0), key(2)], checksums=False)  # already known: no hashing needed
+    infos = store.hold([key(0), key(2)], checksums=False)  # already known: no hashing needed
     assert [i.checksum for i in infos] == [xxhash.xxh3_64_intdigest(data[key(0)]),
                                            xxhash.xxh3_64_intdigest(data[key(2)])]
-    assert store.stats()["pinned_chunks"] == 2
+    assert store.stats()["held_chunks"] == 2
 
 
 def test_on_events_is_called_after_commit_and_delete(layout):
@@ -180,28 +200,15 @@ def test_on_events_is_called_after_commit_and_delete(layout):
     assert calls == [1, 2]
 
 
-def test_checksum_stream_matches_checksum_over_any_split():
-    import torch
-
-    from vllm_kvmove.checksum import checksum, checksum_stream
-
-    data = torch.randint(0, 256, (3 * 1024 + 17,), dtype=torch.uint8)
-    for cut in (1, 1000, 3 * 1024):
-        h = checksum_stream()
-        h.update(data[:cut].numpy())
-        h.update(data[cut:].numpy())
-        assert h.intdigest() == checksum(data.numpy())
-
-
 def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
     """stats() is kept incrementally; after every operation it must equal a recount."""
     import random
 
-    from tests.conftest import tiny_layout
+    from tests.harness.stores import tiny_layout
     from vllm_kvmove.store import ChunkStore, StoreError
 
     def recount(st):
-        c = dict(writing=0, chunks=0, tokens=0, pinned=0, persistent=0, evictable=0)
+        c = dict(writing=0, chunks=0, tokens=0, held=0, pinned=0, evictable=0)
         for e in st._entries.values():
             if not e.ready:
                 c["writing"] += 1
@@ -209,16 +216,16 @@ def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
             if not e.doomed:
                 c["chunks"] += 1
                 c["tokens"] += e.num_tokens
-            c["pinned"] += bool(e.pins)
-            c["persistent"] += e.persistent
-            c["evictable"] += not e.pins and not e.persistent
+            c["held"] += bool(e.holds)
+            c["pinned"] += e.pinned
+            c["evictable"] += not e.holds and not e.pinned
         return c
 
     rng = random.Random(5)
     layout = tiny_layout()
     st = ChunkStore(layout, 12 * layout.chunk_bytes)
     keys = [bytes([i]) * 16 for i in range(20)]
-    pins: list[bytes] = []
+    holds: list[bytes] = []
     for step in range(3000):
         op, k = rng.randrange(9), rng.choice(keys)
         try:
@@ -228,12 +235,12 @@ def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
             elif op == 1:
                 st.abort(k)
             elif op == 2:
-                st.pin([k], checksums=rng.random() < 0.5)
-                pins.append(k)
-            elif op == 3 and pins:
-                st.unpin([pins.pop(rng.randrange(len(pins)))])
+                st.hold([k], checksums=rng.random() < 0.5)
+                holds.append(k)
+            elif op == 3 and holds:
+                st.release([holds.pop(rng.randrange(len(holds)))])
             elif op == 4:
-                st.persist([k], rng.random() < 0.5)
+                st.set_pinned([k], rng.random() < 0.5)
             elif op == 5:
                 st.delete([k])
             elif op == 6:
@@ -245,8 +252,8 @@ def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
         except (StoreError, ValueError):
             pass
         got, want = st.stats(), recount(st)
-        assert (got["writing_chunks"], got["num_chunks"], got["num_tokens"], got["pinned_chunks"],
-                got["persistent_chunks"], got["available_slots"] - got["free_slots"]) == (
-            want["writing"], want["chunks"], want["tokens"], want["pinned"], want["persistent"],
+        assert (got["writing_chunks"], got["num_chunks"], got["num_tokens"], got["held_chunks"],
+                got["pinned_chunks"], got["available_slots"] - got["free_slots"]) == (
+            want["writing"], want["chunks"], want["tokens"], want["held"], want["pinned"],
             want["evictable"]), (step, op)
     assert st.evictions > 0  # the run went through evictions too

@@ -8,7 +8,7 @@ import time
 import zmq
 
 from sidecar.zmqio import LoopSocket
-from tests.conftest import free_port
+from tests.harness.processes import free_port
 
 
 def test_messages_arrive_in_order_while_the_receiver_waits_and_between_waits():

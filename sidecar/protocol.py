@@ -1,4 +1,5 @@
-"""Wire types shared by the sidecar and the controller.
+"""The protocol between sidecars, the controller and HTTP clients: every message type, limit
+and state name, in one module that imports nothing else of the control plane.
 
 Two transports, one set of types:
 
@@ -9,13 +10,23 @@ Two transports, one set of types:
       commands, each command carrying a ``req_id`` that its :class:`Reply` echoes, so any number
       of commands can be in flight to one sidecar at once;
     - sidecar PUSH → controller PULL (``controller_pull_url``, seed :8300): :class:`EventBatch`.
-* **HTTP, JSON**: the controller's request and response bodies (``*Request``/``*Response``),
-  decoded strictly (unknown fields are ignored, wrong types are a 400 that names the field).
+* **HTTP, JSON**: the request bodies (``*Request``), decoded strictly (unknown fields are
+  ignored, wrong types are a 400 that names the field), and the response bodies the handlers
+  build (so the OpenAPI documents, generated from these types, describe what is sent).
 
 Sequence numbers: each store numbers its admit/evict events 1, 2, 3... without gaps. A
 heartbeat and a snapshot carry the store's latest ``seq``; a controller that sees an event
 batch start past ``last_seq + 1``, or a heartbeat ahead of what it applied, asks for a
 :class:`Resync`, and rebuilds that instance's holdings from the :class:`Snapshot`.
+
+Three words for three things that keep a chunk in a store:
+
+* a **hold** is a counted, short-lived reference taken by a load or a transfer (the store's
+  ``hold``/``release``): a held chunk is never evicted, and a delete waits for its last release;
+* a **lease** is a transfer's holds at a source, named by the :class:`LeaseChunks` command's
+  ``req_id`` and ended by :class:`EndLease` (or by expiry, or a controller restart);
+* a **pin** is an operator's never-evict flag (HTTP ``/pin`` and ``/unpin``, :class:`SetPinned`),
+  which lasts until unpinned.
 
 Keys are 16-byte chunk keys (:mod:`vllm_kvmove.hashing`): raw bytes over msgpack, lowercase
 hex over JSON.
@@ -23,18 +34,30 @@ hex over JSON.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
 from vllm_kvmove.shm import PoolHandle
 
-PROTOCOL_VERSION = 1
+# Version 2: the transfer lease and the operator's pin got names of their own (LeaseChunks /
+# EndLease, SetPinned); a sidecar and a controller of different versions refuse each other.
+PROTOCOL_VERSION = 2
+# The one store location there is (LMCache's name for host memory).
 LOCATION = "LocalCPUBackend"
+
+# Largest token list a request may name (a 1M-token list of real ids fits the body limit).
+MAX_TOKENS = 1_000_000
+# Token ids are in [0, TOKEN_ID_LIMIT): they must fit an int32.
+TOKEN_ID_LIMIT = 1 << 31
 
 # The states a job can be in; "done", "failed" and "cancelled" are final.
 JobStatus = Literal["pending", "running", "done", "failed", "cancelled"]
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
+# What a job does: "move" and "copy" run asynchronously between two instances; "pin",
+# "unpin" and "clear" act on one instance and end before their HTTP answer.
+JobKind = Literal["move", "copy", "pin", "unpin", "clear"]
+TRANSFER_KINDS = frozenset({"move", "copy"})
 
 
 class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):
@@ -131,7 +154,8 @@ class Heartbeat(_Tagged):
         num_chunks: chunks held.
         used_bytes: pool bytes in use.
         capacity_bytes: pool size.
-        available_bytes: bytes that are free or could be freed by evicting unpinned chunks.
+        available_bytes: bytes that are free or could be freed by evicting chunks neither held
+            nor pinned.
     """
 
     instance_id: str
@@ -143,7 +167,7 @@ class Heartbeat(_Tagged):
 
 
 class ChunkDesc(msgspec.Struct, array_like=True):
-    """A pinned chunk at a source, as needed to read it.
+    """A leased chunk at a source, as needed to read it.
 
     Attributes:
         key: chunk key.
@@ -168,8 +192,8 @@ class Reply(_Tagged):
         ok: whether it succeeded.
         error_kind: on failure, a key of the controller's error map (e.g. ``"not_found"``).
         error: on failure, a human-readable cause.
-        chunks: for :class:`PinChunks`, the pinned chunks in request order.
-        count: chunks affected (pin, unpin, delete, fetch).
+        chunks: for :class:`LeaseChunks`, the leased chunks in request order.
+        count: chunks affected (lease, end of lease, pin, unpin, clear, fetch).
         bytes: bytes moved (fetch).
         heartbeat: the store's summary right after the command (counts as a heartbeat).
     """
@@ -208,35 +232,35 @@ class Resync(_Tagged):
     reason: str = ""
 
 
-class PinChunks(_Command, kw_only=True):
-    """Pin chunks (all or none) and describe them; a pinned chunk is never evicted.
+class LeaseChunks(_Command, kw_only=True):
+    """Hold chunks at a source for a transfer (all or none) and describe them.
 
-    The pins are a lease named by this command's ``req_id``: released by an
-    :class:`UnpinChunks` naming it, or by the sidecar when ``lease_s`` passes or when a new
-    controller registers it (a crashed controller's jobs never leak pins).
+    The holds are a lease named by this command's ``req_id``: ended by an :class:`EndLease`
+    naming it, or by the sidecar when ``lease_s`` passes or when a new controller registers
+    it (a crashed controller's jobs never leak holds).
     """
 
     keys: list[bytes]
     lease_s: float = 120.0
 
 
-class UnpinChunks(_Command, kw_only=True):
-    """Release the lease of the :class:`PinChunks` whose ``req_id`` is ``pin_id`` (one pin per
+class EndLease(_Command, kw_only=True):
+    """End the lease of the :class:`LeaseChunks` whose ``req_id`` is ``lease_id`` (one hold per
     key), deleting the chunks first when ``delete`` (a move whose destination holds them all);
     ``transferred_bytes`` is what a peer read meanwhile (the source cannot see a one-sided
     READ, so the controller tells it)."""
 
-    pin_id: int
+    lease_id: int
     delete: bool = False
     transferred_bytes: int = 0
 
 
-class PersistChunks(_Command, kw_only=True):
-    """Set (``persistent=True``, the controller's ``/pin``) or clear (``/unpin``) the never-evict
-    flag of held chunks. Idempotent."""
+class SetPinned(_Command, kw_only=True):
+    """Set (``pinned=True``, the controller's ``/pin``) or clear (``/unpin``) the operator's
+    never-evict flag of held chunks. Idempotent."""
 
     keys: list[bytes]
-    persistent: bool = True
+    pinned: bool = True
 
 
 class ClearChunks(_Command, kw_only=True):
@@ -258,7 +282,7 @@ class PeerInfo(msgspec.Struct):
 
 
 class FetchChunks(_Command, kw_only=True):
-    """Read pinned chunks from ``source`` into this store; verify; then publish them.
+    """Read leased chunks from ``source`` into this store; verify; then publish them.
 
     Chunks this store already holds are skipped. On any failure nothing is published.
     """
@@ -267,8 +291,8 @@ class FetchChunks(_Command, kw_only=True):
     chunks: list[ChunkDesc]
 
 
-ControllerMessage = Union[RegisterAck, Resync, PinChunks, UnpinChunks, FetchChunks,
-                          PersistChunks, ClearChunks]
+ControllerMessage = Union[RegisterAck, Resync, LeaseChunks, EndLease, FetchChunks, SetPinned,
+                          ClearChunks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +354,7 @@ class LookupRequest(msgspec.Struct):
     instance_id: str | None = None
 
 
-class PinRequest(msgspec.Struct):
+class StoreOpRequest(msgspec.Struct):
     """``POST /pin``, ``/unpin`` and ``/clear``: the chunks of a prefix at one instance.
 
     Attributes:
@@ -373,7 +397,7 @@ class JobStatusBody(msgspec.Struct):
         num_tokens: tokens covered.
         num_chunks: chunks covered.
         bytes: bytes moved so far.
-        total_bytes: bytes the job will move (known once the source pinned the chunks; chunks
+        total_bytes: bytes the job will move (known once the source leased the chunks; chunks
             the destination already holds are not moved, so ``bytes`` may end below it).
         elapsed_s: seconds since creation (until the end, once final).
         error: cause, when failed (or what a cancelled job had moved).
@@ -381,8 +405,8 @@ class JobStatusBody(msgspec.Struct):
     """
 
     event_id: str
-    status: str
-    kind: str
+    status: JobStatus
+    kind: JobKind
     source: str
     destination: str
     num_tokens: int
@@ -392,6 +416,178 @@ class JobStatusBody(msgspec.Struct):
     elapsed_s: float
     error: str | None = None
     error_kind: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP responses (JSON): what the handlers encode, and what the OpenAPI documents describe
+# ---------------------------------------------------------------------------------------------
+# ``[location, matched_tokens]``. (Not ``tuple[str, int]``: its ``prefixItems`` schema is valid
+# OpenAPI 3.1, but tools such as schemathesis mishandle it in responses.)
+LayoutEntry = Annotated[list[Union[str, int]], msgspec.Meta(
+    min_length=2, max_length=2, description="[location, matched_tokens]")]
+
+
+class LookupResponse(msgspec.Struct):
+    """``POST /lookup``: per instance holding a prefix of the tokens, ``[location, matched_tokens]``."""
+
+    event_id: str
+    layout_info: dict[str, LayoutEntry]
+
+
+class StoreOpResponse(msgspec.Struct):
+    """``POST /pin``, ``/unpin``, ``/clear``: the finished job's id and what it covered."""
+
+    event_id: str
+    num_tokens: int
+    num_chunks: int
+
+
+class EventList(msgspec.Struct):
+    """``GET /events``: the most recent jobs, newest first."""
+
+    events: list[JobStatusBody]
+
+
+class ControllerHealth(msgspec.Struct):
+    """``GET /health`` of the controller."""
+
+    status: str
+    controller_id: str
+    instances: int
+    instances_up: int
+    chunks_indexed: int
+
+
+class InstanceInfo(msgspec.Struct):
+    """One registered engine, as the controller knows it (``GET /instances``).
+
+    Attributes:
+        same_host_copy: its pool is shared: destinations on its host copy from it directly.
+        available_bytes: free or evictable, as of its last heartbeat.
+    """
+
+    instance_id: str
+    up: bool
+    engine_url: str
+    sidecar_url: str
+    p2p_url: str
+    model: str
+    fingerprint: str
+    layout: dict[str, str | int]
+    chunk_size: int
+    num_chunks: int
+    used_bytes: int
+    capacity_bytes: int
+    available_bytes: int
+    same_host_copy: bool
+    last_heartbeat_s_ago: float
+
+
+class InstanceList(msgspec.Struct):
+    """``GET /instances``."""
+
+    instances: list[InstanceInfo]
+
+
+class InstanceHealth(msgspec.Struct):
+    """LMCache's ``POST /health``: per worker, 0 if up, 1 if down."""
+
+    event_id: str
+    error_codes: dict[str, int]
+
+
+class WorkerInfo(msgspec.Struct):
+    """LMCache's worker description (one worker, the sidecar, per instance)."""
+
+    instance_id: str
+    worker_id: int
+    ip: str
+    port: int
+    peer_init_url: str
+    registration_time: float
+    last_heartbeat_time: float
+
+
+class WorkerInfoList(msgspec.Struct):
+    """LMCache's ``POST /query_worker_info``."""
+
+    event_id: str
+    worker_infos: list[WorkerInfo]
+
+
+class SidecarHealth(msgspec.Struct):
+    """``GET /health`` of a sidecar; ``controller_id`` is null until a controller acknowledged it."""
+
+    status: str
+    instance_id: str
+    controller_id: str | None
+
+
+class TransferCounters(msgspec.Struct):
+    """A sidecar's transfer counters since it started.
+
+    Attributes:
+        fetches: fetches completed here (as a destination).
+        fetch_failures: fetches that failed here.
+        same_host_fetches: fetches copied from a same-host peer's shared pool (the rest went
+            over NIXL).
+        bytes_in: bytes fetched into this store.
+        bytes_out: bytes peers read from this store (as told by the controller at each lease's
+            end: a one-sided READ is invisible to its source).
+        leased_chunks: chunks leased to transfers (as a source).
+    """
+
+    fetches: int = 0
+    fetch_failures: int = 0
+    same_host_fetches: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    leased_chunks: int = 0
+
+
+class StoreInfo(msgspec.Struct):
+    """``GET /store`` of a sidecar: store statistics, KV layout, fingerprint, transfer counters.
+
+    Attributes:
+        num_chunks: chunks held and visible; ``num_tokens``: their tokens.
+        used_bytes: slots in use (visible, being written, or deleted but still held).
+        free_slots: slots holding nothing; ``available_slots``: free or evictable.
+        held_chunks: chunks held by a load or a transfer lease right now.
+        pinned_chunks: chunks an operator pinned (``/pin``).
+        writing_chunks: reserved, not yet committed (invisible).
+        evictions: chunks evicted to make room since start.
+        seq: the store's last event sequence number.
+    """
+
+    instance_id: str
+    location: str
+    fingerprint: str
+    layout: dict[str, str | int]
+    num_chunks: int
+    num_tokens: int
+    used_bytes: int
+    capacity_bytes: int
+    num_slots: int
+    free_slots: int
+    available_slots: int
+    held_chunks: int
+    pinned_chunks: int
+    writing_chunks: int
+    evictions: int
+    seq: int
+    transfers: TransferCounters
+
+
+class ChunkEntry(msgspec.Struct):
+    key: str
+    num_tokens: int
+
+
+class ChunkList(msgspec.Struct):
+    """``GET /chunks`` of a sidecar: how many chunks the store holds, and the first ``limit``."""
+
+    total: int
+    chunks: list[ChunkEntry]
 
 
 class ErrorBody(msgspec.Struct):

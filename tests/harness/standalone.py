@@ -4,12 +4,12 @@ engine is not what is being tested.
 
 Usage::
 
-    python -m sidecar.standalone --config '{"instance_id": "s1", ...}' \\
+    python -m tests.harness.standalone --config '{"instance_id": "s1", ...}' \\
         --layout '{"model": "m", "dtype": "bfloat16", ...}' [--fill SEED:FIRST:COUNT ...]
 
 ``--fill`` stores every chunk of the token sequence ``range(FIRST, FIRST + COUNT)`` with
-synthetic bytes from :func:`synthetic_chunk` (deterministic in ``SEED`` and the chunk index,
-so a test can regenerate what any chunk must contain). The process prints ``READY`` once it
+synthetic bytes from :func:`tests.harness.stores.synthetic_chunk` (deterministic in ``SEED``
+and the chunk index, so a test can regenerate what any chunk must contain). The process prints ``READY`` once it
 serves and runs until SIGINT or SIGTERM.
 """
 
@@ -22,39 +22,11 @@ import signal
 import sys
 import threading
 
-import torch
-
-from sidecar.runtime import start_sidecar
+from sidecar.agent import start_sidecar
+from tests.harness.stores import fill_synthetic
 from vllm_kvmove.config import build_config
-from vllm_kvmove.hashing import chunk_spans
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.store import ChunkStore
-
-
-_TILE = 1 << 16
-
-
-def synthetic_chunk(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
-    """The valid bytes of a synthetic chunk (uint8), a pure function of its arguments: a seeded
-    random 64 KiB tile, repeated (cheap enough to fill GiBs; distinct per seed)."""
-    n = layout.valid_bytes(num_tokens)
-    g = torch.Generator().manual_seed(seed)
-    tile = torch.randint(0, 256, (min(n, _TILE),), dtype=torch.uint8, generator=g)
-    return tile.repeat(-(-n // tile.numel()))[:n]
-
-
-def fill_store(store: ChunkStore, fingerprint: str, seed: int, tokens: list[int]) -> list[bytes]:
-    """Store every chunk of ``tokens`` (chunk i gets ``synthetic_chunk(..., seed + i)``)."""
-    keys = []
-    for i, span in enumerate(chunk_spans(tokens, store.layout.chunk_size, fingerprint)):
-        slot = store.reserve(span.key, span.num_tokens)
-        if slot is not None:
-            data = synthetic_chunk(store.layout, span.num_tokens, seed + i)
-            start = slot * store.slot_bytes
-            store.pool[start:start + data.numel()].copy_(data)
-            store.commit(span.key)
-        keys.append(span.key)
-    return keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ChunkStore(layout, config.capacity_bytes, shared=config.same_host_copy)
     for spec in a.fill:
         seed, first, count = (int(x) for x in spec.split(":"))
-        fill_store(store, layout.fingerprint(), seed, list(range(first, first + count)))
+        fill_synthetic(store, layout.fingerprint(), seed, list(range(first, first + count)))
     sidecar = start_sidecar(config, store, layout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,6 +1,6 @@
-"""LocalCluster: start and stop real vLLM engines (with the connector) and a controller on
-this machine. Used by the demo, the end-to-end tests and the benchmarks, so all three launch
-processes the same way.
+"""LocalCluster: start and stop real processes on this machine — vLLM engines with the
+connector, the controller, standalone sidecars — for the tests and the benchmarks, so both
+launch them the same way; and free ports for them.
 
 Every process is started in its own session and stopped by PID: SIGINT first (vLLM shuts its
 engine-core and worker children down and calls the connector's ``shutdown``), then SIGKILL of
@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,9 @@ from typing import Any
 
 import httpx
 
+REPO = Path(__file__).resolve().parents[2]
+
+# Environment of every engine on this CPU-only machine (see README: running it by hand).
 ENGINE_ENV = {
     "VLLM_TARGET_DEVICE": "cpu",
     "VLLM_HOST_IP": "127.0.0.1",
@@ -126,13 +130,15 @@ class LocalCluster:
 
     def start_sidecar_process(self, config: dict[str, Any], layout: dict[str, Any],
                               fill: list[str] | None = None) -> Proc:
-        """Start ``python -m sidecar.standalone`` (a sidecar without an engine); returns at once.
-        Its ``url`` is the sidecar's HTTP address (``/health`` answers once it serves)."""
-        argv = [self.python, "-m", "sidecar.standalone", "--log-level", os.environ.get("KVMOVE_LOG_LEVEL", "WARNING"), "--config", json.dumps(config),
-                "--layout", json.dumps(layout)]
+        """Start ``python -m tests.harness.standalone`` (a sidecar without an engine); returns
+        at once. Its ``url`` is the sidecar's HTTP address (``/health`` answers once it serves)."""
+        argv = [self.python, "-m", "tests.harness.standalone",
+                "--log-level", os.environ.get("KVMOVE_LOG_LEVEL", "WARNING"),
+                "--config", json.dumps(config), "--layout", json.dumps(layout)]
         for spec in fill or []:
             argv += ["--fill", spec]
-        env = {**os.environ, "UCX_NET_DEVICES": "lo"}
+        env = {**os.environ, "UCX_NET_DEVICES": "lo",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         return self._spawn(f"sidecar-{config['instance_id']}", argv, env,
                            f"http://127.0.0.1:{config['sidecar_port']}")
 
@@ -188,3 +194,31 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+_next_port = [20000 + (os.getpid() * 37) % 8000]
+
+
+def free_port() -> int:
+    """A free TCP port below the ephemeral range (32768+), so no outgoing connection of vLLM,
+    ZMQ or UCX can take it between this check and its use."""
+    while True:
+        port = _next_port[0]
+        _next_port[0] = 20000 + (port - 20000 + 1) % 12000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on loopback now (TIME_WAIT is fine, as for servers)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,151 @@
+"""What a sidecar does when the controller commands it, and the transfer leases it holds.
+
+Contract
+--------
+* Called by the sidecar's receive loop (:mod:`sidecar.agent.runtime`), one task per command on
+  the sidecar's event loop; any number may run at once. :meth:`CommandExecutor.run` never
+  raises: every outcome is a :class:`~sidecar.protocol.Reply`, failures carrying a kind from
+  the HTTP error map and a cause.
+* Commands touch the store only through its public, thread-safe API; big leases and fetches
+  run on worker threads so the loop keeps serving heartbeats and other commands.
+* Leases: a :class:`~sidecar.protocol.LeaseChunks` holds chunks at this (source) store until
+  its :class:`~sidecar.protocol.EndLease`, its deadline (:meth:`LeaseTable.expire`, called
+  every second) or a new controller (:meth:`LeaseTable.end_all`) — so no crashed controller
+  or lost message leaves chunks held for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from sidecar import protocol
+from sidecar.agent.fetch import INLINE_BYTES, ChunkFetcher, FetchRefused, IntegrityError
+from sidecar.httpkit import token_matches
+from vllm_kvmove.store import ChunkStore, StoreError
+from vllm_kvmove.transfer import TransferError
+
+logger = logging.getLogger("vllm_kvmove.sidecar")
+
+
+class CommandRefused(Exception):
+    """A command this sidecar will not run (``kind`` from the error map)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class LeaseTable:
+    """Transfer leases held at this store: ``LeaseChunks.req_id -> (keys, deadline)``."""
+
+    def __init__(self, store: ChunkStore):
+        self.store = store
+        self._leases: dict[int, tuple[list[bytes], float]] = {}
+
+    def add(self, lease_id: int, keys: list[bytes], lease_s: float) -> None:
+        """Record holds the caller already took on ``keys``."""
+        self._leases[lease_id] = (keys, time.monotonic() + lease_s)
+
+    def end(self, lease_id: int, delete: bool) -> int:
+        """Release a lease's holds (deleting its chunks first when ``delete``); returns the
+        chunks it held, 0 if it already ended."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return 0  # expired or ended already: nothing is held any more
+        keys = lease[0]
+        if delete:  # a move: the destination holds them, the source lets go
+            self.store.delete(keys)
+        self.store.release(keys)
+        return len(keys)
+
+    def _end_where(self, expired: Callable[[float], bool], why: str) -> int:
+        gone = [lid for lid, (_, deadline) in self._leases.items() if expired(deadline)]
+        for lid in gone:
+            self.end(lid, delete=False)
+        if gone:
+            logger.warning("released %d transfer lease(s): %s", len(gone), why)
+        return len(gone)
+
+    def expire(self) -> int:
+        """End every lease past its deadline; returns how many."""
+        now = time.monotonic()
+        return self._end_where(lambda deadline: deadline < now, "lease expired")
+
+    def end_all(self, why: str) -> int:
+        """End every lease (a new controller: the old one's jobs are gone)."""
+        return self._end_where(lambda deadline: True, why)
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+
+class CommandExecutor:
+    """Runs commands against one engine's store, fetcher and leases.
+
+    Args:
+        store: the engine's store.
+        fetcher: the engine's :class:`~sidecar.agent.fetch.ChunkFetcher`.
+        api_token: the fleet's secret; when set, a command without it is refused.
+        counters: the sidecar's transfer counters, updated here.
+    """
+
+    def __init__(self, store: ChunkStore, fetcher: ChunkFetcher, api_token: str,
+                 counters: protocol.TransferCounters):
+        self.store, self.fetcher, self.api_token = store, fetcher, api_token
+        self.counters = counters
+        self.leases = LeaseTable(store)
+
+    async def run(self, msg: Any) -> protocol.Reply:
+        """Check the command's token, run it, and turn any failure into a failed Reply."""
+        try:
+            if not token_matches(self.api_token, msg.auth):
+                raise CommandRefused("unauthorized", "command without the fleet's API token refused")
+            return await self._execute(msg)
+        except (StoreError, TransferError, IntegrityError, FetchRefused, CommandRefused) as e:
+            return protocol.Reply(req_id=msg.req_id, ok=False, error_kind=e.kind, error=str(e))
+        except Exception as e:  # noqa: BLE001
+            logger.exception("command %s failed", type(msg).__name__)
+            return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="internal",
+                                  error=f"{type(e).__name__}: {e}")
+
+    async def _execute(self, msg: Any) -> protocol.Reply:
+        store = self.store
+        if isinstance(msg, protocol.LeaseChunks):
+            small = len(msg.keys) * store.slot_bytes <= INLINE_BYTES
+            infos = store.hold(msg.keys) if small else await asyncio.to_thread(store.hold, msg.keys)
+            self.leases.add(msg.req_id, list(msg.keys), msg.lease_s)
+            self.counters.leased_chunks += len(infos)
+            base = store.base_addr
+            return protocol.Reply(req_id=msg.req_id, ok=True, count=len(infos), chunks=[
+                protocol.ChunkDesc(i.key, i.num_tokens, base + i.offset, i.nbytes, i.checksum)
+                for i in infos])
+        if isinstance(msg, protocol.EndLease):
+            count = self.leases.end(msg.lease_id, msg.delete)
+            self.counters.bytes_out += msg.transferred_bytes
+            return protocol.Reply(req_id=msg.req_id, ok=True, count=count)
+        if isinstance(msg, protocol.SetPinned):
+            return protocol.Reply(req_id=msg.req_id, ok=True,
+                                  count=store.set_pinned(msg.keys, msg.pinned))
+        if isinstance(msg, protocol.ClearChunks):
+            n = store.clear() if msg.keys is None else store.delete(msg.keys)
+            return protocol.Reply(req_id=msg.req_id, ok=True, count=n)
+        if isinstance(msg, protocol.FetchChunks):
+            return await self._fetch(msg)
+        raise CommandRefused("bad_request", f"unknown command {type(msg).__name__}")
+
+    async def _fetch(self, msg: protocol.FetchChunks) -> protocol.Reply:
+        fetcher, counters = self.fetcher, self.counters
+        try:
+            inline, mapped = fetcher.plan(msg)
+            nbytes, count, same_host = (fetcher.fetch(msg, mapped) if inline
+                                        else await asyncio.to_thread(fetcher.fetch, msg, mapped))
+        except Exception:
+            counters.fetch_failures += 1
+            raise
+        counters.fetches += 1
+        counters.same_host_fetches += same_host
+        counters.bytes_in += nbytes
+        return protocol.Reply(req_id=msg.req_id, ok=True, count=count, bytes=nbytes)

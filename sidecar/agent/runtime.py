@@ -1,0 +1,378 @@
+"""The per-engine sidecar: the control-plane agent living in the engine's worker process.
+
+Contract
+--------
+* Started by the connector's worker side, once the store exists: :func:`start_sidecar` (the
+  connector's one tie to the control plane). It runs on one daemon thread with its own
+  asyncio loop and never calls into vLLM, so the engine's forward pass only ever competes with
+  it for the GIL, briefly. That thread, and every thread it starts (NIXL's, UCX's, the
+  to_thread, verify and copy workers), may run on any CPU of the process's cgroup, not just
+  the core vLLM bound the worker to (:func:`widen_cpu_affinity`).
+* It owns the engine's :class:`~vllm_kvmove.transfer.NixlTransfer` (created on the sidecar
+  thread: ~0.45 s that engine start-up does not wait for) and three sockets:
+    - DEALER to the controller's ROUTER (``controller_reply_url``):
+      :class:`~sidecar.protocol.Register` and :class:`~sidecar.protocol.Snapshot` on start
+      (repeated until a controller acknowledges them) and on every
+      :class:`~sidecar.protocol.Resync`, a :class:`~sidecar.protocol.Heartbeat` every
+      ``heartbeat_interval_s``, and one
+      :class:`~sidecar.protocol.Reply` per command, carrying a heartbeat (the store's state
+      right after it). Commands run concurrently, each in its own task
+      (:mod:`sidecar.agent.commands`).
+    - PUSH to the controller's PULL (``controller_pull_url``): store events in batches, when
+      the store signals new ones, and right before a command's reply (so the controller's
+      index is current when it learns the command finished).
+    - the NIXL metadata server (inside ``NixlTransfer``).
+  Sends never block: while the controller is away they are dropped, and the controller heals
+  the gap with a resync when it (re)appears. Engines may therefore start before or after
+  the controller, and survive its restarts.
+* HTTP (``sidecar_host:sidecar_port``, :mod:`sidecar.agent.app`): health, store info, chunks,
+  metrics.
+* Process-wide changes it makes: :func:`start_sidecar` lowers ``sys.setswitchinterval`` to
+  0.2 ms; the NIXL agent's creation sets ``UCX_TLS`` (if unset) and wraps NIXL's agent
+  constructor for the call (:mod:`vllm_kvmove.transfer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import uvicorn
+import zmq
+
+from sidecar import protocol
+from sidecar.agent.app import create_sidecar_app
+from sidecar.agent.commands import CommandExecutor
+from sidecar.agent.fetch import ChunkFetcher
+from sidecar.zmqio import LoopSocket
+from vllm_kvmove.config import KVMoveConfig
+from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.shm import PeerPools
+from vllm_kvmove.store import ChunkStore
+from vllm_kvmove.transfer import NixlTransfer
+
+logger = logging.getLogger("vllm_kvmove.sidecar")
+
+# Store events are pushed when the store signals them, batched over this window; with no
+# signal the loop still wakes this often (a safety net, e.g. evictions of an aborted reserve).
+_EVENT_BATCH_S = 0.002
+_EVENT_FALLBACK_S = 1.0
+
+
+def _tcp(url: str) -> str:
+    return url if "://" in url else f"tcp://{url}"
+
+
+class Sidecar:
+    """One engine's sidecar. See the module docstring.
+
+    Args:
+        config: the engine's kvmove config.
+        store: the engine's chunk store.
+        layout: the engine's KV layout.
+
+    Attributes (read by the HTTP app, metrics and tests; written only on the sidecar's thread):
+        counters: transfer counters since start.
+        controller_id: the controller that last acknowledged our registration, or None.
+        transfer: the NIXL endpoint, once started.
+        commands: the command executor (and its leases), once started.
+    """
+
+    def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout):
+        self.config = config
+        self.store = store
+        self.layout = layout
+        self.fingerprint = layout.fingerprint()
+        self.transfer: NixlTransfer | None = None
+        self.commands: CommandExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.controller_id: str | None = None
+        self.incarnation = uuid.uuid4().hex
+        self.counters = protocol.TransferCounters()
+        self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
+        self._stopping: asyncio.Event | None = None
+        self._server: Any = None
+        self._dealer: LoopSocket | None = None
+        self._push: LoopSocket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        # Same-host peers' pools, mapped on first use (see vllm_kvmove.shm).
+        self.peer_pools = (PeerPools(config.copy_threads, thread_init=widen_cpu_affinity)
+                           if config.same_host_copy else None)
+        self._event_lock: asyncio.Lock | None = None
+
+    @property
+    def sidecar_url(self) -> str:
+        host = "127.0.0.1" if self.config.sidecar_host in ("0.0.0.0", "") else self.config.sidecar_host
+        return f"http://{host}:{self.config.sidecar_port}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Sidecar":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and close sockets; safe to call twice."""
+        loop, stopping = self.loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stopping.set)
+        self._thread.join(timeout=timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the sidecar serves. Raises RuntimeError if it failed or timed out."""
+        t0 = time.monotonic()
+        while not self.ready.wait(0.05):
+            if self.error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"kvmove sidecar {self.config.instance_id} failed to start: "
+                                   f"{self.error!r}") from self.error
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"kvmove sidecar {self.config.instance_id} not ready after {timeout} s")
+
+    def _thread_main(self) -> None:
+        widen_cpu_affinity()
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:  # noqa: BLE001 - reported through wait_ready / logs
+            self.error = e
+            logger.exception("kvmove sidecar stopped with an error")
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._event_lock = asyncio.Lock()
+        cfg = self.config
+        self.transfer = await asyncio.to_thread(
+            NixlTransfer, cfg.instance_id, self.store.base_addr, self.store.pool_bytes,
+            cfg.p2p_host, cfg.p2p_init_port, token=cfg.api_token)
+        fetcher = ChunkFetcher(self.store, self.layout, self.transfer, self.peer_pools,
+                               cfg.verify_checksums, cfg.command_timeout_s,
+                               thread_init=widen_cpu_affinity)
+        self.commands = CommandExecutor(self.store, fetcher, cfg.api_token, self.counters)
+        ctx = zmq.Context.instance()
+        if cfg.controller_reply_url:
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.setsockopt(zmq.IDENTITY, cfg.instance_id.encode())
+            dealer.setsockopt(zmq.IMMEDIATE, 1)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.connect(_tcp(cfg.controller_reply_url))
+            self._dealer = LoopSocket(dealer)
+        if cfg.controller_pull_url:
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.IMMEDIATE, 1)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(_tcp(cfg.controller_pull_url))
+            self._push = LoopSocket(push)
+        app = create_sidecar_app(self)
+        self._server = uvicorn.Server(uvicorn.Config(
+            app, host=cfg.sidecar_host, port=cfg.sidecar_port, log_level="warning",
+            lifespan="off", access_log=False))
+        # Bind here (not inside serve()) so a taken port is an error start-up can report.
+        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
+        # without it, keep-alive responses stall ~40 ms on delayed ACKs.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.sidecar_host, cfg.sidecar_port))
+        serve = asyncio.create_task(self._server.serve(sockets=[sock]))
+        loops = [asyncio.create_task(c) for c in (self._recv_loop(), self._heartbeat_loop(),
+                                                  self._event_loop(), self._lease_loop(),
+                                                  self._register_until_acked())]
+        self.ready.set()
+        logger.info("kvmove sidecar %s: http %s, nixl %s, controller %s", cfg.instance_id,
+                    self.sidecar_url, self.transfer.p2p_url, cfg.controller_reply_url or "none")
+        await self._stopping.wait()
+        await self._send(self._dealer, protocol.Goodbye(cfg.instance_id))
+        self._server.should_exit = True
+        for t in loops + list(self._tasks):
+            t.cancel()
+        await asyncio.gather(serve, *loops, return_exceptions=True)
+        for s in (self._dealer, self._push):
+            if s is not None:
+                s.close()
+        self.transfer.close()
+        fetcher.close()
+        if self.peer_pools is not None:
+            self.peer_pools.close()
+
+    # -- sending ---------------------------------------------------------------------------
+    async def _send(self, sock: LoopSocket | None, msg: Any) -> bool:
+        if sock is None:
+            return False
+        try:
+            sock.send(protocol.sidecar_encoder.encode(msg))
+            return True
+        except zmq.Again:
+            return False  # controller away: dropped; the resync protocol heals the gap
+
+    async def _send_registration(self) -> None:
+        cfg, store = self.config, self.store
+        assert self.transfer is not None
+        reg = protocol.Register(
+            instance_id=cfg.instance_id, engine_url=cfg.engine_url, sidecar_url=self.sidecar_url,
+            p2p_url=self.transfer.p2p_url, agent_name=self.transfer.agent_name,
+            model=self.layout.model, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
+            chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
+            slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
+            auth=cfg.api_token,
+            shared_pool=store.shared_pool if cfg.same_host_copy else None)
+        async with self._event_lock:  # no event batch may slip between snapshot and its seq
+            seq, chunks = store.snapshot()
+            store.drain_events()  # covered by the snapshot
+            if await self._send(self._dealer, reg):
+                await self._send(self._dealer, protocol.Snapshot(
+                    cfg.instance_id, seq, [protocol.ChunkRecord(k, n) for k, n in chunks]))
+
+    async def _register_until_acked(self) -> None:
+        """Send the registration until a controller acknowledges one. A send made before the
+        DEALER connected is dropped (IMMEDIATE), and a controller started later never hears
+        it; waiting for the first heartbeat to be answered by a resync would tie registration
+        to ``heartbeat_interval_s``. Afterwards, a restarted controller asks for it (Resync)."""
+        delay = 0.05
+        while self._dealer is not None and self.controller_id is None:
+            await self._send_registration()
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+    async def flush_events(self) -> None:
+        """Push every buffered store event to the controller now."""
+        async with self._event_lock:
+            events = self.store.drain_events()
+            if events:
+                await self._send(self._push, protocol.EventBatch(self.config.instance_id, [
+                    protocol.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events]))
+
+    async def _event_loop(self) -> None:
+        """Push store events when the store signals them (no polling: an idle engine's sidecar
+        sleeps), then checksum newly saved chunks off the engine's save path."""
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.store.on_events = lambda: loop.call_soon_threadsafe(wake.set)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(wake.wait(), _EVENT_FALLBACK_S)
+                    await asyncio.sleep(_EVENT_BATCH_S)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+                await self.flush_events()
+                # A thread hop only when there is hashing to do (engine saves), not after
+                # every command's events.
+                while self.store.checksums_pending() and await asyncio.to_thread(
+                        self.store.fill_checksums, 16):
+                    pass
+        finally:
+            self.store.on_events = None
+
+    def heartbeat(self) -> protocol.Heartbeat:
+        """This store's summary now (O(1): ``stats()`` keeps counts)."""
+        st = self.store.stats()
+        return protocol.Heartbeat(self.config.instance_id, st["seq"], st["num_chunks"],
+                                  st["used_bytes"], st["capacity_bytes"],
+                                  st["available_slots"] * self.store.slot_bytes)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await self._send(self._dealer, self.heartbeat())
+            if self.peer_pools is not None:
+                self.peer_pools.sweep()  # unmap pools of peers that exited (~10 µs per peer)
+
+    async def _lease_loop(self) -> None:
+        assert self.commands is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self.commands.leases.expire()
+
+    # -- commands --------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        if self._dealer is None:
+            return
+        assert self.commands is not None
+        while True:
+            raw = await self._dealer.recv()
+            try:
+                msg = protocol.controller_msg_decoder.decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("dropping undecodable controller message (%d bytes)", len(raw))
+                continue
+            if isinstance(msg, protocol.RegisterAck):
+                if self.controller_id is not None and msg.controller_id != self.controller_id:
+                    # A new controller: the old one's jobs are gone, so are their leases.
+                    self.commands.leases.end_all("controller restarted")
+                self.controller_id = msg.controller_id
+            elif isinstance(msg, protocol.Resync):
+                await self._send_registration()
+            else:
+                task = asyncio.create_task(self._run_command(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run_command(self, msg: Any) -> None:
+        assert self.commands is not None
+        reply = await self.commands.run(msg)
+        await self.flush_events()
+        # The reply carries a heartbeat: the controller's view of this store's free space is
+        # current when it sees the result (one message, not two: each send is a wake-up of
+        # ZMQ's I/O thread, ~50 µs here).
+        reply.heartbeat = self.heartbeat()
+        await self._send(self._dealer, reply)
+
+
+def widen_cpu_affinity() -> None:
+    """Let the calling thread (and the threads it starts: NIXL's progress thread, UCX's async
+    thread, the to_thread workers) run on every CPU the process may use.
+
+    vLLM's CPU worker binds each of its threads to the engine's OpenMP core before the
+    connector starts us, and threads inherit that mask. Kept there, a NIXL transfer posted by
+    the sidecar waits for UCX's threads to be scheduled on a core busy with the engine
+    (measured: 0.15-3.3 ms for a 128 KiB read that takes 0.05 ms unpinned), and the sidecar's
+    work competes with the forward pass on its one core instead of using idle ones.
+    """
+    try:
+        cpus = _allowed_cpus()
+        if cpus and cpus != os.sched_getaffinity(0):
+            os.sched_setaffinity(0, cpus)  # pid 0: the calling thread only
+    except OSError as e:
+        logger.debug("could not widen the sidecar's CPU affinity: %s", e)
+
+
+def _allowed_cpus() -> set[int]:
+    """CPUs this cgroup may use (cgroup v2 cpuset), else every online CPU."""
+    try:
+        spec = open("/sys/fs/cgroup/cpuset.cpus.effective").read().strip()
+    except OSError:
+        spec = ""
+    cpus: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus or set(range(os.cpu_count() or 1))
+
+
+def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
+                  timeout: float = 30.0) -> Sidecar:
+    """Start the sidecar of this engine on its own thread and wait until it serves.
+
+    Process-wide side effect: lowers the interpreter's GIL switch interval to 0.2 ms (see
+    below).
+
+    Raises:
+        RuntimeError: it could not start (e.g. a port is taken); the engine should not start
+            half-connected.
+    """
+    # The engine's threads hold the GIL for up to the switch interval (5 ms by default) before
+    # another thread may run; a command waiting that long would dwarf a small move.
+    # 0.2 ms bounds the wait at the price of a few more (cheap) handoffs while the sidecar is busy.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
+    sidecar = Sidecar(config, store, layout).start()
+    sidecar.wait_ready(timeout)
+    return sidecar

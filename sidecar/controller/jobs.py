@@ -1,0 +1,282 @@
+"""Jobs: the state machine every operation goes through, the table that reports them by event
+id, and the steps of a move or copy between two sidecars.
+
+Contract
+--------
+* A :class:`Job` is created ``pending`` and ends in exactly one final state::
+
+      pending ──begin()──▶ running ──finish()──▶ done | failed | cancelled
+
+  (:data:`~sidecar.protocol.FINAL_STATES`). ``finish`` records the cause (and its kind, a key
+  of the HTTP error map) and wakes everyone waiting on ``finished``. Pin, unpin and clear end
+  before their HTTP answer; move and copy run as tasks, and may be asked to stop
+  (:meth:`Job.request_cancel`).
+* :class:`JobTable` remembers the latest ``max_jobs`` jobs (the oldest *finished* ones are
+  forgotten first) and counts them in the metrics.
+* :func:`run_transfer` is a move's or copy's steps. It talks to sidecars only through the
+  ``command`` callable it is given (the channel's, or a test's fake), and keeps these
+  invariants:
+    - the source holds every chunk (a lease) from before the first byte is read until the
+      destination settled every batch it was sent (committed whole, or aborted);
+    - batches go two at a time (one copies while the other verifies); after a failed batch
+      or a cancel no new batch starts, and the ones already sent are waited for, not
+      abandoned;
+    - the source deletes its chunks (a move) only after the destination holds every one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from sidecar import protocol
+from sidecar.controller.metrics import ControllerMetrics
+from sidecar.httpkit import ApiError
+
+logger = logging.getLogger("vllm_kvmove.controller")
+
+# Fetch commands of one job in flight at once: one copies while the other verifies checksums.
+FETCHES_IN_FLIGHT = 2
+
+# How a job talks to a sidecar: ``await command(instance_id, msg)`` → its Reply (a failed Reply
+# for timeouts and dead peers; never raises for a peer's fault).
+Command = Callable[[str, Any], Awaitable[protocol.Reply]]
+
+
+class JobFailed(Exception):
+    """A job step failed; ``kind`` is a key of the error map (e.g. ``store_full``)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class JobCancelled(Exception):
+    """A move or copy stopped at a cancel request, with the source's lease ended."""
+
+
+@dataclass
+class Job:
+    """One operation on chunks, reported by event id.
+
+    ``kind`` is "move" or "copy" (asynchronous: ``source`` → ``destination``), or "pin",
+    "unpin", "clear" (one instance, ``source``; they end before their HTTP answer).
+    """
+
+    event_id: str
+    kind: str
+    source: str
+    destination: str
+    keys: list[bytes]
+    num_tokens: int
+    num_chunks: int = 0
+    status: str = "pending"
+    bytes: int = 0
+    total_bytes: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Set by request_cancel(): no further fetch batch starts.
+    cancel_requested: bool = False
+
+    def begin(self) -> None:
+        self.status = "running"
+
+    def finish(self, error: str | None = None, kind: str | None = None,
+               cancelled: bool = False) -> None:
+        """Enter the final state: ``cancelled``, ``failed`` (``error`` given) or ``done``."""
+        self.error, self.error_kind = error, kind if error and not cancelled else None
+        self.status = "cancelled" if cancelled else "failed" if error else "done"
+        self.ended = time.monotonic()
+        self.finished.set()
+
+    def request_cancel(self) -> None:
+        """Ask a running move or copy to stop: batches already sent to the destination
+        finish (their chunks stay there, whole and verified), no other starts, the source's
+        lease ends and nothing is deleted at the source. The job then ends ``cancelled`` — or
+        ``done``, if its last batch had already been sent.
+
+        Raises:
+            ApiError: ``conflict`` if the job already ended or is not a move or copy.
+        """
+        if self.kind not in protocol.TRANSFER_KINDS:
+            raise ApiError("conflict", f"a {self.kind} job cannot be cancelled (it ends with "
+                                       f"its request)")
+        if self.status in protocol.FINAL_STATES:
+            raise ApiError("conflict", f"job {self.event_id} already ended: {self.status}")
+        self.cancel_requested = True
+
+    async def wait(self, seconds: float | None) -> protocol.JobStatusBody:
+        """The status once the job ended, or after ``seconds`` if it is still running
+        (``None``: at once)."""
+        if seconds is not None:
+            try:
+                await asyncio.wait_for(self.finished.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        return self.to_status()
+
+    def to_status(self) -> protocol.JobStatusBody:
+        end = self.ended if self.ended is not None else time.monotonic()
+        return protocol.JobStatusBody(
+            event_id=self.event_id, status=self.status, kind=self.kind, source=self.source,
+            destination=self.destination, num_tokens=self.num_tokens, num_chunks=self.num_chunks,
+            bytes=self.bytes, total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
+            error=self.error, error_kind=self.error_kind)
+
+
+class JobTable:
+    """The latest jobs, by event id (insertion order: oldest first).
+
+    Args:
+        max_jobs: how many to remember; beyond it the oldest finished ones are forgotten.
+        metrics: counts every job started and ended.
+    """
+
+    def __init__(self, max_jobs: int, metrics: ControllerMetrics):
+        self.max_jobs = max_jobs
+        self.metrics = metrics
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def new(self, kind: str, source: str, destination: str, keys: list[bytes],
+            num_tokens: int) -> Job:
+        job = Job(uuid.uuid4().hex, kind, source, destination, keys, num_tokens, len(keys))
+        self._jobs[job.event_id] = job
+        self.metrics.job_started(kind)
+        while len(self._jobs) > self.max_jobs:
+            old_id, old = next(iter(self._jobs.items()))
+            if old.status not in protocol.FINAL_STATES:
+                break
+            del self._jobs[old_id]
+        return job
+
+    def finish(self, job: Job, error: str | None = None, kind: str | None = None,
+               cancelled: bool = False) -> None:
+        """:meth:`Job.finish`, counted in the metrics."""
+        job.finish(error, kind, cancelled)
+        self.metrics.job_ended(job.kind, job.status, job.ended - job.created,
+                               job.bytes if job.kind in protocol.TRANSFER_KINDS else 0)
+
+    def require(self, event_id: str) -> Job:
+        """The job, or a ``not_found`` ApiError."""
+        job = self._jobs.get(event_id)
+        if job is None:
+            raise ApiError("not_found", f"unknown event_id {event_id!r} (never created by this "
+                                        f"controller; if it restarted since, the job's outcome "
+                                        f"is unknown)")
+        return job
+
+    def recent(self, limit: int) -> list[Job]:
+        """Up to ``limit`` jobs, newest first."""
+        out = []
+        for job in reversed(self._jobs.values()):
+            if len(out) >= limit:
+                break
+            out.append(job)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+async def _step(command: Command, instance_id: str, msg: Any, what: str) -> protocol.Reply:
+    """One command of a job; a failed reply ends the job with its kind and cause."""
+    reply = await command(instance_id, msg)
+    if not reply.ok:
+        raise JobFailed(reply.error_kind or "internal",
+                        f"{what} at {instance_id} failed: {reply.error}")
+    return reply
+
+
+async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
+                       fetch_batch_bytes: int, lease_s: float) -> None:
+    """Lease the chunks at the source, fetch them at the destination (batches, two in
+    flight), then end the lease — deleting the chunks at the source for a move, and only once
+    the destination holds every one of them.
+
+    Args:
+        job: a move or copy; its ``bytes`` and ``total_bytes`` advance as batches settle.
+        source: how the destination reaches the source's pool.
+        command: see :data:`Command`.
+        fetch_batch_bytes: most bytes per fetch command.
+        lease_s: the source's lease, a bound on how long a lost job can hold its chunks.
+    Raises:
+        JobFailed: a step failed (its kind and cause); JobCancelled: a cancel stopped it.
+    """
+    if job.cancel_requested:
+        raise JobCancelled("cancelled before it started")
+    lease_cmd = protocol.LeaseChunks(keys=job.keys, lease_s=lease_s)
+    t0 = time.perf_counter()
+    lease = await _step(command, job.source, lease_cmd, "lease")
+    t_lease = time.perf_counter()
+    job.total_bytes = sum(c.nbytes for c in lease.chunks)
+    window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+    failed = asyncio.Event()
+
+    async def fetch(batch: list[protocol.ChunkDesc]) -> bool:
+        async with window:
+            if failed.is_set() or job.cancel_requested:
+                return False  # an earlier batch failed, or a cancel: do not start this one
+            try:
+                reply = await _step(command, job.destination,
+                                    protocol.FetchChunks(source=source, chunks=batch), "fetch")
+            except BaseException:
+                failed.set()
+                raise
+            job.bytes += reply.bytes
+            return True
+
+    fetched_all = False
+    tasks = [asyncio.create_task(fetch(b)) for b in batches(lease.chunks, fetch_batch_bytes)]
+    try:
+        # A fetch already sent is waited for, not cancelled: the job ends only once the
+        # destination has settled every batch (committed or aborted its reservations), and
+        # the source keeps its lease until then. Each command ends within its timeout.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r  # the first failure, in batch order
+        if not all(results):
+            raise JobCancelled(
+                f"cancelled after {job.bytes} of {job.total_bytes} bytes (the chunks moved "
+                f"stay at {job.destination}; the source keeps all of them)" if job.bytes else
+                "cancelled before any chunk moved")
+        fetched_all = True
+        t_fetch = time.perf_counter()
+    finally:
+        delete = fetched_all and job.kind == "move"
+        end = await command(job.source, protocol.EndLease(
+            lease_id=lease_cmd.req_id, delete=delete, transferred_bytes=job.bytes))
+        if fetched_all:
+            logger.debug("job %s: lease %.2f ms, fetch %.2f ms, end of lease %.2f ms",
+                         job.event_id, (t_lease - t0) * 1e3, (t_fetch - t_lease) * 1e3,
+                         (time.perf_counter() - t_fetch) * 1e3)
+        if not end.ok:
+            # The sidecar's lease expiry releases the holds regardless; only a move's delete
+            # is lost, and the destination holds the KV: say so, do not hide it.
+            logger.warning("end of lease at %s failed after job %s: %s", job.source,
+                           job.event_id, end.error)
+            if delete:
+                raise JobFailed(end.error_kind or "internal",
+                                f"the destination holds the KV, but the source "
+                                f"{job.source} did not delete it: {end.error}")
+
+
+def batches(chunks: list[protocol.ChunkDesc], max_bytes: int) -> list[list[protocol.ChunkDesc]]:
+    """Split chunks into consecutive groups of at most ``max_bytes`` (at least one chunk each)."""
+    out: list[list[protocol.ChunkDesc]] = [[]]
+    size = 0
+    for c in chunks:
+        if out[-1] and size + c.nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(c)
+        size += c.nbytes
+    return out

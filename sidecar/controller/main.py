@@ -1,0 +1,54 @@
+"""``kvmove-controller``: the controller's command line (``python -m sidecar.controller``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import uvicorn
+
+from sidecar.controller.api import create_controller_app
+from sidecar.controller.settings import FETCH_BATCH_BYTES, ControllerSettings
+
+
+def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, str]:
+    """Settings and log level from the command line (argparse exits 2 on bad usage)."""
+    p = argparse.ArgumentParser(prog="kvmove-controller",
+                                description="Federate vllm-kvmove sidecars and move KV between engines.")
+    p.add_argument("--host", default="localhost", help="interface for HTTP and ZMQ (default localhost)")
+    p.add_argument("--port", type=int, default=9000, help="HTTP port (default 9000)")
+    p.add_argument("--monitor-ports", default='{"pull": 8300, "reply": 8400}',
+                   help='JSON {"pull": PORT, "reply": PORT}: ZMQ ports sidecars connect to')
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds without heartbeat before an instance counts as down")
+    p.add_argument("--api-token", default=os.environ.get("KVMOVE_API_TOKEN", ""),
+                   help="shared secret (default: env KVMOVE_API_TOKEN): required as a bearer "
+                        "token on mutating endpoints and from registering sidecars")
+    p.add_argument("--fetch-batch-mib", type=float, default=FETCH_BATCH_BYTES / 2**20,
+                   help="a move's fetch is sent in commands of at most this many MiB "
+                        f"(default {FETCH_BATCH_BYTES >> 20}); progress advances per command")
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    if a.fetch_batch_mib <= 0:
+        p.error("--fetch-batch-mib must be > 0")
+    try:
+        ports = json.loads(a.monitor_ports)
+        pull, reply = int(ports["pull"]), int(ports["reply"])
+    except (ValueError, KeyError, TypeError):
+        p.error('--monitor-ports must be JSON like {"pull": 8300, "reply": 8400}')
+    settings = ControllerSettings(host=a.host, port=a.port, pull_port=pull, reply_port=reply,
+                                  heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token,
+                                  fetch_batch_bytes=int(a.fetch_batch_mib * 2**20))
+    return settings, a.log_level
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``kvmove-controller``: serve until interrupted."""
+    settings, log_level = parse_settings(argv)
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_controller_app(settings), host=settings.host, port=settings.port,
+                log_level=log_level, access_log=False)
+    return 0

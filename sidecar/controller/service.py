@@ -1,0 +1,232 @@
+"""Controller: what the controller does for an HTTP request — validate, look up, start jobs —
+over the registry, the index, the job table and the sidecar channel.
+
+Contract
+--------
+* One per controller process, living on its event loop (nothing here is thread-safe). The
+  HTTP layer (:mod:`sidecar.controller.api`) parses requests and calls these methods; they
+  raise :class:`~sidecar.httpkit.ApiError` for anything the client must hear, and *change
+  nothing* when they do: every check runs before a job is created or a command is sent.
+* Moves and copies answer at once with their job; the job runs as a task
+  (:func:`~sidecar.controller.jobs.run_transfer`). Pin, unpin and clear wait for their one
+  command and answer with the finished job.
+* Lookups answer from the index alone, never asking a sidecar.
+* Prompts are tokenized by an engine's own ``/tokenize`` (the engine whose KV is meant), so
+  the controller needs no tokenizer of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import uuid
+from typing import Any
+
+import httpx
+
+from sidecar import protocol
+from sidecar.controller.channel import SidecarChannel
+from sidecar.controller.index import ChunkIndex
+from sidecar.controller.instances import Instance, InstanceRegistry
+from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, run_transfer
+from sidecar.controller.metrics import ControllerMetrics
+from sidecar.controller.settings import ControllerSettings
+from sidecar.httpkit import ApiError
+from vllm_kvmove.hashing import ChunkSpan, chunk_spans
+from vllm_kvmove.layout import layout_mismatch
+
+logger = logging.getLogger("vllm_kvmove.controller")
+
+
+class Controller:
+    """The controller's state and use cases (see the module docstring).
+
+    Attributes:
+        controller_id: random per start; sidecars see it change when the controller restarts.
+        index: who holds which chunk.
+        registry: the registered instances.
+        jobs: the latest jobs.
+        channel: the sockets to the sidecars and the command RPC.
+        metrics: Prometheus metrics.
+    """
+
+    def __init__(self, settings: ControllerSettings):
+        self.settings = settings
+        self.controller_id = uuid.uuid4().hex
+        self.index = ChunkIndex()
+        self.registry = InstanceRegistry(self.index, settings.heartbeat_timeout_s,
+                                         settings.api_token)
+        self.metrics = ControllerMetrics(self.registry, self.index)
+        self.jobs = JobTable(settings.max_jobs, self.metrics)
+        self.channel = SidecarChannel(settings, self.registry, self.controller_id)
+        self._job_tasks: set[asyncio.Task] = set()
+        self._http: httpx.AsyncClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.channel.start()
+        self._http = httpx.AsyncClient(timeout=self.settings.tokenize_timeout_s)
+
+    async def stop(self) -> None:
+        for t in list(self._job_tasks):
+            t.cancel()
+        await asyncio.gather(*self._job_tasks, return_exceptions=True)
+        await self.channel.stop()
+        if self._http is not None:
+            await self._http.aclose()
+
+    # -- requests --------------------------------------------------------------------------
+    async def tokens_of(self, tokens: list[int] | None, prompt: str | None,
+                        tokenizer: Instance | None) -> list[int]:
+        """Validate ``tokens``, or tokenize ``prompt`` through ``tokenizer``'s ``/tokenize``.
+
+        Raises:
+            ApiError: ``bad_request`` (neither or both given, empty, too long, an id out of
+                range), ``unavailable`` (no engine to tokenize, or it failed).
+        """
+        if (tokens is None) == (prompt is None):
+            raise ApiError("bad_request", "give exactly one of 'tokens' and 'prompt'")
+        if tokens is not None:
+            if not tokens:
+                raise ApiError("bad_request", "'tokens' is empty")
+            if len(tokens) > protocol.MAX_TOKENS:
+                raise ApiError("bad_request", f"'tokens' has {len(tokens)} ids; at most "
+                                              f"{protocol.MAX_TOKENS}")
+            try:  # at C speed: each id fits an int32 and none is negative (no sign bit set)
+                valid = struct.pack(f"<{len(tokens)}i", *tokens)[3::4].isascii()
+            except struct.error:
+                valid = False
+            if not valid:  # find the first offending id, to name it
+                for i, t in enumerate(tokens):
+                    if not 0 <= t < protocol.TOKEN_ID_LIMIT:
+                        raise ApiError("bad_request", f"tokens[{i}] = {t} is not a valid token id")
+            return tokens
+        if not prompt:
+            raise ApiError("bad_request", "'prompt' is empty")
+        if tokenizer is None:
+            raise ApiError("unavailable", "no registered engine to tokenize the prompt")
+        assert self._http is not None
+        url = tokenizer.reg.engine_url.rstrip("/") + "/tokenize"
+        try:
+            r = await self._http.post(url, json={"prompt": prompt})
+        except httpx.HTTPError as e:
+            raise ApiError("unavailable", f"cannot tokenize through {url}: {e}") from None
+        if r.status_code != 200:
+            raise ApiError("unavailable", f"{url} answered {r.status_code}: {r.text[:200]}")
+        try:
+            return list(r.json()["tokens"])
+        except (ValueError, KeyError, TypeError):
+            raise ApiError("unavailable", f"{url} returned no token list") from None
+
+    def lookup(self, tokens: list[int]) -> dict[str, int]:
+        """Matched prefix tokens per live instance that holds at least one chunk of ``tokens``
+        (an instance that stopped heartbeating is left out: it cannot serve them now)."""
+        # Per (fingerprint, chunk_size) group with a live instance: its spans, hashed once, and
+        # the leading spans each holder holds, from one walk of the index over them.
+        groups: dict[tuple[str, int], tuple[list[ChunkSpan], dict[str, int]]] = {}
+        out: dict[str, int] = {}
+        is_up = self.registry.is_up
+        for iid, inst in self.registry.instances.items():
+            reg = inst.reg
+            fp = (reg.fingerprint, reg.chunk_size)
+            group = groups.get(fp)
+            if group is None:
+                if not is_up(inst):
+                    continue
+                spans = chunk_spans(tokens, reg.chunk_size, reg.fingerprint)
+                group = groups[fp] = (spans, self.index.prefix_holders(spans))
+            n = group[1].get(iid)
+            if n and is_up(inst):
+                out[iid] = group[0][n - 1].end
+        return out
+
+    def held_prefix(self, inst: Instance, tokens: list[int]) -> list[ChunkSpan]:
+        """The spans of the longest prefix of ``tokens`` that ``inst`` holds (at least one).
+
+        Raises:
+            ApiError: ``not_found`` if it holds none.
+        """
+        spans = chunk_spans(tokens, inst.reg.chunk_size, inst.reg.fingerprint)
+        n = self.index.held_prefix(inst.instance_id, spans)
+        if n == 0:
+            raise ApiError("not_found", f"{inst.instance_id} holds no KV for a prefix of these "
+                                        f"{len(tokens)} tokens")
+        return spans[:n]
+
+    # -- jobs ------------------------------------------------------------------------------
+    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool) -> Job:
+        """Validate a move (or copy) and start its job. Raises ApiError; changes nothing on
+        error."""
+        if src.instance_id == dst.instance_id:
+            raise ApiError("bad_request", "source and destination are the same instance")
+        self.registry.require_up(src, "source instance")
+        self.registry.require_up(dst, "destination instance")
+        if src.reg.fingerprint != dst.reg.fingerprint:
+            diffs = layout_mismatch(src.reg.layout, dst.reg.layout)
+            raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
+                                           f"compatible: {'; '.join(diffs) or 'fingerprints differ'}")
+        spans = self.held_prefix(src, tokens)
+        missing = sum(1 for s in spans if not self.index.holds(dst.instance_id, s.key))
+        needed = missing * dst.reg.slot_bytes
+        if needed > dst.available_bytes:
+            raise ApiError("store_full", f"{dst.instance_id} can free {dst.available_bytes} bytes "
+                                         f"(the rest is held, pinned or in use); the move needs "
+                                         f"{needed}")
+        job = self.jobs.new("copy" if copy else "move", src.instance_id, dst.instance_id,
+                            [s.key for s in spans], spans[-1].end)
+        task = asyncio.create_task(self._run_transfer_job(job))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
+        return job
+
+    async def _run_transfer_job(self, job: Job) -> None:
+        job.begin()
+        cancelled = False
+        error = kind = None
+        try:
+            src = self.registry.get(job.source)
+            if src is None or self.registry.get(job.destination) is None:
+                raise JobFailed("unavailable", "an instance unregistered before the job started")
+            source = protocol.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url,
+                                       src.reg.incarnation, src.reg.shared_pool)
+            await run_transfer(job, source, self.channel.command, self.settings.fetch_batch_bytes,
+                               lease_s=2 * self.settings.command_timeout_s)
+        except JobCancelled as e:
+            error, cancelled = str(e), True
+        except JobFailed as e:
+            error, kind = str(e), e.kind
+        except Exception as e:  # noqa: BLE001
+            logger.exception("job %s crashed", job.event_id)
+            error, kind = f"internal error: {type(e).__name__}: {e}", "internal"
+        self.jobs.finish(job, error, kind, cancelled)
+        logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
+                    job.destination, job.status, job.bytes, job.ended - job.created,
+                    f" ({job.error})" if job.error else "")
+
+    async def run_store_op(self, kind: str, inst: Instance, tokens: list[int] | None) -> Job:
+        """Pin, unpin or clear (all chunks when ``tokens`` is None) at one instance; waits.
+
+        Raises:
+            ApiError: instance down, nothing held for ``tokens``, or the sidecar failed.
+        """
+        self.registry.require_up(inst)
+        keys: list[bytes] | None = None
+        num_tokens = 0
+        if tokens is not None:
+            spans = self.held_prefix(inst, tokens)
+            keys, num_tokens = [s.key for s in spans], spans[-1].end
+        job = self.jobs.new(kind, inst.instance_id, "", keys or [], num_tokens)
+        job.begin()
+        msg: Any
+        if kind == "clear":
+            msg = protocol.ClearChunks(keys=keys)
+        else:
+            msg = protocol.SetPinned(keys=keys or [], pinned=(kind == "pin"))
+        reply = await self.channel.command(inst.instance_id, msg)
+        if reply.ok:
+            job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
+        self.jobs.finish(job, None if reply.ok else reply.error, reply.error_kind)
+        if not reply.ok:
+            raise ApiError(reply.error_kind or "internal", f"{kind} at {inst.instance_id}: {reply.error}")
+        return job

@@ -1,0 +1,42 @@
+"""ControllerSettings: the controller's options (``kvmove-controller --help`` sets them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Default for ControllerSettings.fetch_batch_bytes.
+FETCH_BATCH_BYTES = 256 << 20
+
+
+@dataclass
+class ControllerSettings:
+    """Controller options.
+
+    Attributes:
+        host: interface for HTTP and the ZMQ sockets ("localhost" is the loopback interface).
+        port: HTTP port.
+        pull_port: ZMQ PULL port (store events from sidecars).
+        reply_port: ZMQ ROUTER port (registration, heartbeats, commands and replies).
+        heartbeat_timeout_s: seconds without a heartbeat before an instance counts as down.
+        command_timeout_s: longest wait for one command's reply.
+        tokenize_timeout_s: longest wait for an engine's ``/tokenize``.
+        max_jobs: jobs remembered (the oldest finished ones are forgotten first).
+        fetch_batch_bytes: a move's fetch is split into commands of at most this many bytes,
+            so its progress (bytes moved) advances while it runs and a failure wastes at most
+            two batches; each command is still one transfer of many chunks. Smaller batches
+            cost a round trip each.
+        api_token: shared secret (default: env KVMOVE_API_TOKEN). When set: mutating HTTP
+            endpoints need ``Authorization: Bearer <token>``, sidecars must register with it,
+            commands carry it.
+    """
+
+    host: str = "localhost"
+    port: int = 9000
+    pull_port: int = 8300
+    reply_port: int = 8400
+    heartbeat_timeout_s: float = 5.0
+    command_timeout_s: float = 60.0
+    tokenize_timeout_s: float = 10.0
+    max_jobs: int = 10000
+    fetch_batch_bytes: int = FETCH_BATCH_BYTES
+    api_token: str = field(default="", repr=False)

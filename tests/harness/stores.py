@@ -1,0 +1,84 @@
+"""Stores as tests fill them: tiny layouts, chunks of seeded random bytes, synthetic KV."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvmove.hashing import chunk_spans
+from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.store import ChunkStore
+
+
+def tiny_layout(**over) -> KVLayout:
+    """A KV layout small enough for unit tests: 32-token chunks of 2 blocks, 2 layers."""
+    fields = dict(model="tiny", dtype="bfloat16", num_layers=2, num_kv_heads=1, head_size=8,
+                  block_size=16, chunk_size=32, backend="test")
+    fields.update(over)
+    return KVLayout(**fields)
+
+
+# An engine-sized layout (64 KiB of KV per token, 16 MiB chunks) and 1 GiB of its tokens (64
+# chunks): the synthetic KV standalone sidecars hold in the fault-injection tests.
+BIG_LAYOUT = tiny_layout(model="big-kv", num_layers=16, num_kv_heads=8, head_size=128,
+                         block_size=128, chunk_size=256)
+GIB_TOKENS = list(range(1, 1 + 64 * 256))
+
+
+def put_chunk(store: ChunkStore, key: bytes, num_tokens: int, seed: int) -> bytes:
+    """Write a chunk of seeded random bytes into ``store``; return its valid bytes."""
+    slot = store.reserve(key, num_tokens)
+    assert slot is not None
+    n = store.layout.valid_bytes(num_tokens)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    start = slot * store.slot_bytes
+    store.pool[start:start + n].copy_(data)
+    store.commit(key)
+    return data.numpy().tobytes()
+
+
+def keys_of(sidecar, tokens: list[int]) -> list[bytes]:
+    """The chunk keys ``tokens`` make at ``sidecar`` (its chunk size and fingerprint)."""
+    return [s.key for s in chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)]
+
+
+def fill(sidecar, tokens: list[int], seed: int = 0) -> dict[bytes, bytes]:
+    """Store every chunk of ``tokens`` in the sidecar's store, as the connector would;
+    returns each chunk's bytes by key."""
+    spans = chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)
+    return {s.key: put_chunk(sidecar.store, s.key, s.num_tokens, seed + i) for i, s in enumerate(spans)}
+
+
+def chunk_bytes(sidecar, key: bytes) -> bytes:
+    """A chunk's valid bytes in the sidecar's store (held while read)."""
+    (info,) = sidecar.store.hold([key], checksums=False)
+    try:
+        return sidecar.store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes()
+    finally:
+        sidecar.store.release([key])
+
+
+_TILE = 1 << 16
+
+
+def synthetic_chunk(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tensor:
+    """The valid bytes of a synthetic chunk (uint8), a pure function of its arguments: a seeded
+    random 64 KiB tile, repeated (cheap enough to fill GiBs; distinct per seed)."""
+    n = layout.valid_bytes(num_tokens)
+    g = torch.Generator().manual_seed(seed)
+    tile = torch.randint(0, 256, (min(n, _TILE),), dtype=torch.uint8, generator=g)
+    return tile.repeat(-(-n // tile.numel()))[:n]
+
+
+def fill_synthetic(store: ChunkStore, fingerprint: str, seed: int, tokens: list[int]) -> list[bytes]:
+    """Store every chunk of ``tokens`` (chunk i gets ``synthetic_chunk(..., seed + i)``)."""
+    keys = []
+    for i, span in enumerate(chunk_spans(tokens, store.layout.chunk_size, fingerprint)):
+        slot = store.reserve(span.key, span.num_tokens)
+        if slot is not None:
+            data = synthetic_chunk(store.layout, span.num_tokens, seed + i)
+            start = slot * store.slot_bytes
+            store.pool[start:start + data.numel()].copy_(data)
+            store.commit(span.key)
+        keys.append(span.key)
+    return keys
