@@ -144,7 +144,7 @@ class Holdings:
 
 
 class SimSidecars:
-    """100 DEALER sockets on one thread, speaking the sidecar protocol of sidecar/runtime.py."""
+    """100 DEALER sockets on one thread, speaking the sidecar protocol of sidecar/agent/runtime.py."""
 
     def __init__(self, reply_url: str, holdings: Holdings):
         enc = protocol.sidecar_encoder

@@ -60,6 +60,19 @@ JobKind = Literal["move", "copy", "pin", "unpin", "clear"]
 TRANSFER_KINDS = frozenset({"move", "copy"})
 
 
+# Bounds every decoder enforces (a message outside them is refused as a whole, naming the
+# field): what a well-behaved peer sends fits with room to spare.
+MIN_CHUNK_TOKENS = 16  # vLLM's smallest block size; below it a 1M-token lookup hashes too much
+MAX_CHUNK_TOKENS = 1 << 16
+ChunkKey = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+ChunkTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_TOKENS)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Url = Annotated[str, msgspec.Meta(max_length=512)]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+
+
 class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):
     pass
 
@@ -68,13 +81,11 @@ class _Command(_Tagged, kw_only=True):
     """Base of controller → sidecar commands.
 
     Attributes:
-        req_id: echoed by the :class:`Reply` (assigned by the controller).
-        auth: the shared API token when one is configured; a sidecar with a token refuses
-            commands without it (``unauthorized``).
+        req_id: echoed by the :class:`Reply` (assigned by the controller, unique per
+            controller start: a reply meant for a previous controller never matches).
     """
 
     req_id: int = 0
-    auth: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,36 +110,35 @@ class Register(_Tagged):
             re-handshakes when it changes (a restarted engine has a new agent).
         pid: worker process id (diagnostics).
         protocol: wire protocol version.
-        auth: the shared API token, when the fleet has one (the controller refuses
-            registrations without it).
         shared_pool: the store pool, when it is in shared memory: what a peer on the same
             host needs to map it (:class:`vllm_kvmove.shm.PoolHandle`: boot id, pid
             namespace, pid, memfd descriptor and inode, size, base address).
     """
 
-    instance_id: str
-    engine_url: str
-    sidecar_url: str
-    p2p_url: str
-    agent_name: str
-    model: str
-    fingerprint: str
-    layout: dict[str, str | int]
-    chunk_size: int
-    capacity_bytes: int
-    slot_bytes: int
-    incarnation: str
-    pid: int
+    instance_id: Name
+    engine_url: Url
+    sidecar_url: Url
+    p2p_url: Url
+    agent_name: Name
+    model: Text
+    fingerprint: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+    layout: Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)],
+                           Annotated[str, msgspec.Meta(max_length=4096)] | int],
+                      msgspec.Meta(max_length=64)]
+    chunk_size: Annotated[int, msgspec.Meta(ge=MIN_CHUNK_TOKENS, le=MAX_CHUNK_TOKENS)]
+    capacity_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 50)]
+    slot_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
+    incarnation: Name
+    pid: Count
     protocol: int = PROTOCOL_VERSION
-    auth: str = ""
     shared_pool: PoolHandle | None = None
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
     """A chunk a store holds: ``[key, num_tokens]``."""
 
-    key: bytes
-    num_tokens: int
+    key: ChunkKey
+    num_tokens: ChunkTokens
 
 
 class Snapshot(_Tagged):
@@ -140,8 +150,8 @@ class Snapshot(_Tagged):
         chunks: every ready chunk.
     """
 
-    instance_id: str
-    seq: int
+    instance_id: Name
+    seq: Count
     chunks: list[ChunkRecord]
 
 
@@ -158,12 +168,12 @@ class Heartbeat(_Tagged):
             nor pinned.
     """
 
-    instance_id: str
-    seq: int
-    num_chunks: int
-    used_bytes: int
-    capacity_bytes: int
-    available_bytes: int
+    instance_id: Name
+    seq: Count
+    num_chunks: Count
+    used_bytes: Count
+    capacity_bytes: Count
+    available_bytes: Count
 
 
 class ChunkDesc(msgspec.Struct, array_like=True):
@@ -177,11 +187,11 @@ class ChunkDesc(msgspec.Struct, array_like=True):
         checksum: XXH3-64 of those bytes.
     """
 
-    key: bytes
-    num_tokens: int
-    addr: int
-    nbytes: int
-    checksum: int
+    key: ChunkKey
+    num_tokens: ChunkTokens
+    addr: Annotated[int, msgspec.Meta(ge=0)]
+    nbytes: Count
+    checksum: Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Reply(_Tagged):
@@ -198,20 +208,20 @@ class Reply(_Tagged):
         heartbeat: the store's summary right after the command (counts as a heartbeat).
     """
 
-    req_id: int
+    req_id: Count
     ok: bool
-    error_kind: str = ""
-    error: str = ""
+    error_kind: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    error: Text = ""
     chunks: list[ChunkDesc] = []
-    count: int = 0
-    bytes: int = 0
+    count: Count = 0
+    bytes: Count = 0
     heartbeat: Heartbeat | None = None
 
 
 class Goodbye(_Tagged):
     """The sidecar is shutting down (its engine stops): forget the instance and its chunks."""
 
-    instance_id: str
+    instance_id: Name
 
 
 SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply, Goodbye]
@@ -222,6 +232,20 @@ SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply, Goodbye]
 # ---------------------------------------------------------------------------------------------
 class RegisterAck(_Tagged):
     """The controller accepted a :class:`Register`. ``controller_id`` changes per restart."""
+
+    controller_id: str
+
+
+class RegisterRefused(_Tagged):
+    """The controller refused a :class:`Register` (or another message it could not read
+    from this sidecar); ``reason`` says why, for the sidecar's log."""
+
+    reason: str
+
+
+class HeartbeatAck(_Tagged):
+    """The controller knows the sender (the answer to each :class:`Heartbeat`): a sidecar
+    that stops hearing these re-registers."""
 
     controller_id: str
 
@@ -240,8 +264,8 @@ class LeaseChunks(_Command, kw_only=True):
     it (a crashed controller's jobs never leak holds).
     """
 
-    keys: list[bytes]
-    lease_s: float = 120.0
+    keys: list[ChunkKey]
+    lease_s: LeaseSeconds = 120.0
 
 
 class EndLease(_Command, kw_only=True):
@@ -250,23 +274,23 @@ class EndLease(_Command, kw_only=True):
     ``transferred_bytes`` is what a peer read meanwhile (the source cannot see a one-sided
     READ, so the controller tells it)."""
 
-    lease_id: int
+    lease_id: Count
     delete: bool = False
-    transferred_bytes: int = 0
+    transferred_bytes: Count = 0
 
 
 class SetPinned(_Command, kw_only=True):
     """Set (``pinned=True``, the controller's ``/pin``) or clear (``/unpin``) the operator's
     never-evict flag of held chunks. Idempotent."""
 
-    keys: list[bytes]
+    keys: list[ChunkKey]
     pinned: bool = True
 
 
 class ClearChunks(_Command, kw_only=True):
     """Delete the given chunks, or every chunk when ``keys`` is None (the controller's ``/clear``)."""
 
-    keys: list[bytes] | None = None
+    keys: list[ChunkKey] | None = None
 
 
 class PeerInfo(msgspec.Struct):
@@ -284,15 +308,21 @@ class PeerInfo(msgspec.Struct):
 class FetchChunks(_Command, kw_only=True):
     """Read leased chunks from ``source`` into this store; verify; then publish them.
 
-    Chunks this store already holds are skipped. On any failure nothing is published.
+    Chunks this store already holds are skipped; a chunk another writer is still writing here
+    fails the fetch (``conflict``): it is not held yet. On any failure nothing is published.
+    With ``hold``, every chunk of the batch (fetched or already here) stays held under a
+    lease named by this command's ``req_id`` until an :class:`EndLease` (or ``lease_s``):
+    the destination of a move keeps its copy while the source deletes its own.
     """
 
     source: PeerInfo
     chunks: list[ChunkDesc]
+    hold: bool = False
+    lease_s: LeaseSeconds = 120.0
 
 
-ControllerMessage = Union[RegisterAck, Resync, LeaseChunks, EndLease, FetchChunks, SetPinned,
-                          ClearChunks]
+ControllerMessage = Union[RegisterAck, RegisterRefused, HeartbeatAck, Resync, LeaseChunks,
+                          EndLease, FetchChunks, SetPinned, ClearChunks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,16 +331,18 @@ ControllerMessage = Union[RegisterAck, Resync, LeaseChunks, EndLease, FetchChunk
 class StoreEventMsg(msgspec.Struct, array_like=True):
     """One store change: ``[seq, kind, key, num_tokens]``; ``kind`` is "admit" or "evict"."""
 
-    seq: int
+    seq: Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
     kind: Literal["admit", "evict"]
-    key: bytes
-    num_tokens: int
+    key: ChunkKey
+    num_tokens: ChunkTokens
 
 
 class EventBatch(_Tagged):
-    """Store events in ``seq`` order."""
+    """Store events in ``seq`` order, from the sidecar start named by ``incarnation`` (a
+    batch from another start than the registered one is dropped)."""
 
-    instance_id: str
+    instance_id: Name
+    incarnation: Name
     events: list[StoreEventMsg]
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.harness.fleet import Fleet
 from tests.harness.stores import tiny_layout
 from vllm_kvmove.layout import KVLayout
-
-os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from vllm_kvmove.lmcache_compat import translate
+from vllm_kvmove.zmqauth import FleetSecurity, SecurityError
 
 CONFIG_FILE_ENV = "KVMOVE_CONFIG_FILE"
 API_TOKEN_ENV = "KVMOVE_API_TOKEN"
@@ -50,9 +51,13 @@ class KVMoveConfig:
         hash_seed: Extra salt for chunk keys; engines with different seeds never share KV.
         heartbeat_interval_s: Seconds between sidecar heartbeats to the controller.
         command_timeout_s: Upper bound on any single wait on a peer (NIXL handshake, read).
-        api_token: Shared secret; when set, the sidecar obeys only commands carrying it, hands
-            its NIXL metadata only to peers presenting it, and registers with it. Default: the
-            environment variable ``KVMOVE_API_TOKEN``. Never logged.
+        api_token: The fleet's shared secret (at least 16 characters). When set, every ZMQ
+            socket (to the controller, the NIXL metadata handshake) runs CURVE with keys
+            derived from it, so only fleet members connect, and the sidecar's HTTP endpoints
+            but ``GET /health`` need it as a bearer token. Without it, the sidecar listens on
+            loopback only. Default: the environment variable ``KVMOVE_API_TOKEN``. Never
+            logged, never sent.
+        metrics_open: serve the sidecar's ``GET /metrics`` without the token (for scrapers).
         verify_checksums: check every fetched chunk's checksum before publishing it. Off
             trades integrity for speed: the check reads every byte once more, which costs
             about a third of a same-host move's throughput here (P1: 7.6 vs 11.1 GB/s).
@@ -79,6 +84,7 @@ class KVMoveConfig:
     verify_checksums: bool = True
     same_host_copy: bool = True
     copy_threads: int = 2
+    metrics_open: bool = False
     # LMCache keys that were accepted without effect (reported once at start-up).
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -155,6 +161,12 @@ def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ())
         raise ConfigError("config key 'instance_id' must not be empty")
     if not 1 <= cfg.copy_threads <= 64:
         raise ConfigError(f"config key 'copy_threads' must be 1..64, got {cfg.copy_threads}")
+    try:
+        security = FleetSecurity(cfg.api_token)
+        security.check_bind(cfg.sidecar_host, "the sidecar's HTTP app (sidecar_host)")
+        security.check_bind(cfg.p2p_host, "the NIXL metadata server (p2p_host)")
+    except SecurityError as e:
+        raise ConfigError(f"config key 'api_token': {e}") from None
     return cfg
 
 

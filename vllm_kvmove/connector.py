@@ -66,7 +66,7 @@ from vllm_kvmove.config import load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import block_index, check_kv_caches, copy_blocks, layer_order, layout_from_vllm
 from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path
-from vllm_kvmove.store import ChunkMissing, ChunkStore, StoreFull
+from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -257,8 +257,8 @@ class KVMoveConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         """Worker, forward thread, after the step's forward: copy every prompt chunk this step
         completed into the store (reserve, memcpy, commit; the commit makes it visible and
-        emits its store event). A full store skips the chunk with a warning; the request is
-        unaffected. Blocks for the copies only (no I/O, no checksums)."""
+        emits its store event). A full store skips the chunk with a warning, and a chunk
+        another writer is writing (a fetch) is skipped; the request is unaffected. Blocks for the copies only (no I/O, no checksums)."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -271,7 +271,9 @@ class KVMoveConnector(KVConnectorBase_V1):
             except StoreFull as e:
                 logger.warning("not saving chunk %s: %s", save.key.hex(), e)
                 continue
-            if slot is None:  # already held (loaded, moved in, or saved by another request)
+            except ChunkBusy:  # another writer (a fetch moving it in) is writing it right now
+                continue
+            if slot is None:  # already in the store (loaded, moved in, or saved by another request)
                 continue
             try:
                 view = store.slot_view(slot)

@@ -17,7 +17,8 @@ Contract
   copy held chunks themselves; ``shared_pool`` describes it.
 * Visibility: a chunk is *writing* from ``reserve`` until ``commit`` and invisible to
   ``match_prefix``, ``hold`` and ``snapshot`` until then; ``abort`` frees it without a trace.
-  Readers therefore never see a half-written chunk.
+  Readers therefore never see a half-written chunk, and a second writer of the same key is
+  refused (:class:`ChunkBusy`): a reservation never counts as held.
 * Holds and pins: ``hold``/``release`` are counted, short-lived references taken around a
   load or a transfer; ``set_pinned`` sets or clears an operator's never-evict flag (the
   controller's ``/pin`` and ``/unpin``), idempotent. Eviction: when a slot is needed and none
@@ -67,6 +68,13 @@ class ChunkMissing(StoreError):
     """A key named by the caller is not (or no longer) in the store, or not ready."""
 
     kind = "not_found"
+
+
+class ChunkBusy(StoreError):
+    """Another writer is writing the chunk (reserved, not committed), or it is deleted but
+    still held: it is not in the store, and it cannot be written now."""
+
+    kind = "conflict"
 
 
 class StoreEvent(NamedTuple):
@@ -228,14 +236,17 @@ class ChunkStore:
             return [self._events.popleft() for _ in range(n)]
 
     # -- writes ----------------------------------------------------------------------------
-    def reserve(self, key: bytes, num_tokens: int) -> int | None:
+    def reserve(self, key: bytes, num_tokens: int, hold: bool = False) -> int | None:
         """Reserve a slot for a new chunk; return the slot, or None if ``key`` is already in the
-        store.
+        store (with ``hold``, then also take a hold on it, atomically: it cannot be evicted
+        between this answer and the caller's use of it).
 
         The chunk stays invisible until :meth:`commit`. Evicts the least recently used chunks
         that are neither held nor pinned if needed.
 
         Raises:
+            ChunkBusy: another writer reserved ``key`` and has not committed it, or it was
+                deleted and awaits its last release.
             StoreFull: no slot could be freed.
             ValueError: ``num_tokens`` outside ``1..chunk_size``.
         """
@@ -244,23 +255,31 @@ class ChunkStore:
         with self._lock:
             e = self._entries.get(key)
             if e is not None:
-                if e.ready and not e.doomed:
-                    self._entries.move_to_end(key)
+                if not e.ready or e.doomed:
+                    raise ChunkBusy(f"chunk {key.hex()} is being written or deleted by another "
+                                    f"operation")
+                self._entries.move_to_end(key)
+                if hold:
+                    self._account(e, -1)
+                    e.holds += 1
+                    self._account(e, 1)
                 return None
             slot = self._take_slot()
             e = self._entries[key] = _Entry(key, slot, num_tokens)
             self._account(e, 1)
             return slot
 
-    def commit(self, key: bytes, checksum: int | None = None) -> None:
-        """Make a reserved chunk visible (emits ``admit``). Without a ``checksum`` the chunk
-        joins the backlog of :meth:`fill_checksums`."""
+    def commit(self, key: bytes, checksum: int | None = None, hold: bool = False) -> None:
+        """Make a reserved chunk visible (emits ``admit``); with ``hold``, held at once (no
+        eviction can come between). Without a ``checksum`` the chunk joins the backlog of
+        :meth:`fill_checksums`."""
         with self._lock:
             e = self._entries.get(key)
             if e is None or e.ready:
                 raise ChunkMissing(f"no reservation for chunk {key.hex()}")
             self._account(e, -1)
             e.ready, e.checksum = True, checksum
+            e.holds += hold
             self._account(e, 1)
             self._entries.move_to_end(key)
             self._emit("admit", e)

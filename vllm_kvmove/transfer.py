@@ -7,7 +7,9 @@ Contract
   controller: callers hand it peer addresses and byte ranges.
 * Set-up, once: one NIXL agent (~0.45 s), the store's pool registered once as one region, and
   a metadata server — a ZMQ REP socket on ``host:port`` — that hands this agent's metadata to
-  peers presenting the fleet's token (if one is configured). The NIXL progress thread's poll
+  peers. With a fleet secret it is a CURVE server admitting fleet members only
+  (:class:`~vllm_kvmove.zmqauth.FleetSecurity`); without one it binds only to loopback. It
+  answers any request (of any shape) and never stops on one. The NIXL progress thread's poll
   timeout is raised from 0 (NIXL's Python default, which spins a whole core even when idle) to
   ``progress_delay_us`` (100 ms): the thread wakes on UCX's event fd whenever there is work,
   so the timeout only bounds idle wake-ups (measured: handshakes, cma and tcp reads are as
@@ -22,17 +24,20 @@ Contract
   an event loop.
 * Failure: every error surfaces as :class:`TransferError` with the cause; nothing here
   changes the store (the caller reserves, verifies and commits or aborts).
-* Process-wide changes, at the agent's creation: ``UCX_TLS`` is set to ``cma,tcp`` unless
-  the operator set it, and NIXL's agent constructor is wrapped (under a lock, for that call
-  only) to set the progress thread's poll delay (:func:`_make_agent`).
+* Process-wide changes, at the agent's creation: ``UCX_TLS`` is set to ``cma,tcp`` and
+  ``UCX_NET_DEVICES`` to the interface that holds ``host`` (so UCX's own listener binds only
+  there), each unless the operator set it; and NIXL's agent constructor is wrapped (under a
+  lock, for that call only) to set the progress thread's poll delay (:func:`_make_agent`).
 """
 
 from __future__ import annotations
 
-import hmac
+import fcntl
+import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -40,9 +45,14 @@ from typing import Sequence
 
 import zmq
 
+from vllm_kvmove.zmqauth import FleetSecurity
+
 logger = logging.getLogger(__name__)
 
-_MD_REQUEST = b"kvmove-md/1"
+_MD_REQUEST = b"kvmove-md/2"
+# Largest message the metadata server reads (a request is a dozen bytes): a bigger one drops
+# the peer's connection inside ZMQ, before any of it reaches us.
+_MD_MAX_MESSAGE = 4096
 _agent_lock = threading.Lock()
 
 
@@ -61,7 +71,7 @@ class ReadRange:
     nbytes: int
 
 
-def _make_agent(name: str, progress_delay_us: int):
+def _make_agent(name: str, progress_delay_us: int, host: str):
     """Create a NIXL agent whose progress thread polls its workers' event fds with a timeout
     of ``progress_delay_us`` (NIXL rounds it up to whole milliseconds).
 
@@ -75,6 +85,11 @@ def _make_agent(name: str, progress_delay_us: int):
     # cross-memory attach (one kernel copy) reaches ~5.4 GB/s, 0.87x memcpy. tcp stays for
     # peers on other hosts. A UCX_TLS set by the operator (e.g. rc for RDMA) wins.
     os.environ.setdefault("UCX_TLS", "cma,tcp")
+    # UCX's tcp transport listens on every device it uses: only on the one holding our
+    # address, unless the operator chose (an unset UCX_NET_DEVICES means every interface).
+    device = interface_of(host)
+    if device is not None:
+        os.environ.setdefault("UCX_NET_DEVICES", device)
     bindings = api.nixlBind
     real_ctor = bindings.nixlAgent
 
@@ -102,15 +117,20 @@ class NixlTransfer:
         host: interface for the metadata server; peers reach us at ``host:port``.
         port: metadata server port.
         progress_delay_us: NIXL progress-thread poll timeout (idle wake-up period).
-        token: shared secret; when set, metadata is handed only to requests presenting it
-            (and :meth:`connect_peer` presents it).
+        security: how the metadata sockets secure themselves (default: no secret, so the
+            server binds to loopback only).
+    Raises:
+        SecurityError: ``host`` is not loopback and there is no secret.
     """
 
     def __init__(self, agent_name: str, pool_addr: int, pool_bytes: int, host: str, port: int,
-                 progress_delay_us: int = 100_000, token: str = ""):
+                 progress_delay_us: int = 100_000, security: FleetSecurity | None = None):
         self.agent_name = agent_name
-        self._request = _MD_REQUEST + b"\0" + token.encode()
-        self.agent = _make_agent(agent_name, progress_delay_us)
+        self._security = security or FleetSecurity("")
+        # ZMQ binds interfaces, not host names: "localhost" means the loopback interface.
+        host = "127.0.0.1" if host == "localhost" else host
+        self._security.check_bind(host, "the NIXL metadata server")
+        self.agent = _make_agent(agent_name, progress_delay_us, host)
         self._reg = self.agent.register_memory([(pool_addr, pool_bytes, 0, "")], "DRAM")
         self._metadata = self.agent.get_agent_metadata()
         self._peers: dict[str, tuple[str, str]] = {}  # name -> (url, incarnation)
@@ -118,8 +138,8 @@ class NixlTransfer:
         self._ctx = zmq.Context.instance()
         self._md_sock = self._ctx.socket(zmq.REP)
         self._md_sock.setsockopt(zmq.LINGER, 0)
-        # ZMQ binds interfaces, not host names: "localhost" means the loopback interface.
-        host = "127.0.0.1" if host == "localhost" else host
+        self._md_sock.setsockopt(zmq.MAXMSGSIZE, _MD_MAX_MESSAGE)
+        self._security.server(self._md_sock)
         self._md_sock.bind(f"tcp://{host}:{port}")
         self.p2p_url = f"{host}:{port}"
         self._stop = threading.Event()
@@ -128,14 +148,25 @@ class NixlTransfer:
         self._md_thread.start()
 
     def _serve_metadata(self) -> None:
+        """Answer every request, whatever its frames: the metadata to a well-formed one, an
+        empty reply otherwise (REP must answer before it can read the next request)."""
         poller = zmq.Poller()
         poller.register(self._md_sock, zmq.POLLIN)
+        refused = 0
         while not self._stop.is_set():
-            if not poller.poll(200):
-                continue
-            req = self._md_sock.recv()
-            ok = hmac.compare_digest(req, self._request)
-            self._md_sock.send(self._metadata if ok else b"")
+            try:
+                if not poller.poll(200):
+                    continue
+                frames = self._md_sock.recv_multipart()
+                ok = frames == [_MD_REQUEST]
+                if not ok:
+                    refused += 1
+                    if refused == 1:
+                        logger.warning("NIXL metadata server: dropping a malformed request "
+                                       "(%d frames); further ones are counted only", len(frames))
+                self._md_sock.send(self._metadata if ok else b"")
+            except zmq.ZMQError as e:  # e.g. a reply to a peer that vanished
+                logger.debug("NIXL metadata server: %s", e)
         self._md_sock.close()
 
     def connect_peer(self, peer_name: str, peer_url: str, timeout_s: float,
@@ -158,17 +189,22 @@ class NixlTransfer:
             ms = int(timeout_s * 1000)
             sock.setsockopt(zmq.RCVTIMEO, ms)
             sock.setsockopt(zmq.SNDTIMEO, ms)
+            self._security.client(sock)
             try:
                 sock.connect(f"tcp://{peer_url}")
-                sock.send(self._request)
+                sock.send(_MD_REQUEST)
                 md = sock.recv()
+            except zmq.Again:
+                raise TransferError(f"NIXL handshake with {peer_name} at {peer_url}: no answer in "
+                                    f"{timeout_s} s (the peer is stuck, or it is not of this "
+                                    f"fleet: another secret)") from None
             except zmq.ZMQError as e:
                 raise TransferError(f"NIXL handshake with {peer_name} at {peer_url}: {e}") from None
             finally:
                 sock.close()
             if not md:
                 raise TransferError(f"NIXL handshake with {peer_name} at {peer_url}: refused "
-                                    f"(wrong or missing API token?)")
+                                    f"(it speaks another protocol version)")
             if peer_name in self._peers:
                 # The peer restarted (new address or new agent): forget the old one first.
                 self.agent.remove_remote_agent(peer_name)
@@ -283,3 +319,25 @@ def split_ranges(ranges: list[ReadRange], piece_bytes: int) -> list[list[tuple[i
             done += n
             room -= n
     return pieces
+
+
+def interface_of(host: str) -> str | None:
+    """The name of the network interface holding the IPv4 address ``host`` (``"lo"`` for
+    127.0.0.1), or None (a name, an IPv6 or wildcard address, or no such interface)."""
+    try:
+        addr = ipaddress.IPv4Address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return None
+    if addr.is_unspecified:
+        return None
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                got = fcntl.ioctl(s.fileno(), siocgifaddr, req)[20:24]
+            except OSError:  # no IPv4 address on it
+                continue
+            if ipaddress.IPv4Address(got) == addr or (addr.is_loopback and name == "lo"):
+                return name
+    return None

@@ -38,7 +38,7 @@ ENGINE1, ENGINE2 = "http://localhost:8000", "http://localhost:8001"
 HITS = "vllm:external_prefix_cache_hits_total"
 # As in the README's "Running it by hand": a CPU engine, loopback only, no hub.
 ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
-       "HF_HUB_OFFLINE": "1", "UCX_NET_DEVICES": "lo"}
+       "HF_HUB_OFFLINE": "1"}
 KV_TRANSFER_CONFIG = '{"kv_connector":"KVMoveConnector","kv_role":"kv_both"}'
 
 

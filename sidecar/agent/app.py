@@ -2,7 +2,9 @@
 
 Its endpoint table (:data:`ENDPOINTS`) is the one declaration of its routes and of its OpenAPI
 document (``GET /openapi.json``); handlers find the sidecar at ``request.app.state.sidecar``.
-The app is served by the sidecar's own uvicorn server on its thread (:mod:`sidecar.agent.runtime`).
+With a fleet secret every endpoint but ``GET /health`` needs it as a bearer token (``/metrics``
+too, unless ``metrics_open``). The app is served by the sidecar's own uvicorn server on its
+thread (:mod:`sidecar.agent.runtime`), with :func:`sidecar.httpkit.server_config`'s limits.
 """
 
 from __future__ import annotations
@@ -92,16 +94,17 @@ async def metrics(request: Request) -> Response:
 
 
 ENDPOINTS: list[Endpoint] = [
-    Endpoint("GET", "/openapi.json", openapi, "This document.", dict),
+    Endpoint("GET", "/openapi.json", openapi, "This document.", dict, auth=True),
     Endpoint("GET", "/health", health, "Sidecar health.", protocol.SidecarHealth),
     Endpoint("GET", "/store", store_info, "Store statistics, KV layout and fingerprint.",
-             protocol.StoreInfo),
+             protocol.StoreInfo, auth=True),
     Endpoint("GET", "/chunks", chunks, "Chunks held (the first `limit`, default 1000).",
-             protocol.ChunkList, params=("limit",), errors=("bad_request",)),
+             protocol.ChunkList, params=("limit",), errors=("bad_request",), auth=True),
     Endpoint("GET", "/chunks/{key}", chunk_bytes, "A chunk's valid bytes (held while read).",
              "application/octet-stream", params=("key",), errors=("bad_request", "not_found"),
              auth=True, headers=(("x-kvmove-num-tokens", "Tokens in the chunk."),)),
-    Endpoint("GET", "/metrics", metrics, "Prometheus metrics (store and transfers).", "text/plain"),
+    Endpoint("GET", "/metrics", metrics, "Prometheus metrics (store and transfers; open to "
+             "scrapers with `metrics_open`).", "text/plain", auth=True),
 ]
 
 
@@ -116,7 +119,8 @@ def sidecar_openapi() -> dict:
 
 def create_sidecar_app(sidecar: SidecarView) -> Starlette:
     """The sidecar's Starlette app (no lifespan: the sidecar's thread owns its resources)."""
-    app = Starlette(routes=build_routes(ENDPOINTS, sidecar.config.api_token),
+    open_paths = frozenset({"/metrics"}) if sidecar.config.metrics_open else frozenset()
+    app = Starlette(routes=build_routes(ENDPOINTS, sidecar.config.api_token, open_paths),
                     exception_handlers=ERROR_HANDLERS)
     app.state.sidecar = sidecar
     app.state.openapi = sidecar_openapi()

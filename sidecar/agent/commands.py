@@ -8,10 +8,14 @@ Contract
   the HTTP error map and a cause.
 * Commands touch the store only through its public, thread-safe API; big leases and fetches
   run on worker threads so the loop keeps serving heartbeats and other commands.
-* Leases: a :class:`~sidecar.protocol.LeaseChunks` holds chunks at this (source) store until
-  its :class:`~sidecar.protocol.EndLease`, its deadline (:meth:`LeaseTable.expire`, called
-  every second) or a new controller (:meth:`LeaseTable.end_all`) — so no crashed controller
-  or lost message leaves chunks held for ever.
+* Commands come only from the controller: with a fleet secret the socket they arrive on is
+  CURVE-authenticated (only fleet members connect), so they carry no credentials of their own.
+* Leases: a :class:`~sidecar.protocol.LeaseChunks` holds chunks at this (source) store, and a
+  :class:`~sidecar.protocol.FetchChunks` with ``hold`` the batch's chunks at this
+  (destination) store, until the lease's :class:`~sidecar.protocol.EndLease`, its deadline
+  (:meth:`LeaseTable.expire`, called every second) or a new controller
+  (:meth:`LeaseTable.end_all`) — so no crashed controller or lost message leaves chunks held
+  for ever.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from typing import Any, Callable
 
 from sidecar import protocol
 from sidecar.agent.fetch import INLINE_BYTES, ChunkFetcher, FetchRefused, IntegrityError
-from sidecar.httpkit import token_matches
 from vllm_kvmove.store import ChunkStore, StoreError
 from vllm_kvmove.transfer import TransferError
 
@@ -88,21 +91,17 @@ class CommandExecutor:
     Args:
         store: the engine's store.
         fetcher: the engine's :class:`~sidecar.agent.fetch.ChunkFetcher`.
-        api_token: the fleet's secret; when set, a command without it is refused.
         counters: the sidecar's transfer counters, updated here.
     """
 
-    def __init__(self, store: ChunkStore, fetcher: ChunkFetcher, api_token: str,
+    def __init__(self, store: ChunkStore, fetcher: ChunkFetcher,
                  counters: protocol.TransferCounters):
-        self.store, self.fetcher, self.api_token = store, fetcher, api_token
-        self.counters = counters
+        self.store, self.fetcher, self.counters = store, fetcher, counters
         self.leases = LeaseTable(store)
 
     async def run(self, msg: Any) -> protocol.Reply:
-        """Check the command's token, run it, and turn any failure into a failed Reply."""
+        """Run a command and turn any failure into a failed Reply."""
         try:
-            if not token_matches(self.api_token, msg.auth):
-                raise CommandRefused("unauthorized", "command without the fleet's API token refused")
             return await self._execute(msg)
         except (StoreError, TransferError, IntegrityError, FetchRefused, CommandRefused) as e:
             return protocol.Reply(req_id=msg.req_id, ok=False, error_kind=e.kind, error=str(e))
@@ -142,6 +141,8 @@ class CommandExecutor:
             inline, mapped = fetcher.plan(msg)
             nbytes, count, same_host = (fetcher.fetch(msg, mapped) if inline
                                         else await asyncio.to_thread(fetcher.fetch, msg, mapped))
+            if msg.hold:  # the fetch held every chunk of the batch: until this lease ends
+                self.leases.add(msg.req_id, [c.key for c in msg.chunks], msg.lease_s)
         except Exception:
             counters.fetch_failures += 1
             raise

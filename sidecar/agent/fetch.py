@@ -8,7 +8,11 @@ Contract
   handshake); several fetches may run at once.
 * A fetch publishes nothing unless every chunk arrived and matched its checksum: chunks are
   reserved (invisible), read, verified, and only then committed; on any failure every
-  reservation is aborted. Chunks the store already holds are skipped.
+  reservation is aborted. Chunks the store already holds are skipped; one that another writer
+  is still writing fails the fetch (``ChunkBusy``, kind ``conflict``): it is not here yet.
+  With ``hold``, every chunk of the batch is held when the fetch succeeds — taken atomically
+  with the commit, or with the finding that the chunk was already here — so nothing evicts
+  it before the caller's lease ends.
 * Transports: when the source's pool is in shared memory on this host (``same_host_copy``),
   the fetch maps it and copies the chunks itself (:mod:`vllm_kvmove.shm`: on the copy threads,
   each chunk hashed in the same pass). Otherwise it READs over NIXL, big fetches in pieces of
@@ -106,7 +110,8 @@ class ChunkFetcher:
         Returns:
             ``(bytes copied, chunks published, whether the same-host path was used)``.
         Raises:
-            FetchRefused, TransferError, IntegrityError; StoreFull if no room can be made.
+            FetchRefused, TransferError, IntegrityError; StoreFull if no room can be made,
+            ChunkBusy if another writer is writing one of the chunks here.
         """
         store, layout = self.store, self.layout
         for c in msg.chunks:
@@ -115,11 +120,14 @@ class ChunkFetcher:
                                    f"chunk {c.key.hex()}: {c.nbytes} bytes for {c.num_tokens} "
                                    f"tokens does not fit this engine's layout")
         reserved: list[tuple[protocol.ChunkDesc, int]] = []
+        present: list[bytes] = []  # already here (held when msg.hold)
         try:
             for c in msg.chunks:
-                slot = store.reserve(c.key, c.num_tokens)
+                slot = store.reserve(c.key, c.num_tokens, hold=msg.hold)
                 if slot is not None:
                     reserved.append((c, slot * store.slot_bytes))
+                else:
+                    present.append(c.key)
             t_read = time.perf_counter()
             if mapped is None:
                 mapped = self.mapped(msg.source)
@@ -131,9 +139,11 @@ class ChunkFetcher:
         except BaseException:
             for c, _ in reserved:
                 store.abort(c.key)
+            if msg.hold:
+                store.release(present)
             raise
         for c, _ in reserved:
-            store.commit(c.key, c.checksum)
+            store.commit(c.key, c.checksum, hold=msg.hold)
         logger.debug("fetched %d chunks (%d bytes) from %s in %.1f ms (read and verify)",
                      len(reserved), moved, msg.source.instance_id,
                      (time.perf_counter() - t_read) * 1e3)

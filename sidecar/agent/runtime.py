@@ -27,9 +27,18 @@ Contract
   the controller, and survive its restarts.
 * HTTP (``sidecar_host:sidecar_port``, :mod:`sidecar.agent.app`): health, store info, chunks,
   metrics.
+* Security: with the fleet secret (``api_token``) every ZMQ socket runs CURVE
+  (:class:`~vllm_kvmove.zmqauth.FleetSecurity`): only fleet members can connect, and nothing
+  secret crosses the wire. The controller knows this sidecar by the connection its
+  registration came on (the sidecar sets no routing id of its own), not by a name anyone
+  could claim. Every receive loop survives any input: a message of the wrong shape is
+  dropped, counted (``dropped``) and logged once per kind.
+* Liveness both ways: the controller answers every heartbeat (:class:`~sidecar.protocol.HeartbeatAck`);
+  a sidecar that hears nothing from it for :data:`ACK_TIMEOUT_INTERVALS` heartbeat intervals
+  registers again.
 * Process-wide changes it makes: :func:`start_sidecar` lowers ``sys.setswitchinterval`` to
-  0.2 ms; the NIXL agent's creation sets ``UCX_TLS`` (if unset) and wraps NIXL's agent
-  constructor for the call (:mod:`vllm_kvmove.transfer`).
+  0.2 ms; the NIXL agent's creation sets ``UCX_TLS`` and ``UCX_NET_DEVICES`` (if unset) and
+  wraps NIXL's agent constructor for the call (:mod:`vllm_kvmove.transfer`).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -52,12 +62,14 @@ from sidecar import protocol
 from sidecar.agent.app import create_sidecar_app
 from sidecar.agent.commands import CommandExecutor
 from sidecar.agent.fetch import ChunkFetcher
+from sidecar.httpkit import server_config
 from sidecar.zmqio import LoopSocket
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.shm import PeerPools
 from vllm_kvmove.store import ChunkStore
 from vllm_kvmove.transfer import NixlTransfer
+from vllm_kvmove.zmqauth import FleetSecurity
 
 logger = logging.getLogger("vllm_kvmove.sidecar")
 
@@ -65,6 +77,14 @@ logger = logging.getLogger("vllm_kvmove.sidecar")
 # signal the loop still wakes this often (a safety net, e.g. evictions of an aborted reserve).
 _EVENT_BATCH_S = 0.002
 _EVENT_FALLBACK_S = 1.0
+# Heartbeat intervals without a word from the controller before registering again.
+ACK_TIMEOUT_INTERVALS = 3
+# Largest message the sidecar reads from the controller (a fetch of 256 MiB of chunks is ~60
+# KiB of descriptors); a bigger one drops the connection inside ZMQ.
+_MAX_MESSAGE = 64 << 20
+# Open HTTP connections beyond which the sidecar's server closes a new one (it runs inside the
+# engine's worker process: its file descriptors are the engine's).
+_HTTP_MAX_CONNECTIONS = 256
 
 
 def _tcp(url: str) -> str:
@@ -84,6 +104,7 @@ class Sidecar:
         controller_id: the controller that last acknowledged our registration, or None.
         transfer: the NIXL endpoint, once started.
         commands: the command executor (and its leases), once started.
+        dropped: messages dropped by a receive loop, by reason.
     """
 
     def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout):
@@ -99,6 +120,10 @@ class Sidecar:
         self.controller_id: str | None = None
         self.incarnation = uuid.uuid4().hex
         self.counters = protocol.TransferCounters()
+        self.dropped: Counter[str] = Counter()
+        self.security = FleetSecurity(config.api_token)
+        self._last_heard = 0.0  # monotonic time of the controller's last message to us
+        self._silence_reported = False
         self._thread = threading.Thread(target=self._thread_main, name="kvmove-sidecar", daemon=True)
         self._stopping: asyncio.Event | None = None
         self._server: Any = None
@@ -152,29 +177,31 @@ class Sidecar:
         cfg = self.config
         self.transfer = await asyncio.to_thread(
             NixlTransfer, cfg.instance_id, self.store.base_addr, self.store.pool_bytes,
-            cfg.p2p_host, cfg.p2p_init_port, token=cfg.api_token)
+            cfg.p2p_host, cfg.p2p_init_port, security=self.security)
         fetcher = ChunkFetcher(self.store, self.layout, self.transfer, self.peer_pools,
                                cfg.verify_checksums, cfg.command_timeout_s,
                                thread_init=widen_cpu_affinity)
-        self.commands = CommandExecutor(self.store, fetcher, cfg.api_token, self.counters)
+        self.commands = CommandExecutor(self.store, fetcher, self.counters)
         ctx = zmq.Context.instance()
         if cfg.controller_reply_url:
             dealer = ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.IDENTITY, cfg.instance_id.encode())
             dealer.setsockopt(zmq.IMMEDIATE, 1)
             dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE)
+            self.security.client(dealer)
             dealer.connect(_tcp(cfg.controller_reply_url))
             self._dealer = LoopSocket(dealer)
         if cfg.controller_pull_url:
             push = ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.IMMEDIATE, 1)
             push.setsockopt(zmq.LINGER, 0)
+            self.security.client(push)
             push.connect(_tcp(cfg.controller_pull_url))
             self._push = LoopSocket(push)
         app = create_sidecar_app(self)
-        self._server = uvicorn.Server(uvicorn.Config(
-            app, host=cfg.sidecar_host, port=cfg.sidecar_port, log_level="warning",
-            lifespan="off", access_log=False))
+        self._server = uvicorn.Server(server_config(
+            app, cfg.sidecar_host, cfg.sidecar_port, max_connections=_HTTP_MAX_CONNECTIONS,
+            lifespan="off"))
         # Bind here (not inside serve()) so a taken port is an error start-up can report.
         # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
         # without it, keep-alive responses stall ~40 ms on delayed ACKs.
@@ -221,7 +248,6 @@ class Sidecar:
             model=self.layout.model, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
             chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
             slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
-            auth=cfg.api_token,
             shared_pool=store.shared_pool if cfg.same_host_copy else None)
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
@@ -246,8 +272,9 @@ class Sidecar:
         async with self._event_lock:
             events = self.store.drain_events()
             if events:
-                await self._send(self._push, protocol.EventBatch(self.config.instance_id, [
-                    protocol.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events]))
+                await self._send(self._push, protocol.EventBatch(
+                    self.config.instance_id, self.incarnation,
+                    [protocol.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events]))
 
     async def _event_loop(self) -> None:
         """Push store events when the store signals them (no polling: an idle engine's sidecar
@@ -280,9 +307,22 @@ class Sidecar:
                                   st["available_slots"] * self.store.slot_bytes)
 
     async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval_s
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
-            await self._send(self._dealer, self.heartbeat())
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self._last_heard
+            if self.controller_id is not None and silent > ACK_TIMEOUT_INTERVALS * interval:
+                # The controller stopped answering us (it lost our registration, or our
+                # connection, or it is down): register again, every few intervals until it
+                # answers; said once per silence.
+                if not self._silence_reported:
+                    logger.warning("no word from the controller for %.1f s: registering again "
+                                   "until it answers", silent)
+                    self._silence_reported = True
+                self._last_heard = time.monotonic()
+                await self._send_registration()
+            else:
+                await self._send(self._dealer, self.heartbeat())
             if self.peer_pools is not None:
                 self.peer_pools.sweep()  # unmap pools of peers that exited (~10 µs per peer)
 
@@ -293,28 +333,50 @@ class Sidecar:
             self.commands.leases.expire()
 
     # -- commands --------------------------------------------------------------------------
+    def _drop(self, reason: str, detail: str) -> None:
+        """Count a dropped message; log the first of each reason."""
+        self.dropped[reason] += 1
+        if self.dropped[reason] == 1:
+            logger.warning("dropping a controller message (%s): %s; further ones are counted "
+                           "only", reason, detail)
+
     async def _recv_loop(self) -> None:
         if self._dealer is None:
             return
-        assert self.commands is not None
         while True:
-            raw = await self._dealer.recv()
+            frames = await self._dealer.recv_multipart()
             try:
-                msg = protocol.controller_msg_decoder.decode(raw)
-            except msgspec.DecodeError:
-                logger.warning("dropping undecodable controller message (%d bytes)", len(raw))
-                continue
-            if isinstance(msg, protocol.RegisterAck):
-                if self.controller_id is not None and msg.controller_id != self.controller_id:
-                    # A new controller: the old one's jobs are gone, so are their leases.
-                    self.commands.leases.end_all("controller restarted")
-                self.controller_id = msg.controller_id
-            elif isinstance(msg, protocol.Resync):
-                await self._send_registration()
-            else:
-                task = asyncio.create_task(self._run_command(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                await self._on_controller_message(frames)
+            except Exception:  # noqa: BLE001 - one message must not stop the sidecar
+                logger.exception("error handling a controller message")
+
+    async def _on_controller_message(self, frames: list[bytes]) -> None:
+        assert self.commands is not None
+        if len(frames) != 1:
+            self._drop("frames", f"{len(frames)} frames, expected 1")
+            return
+        try:
+            msg = protocol.controller_msg_decoder.decode(frames[0])
+        except msgspec.DecodeError as e:
+            self._drop("undecodable", str(e))
+            return
+        self._last_heard = time.monotonic()
+        self._silence_reported = False
+        if isinstance(msg, protocol.RegisterAck):
+            if self.controller_id is not None and msg.controller_id != self.controller_id:
+                # A new controller: the old one's jobs are gone, so are their leases.
+                self.commands.leases.end_all("controller restarted")
+            self.controller_id = msg.controller_id
+        elif isinstance(msg, protocol.HeartbeatAck):
+            pass  # heard: that is all it says
+        elif isinstance(msg, protocol.RegisterRefused):
+            self._drop("refused", f"the controller refused our registration: {msg.reason}")
+        elif isinstance(msg, protocol.Resync):
+            await self._send_registration()
+        else:
+            task = asyncio.create_task(self._run_command(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run_command(self, msg: Any) -> None:
         assert self.commands is not None

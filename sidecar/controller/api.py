@@ -5,7 +5,10 @@ Handlers parse and answer; the work is the :class:`~sidecar.controller.service.C
 found at ``request.app.state.controller``. The app's lifespan starts and stops it (its
 sockets, its HTTP client, its job tasks). Errors are :class:`~sidecar.httpkit.ApiError`, turned
 into the one envelope by the app's exception handlers; endpoints declared ``auth=True`` get
-the bearer check from :func:`~sidecar.httpkit.build_routes`.
+the bearer check from :func:`~sidecar.httpkit.build_routes`: with a fleet secret, every
+endpoint but ``GET /health`` and the status page's static HTML (no data: the page asks for the
+token and sends it with its requests) needs it, and ``/metrics`` too unless the operator opened
+it (``--metrics-open``).
 
 Routes: ``POST /move``, ``GET /events``, ``GET /events/{event_id}``,
 ``POST /events/{event_id}/cancel``, ``POST /check_finish``, ``POST /lookup``, ``POST /pin``,
@@ -180,17 +183,17 @@ _STORE_OP_ERRORS = ("not_found", "unavailable", "timeout")
 
 ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/", status_page, "Live status page of the fleet.", "text/html"),
-    Endpoint("GET", "/openapi.json", openapi, "This document.", dict),
+    Endpoint("GET", "/openapi.json", openapi, "This document.", dict, auth=True),
     Endpoint("POST", "/move", move, "Move or copy the KV of a token prefix between instances; "
              "starts a job (with `wait`: answers with the job's status once it ended).",
              protocol.MoveResponse, protocol.MoveRequest,
-             ("bad_request", "not_found", "incompatible", "unavailable", "store_full"),
-             params=("wait",), auth=True),
+             ("bad_request", "not_found", "incompatible", "unavailable", "store_full",
+              "conflict"), params=("wait",), auth=True),
     Endpoint("GET", "/events", events, "Recent jobs, newest first.", protocol.EventList,
-             params=("limit",), errors=("bad_request",)),
+             params=("limit",), errors=("bad_request",), auth=True),
     Endpoint("GET", "/events/{event_id}", event, "One job's status (with `wait`: once it ended).",
              protocol.JobStatusBody, params=("event_id", "wait"),
-             errors=("bad_request", "not_found")),
+             errors=("bad_request", "not_found"), auth=True),
     Endpoint("POST", "/events/{event_id}/cancel", cancel, "Stop a move or copy: batches in "
              "flight finish, no other starts, the source keeps every chunk; the job ends "
              "`cancelled` (with `wait`: answers once it ended).", protocol.JobStatusBody,
@@ -198,25 +201,28 @@ ENDPOINTS: list[Endpoint] = [
              auth=True),
     Endpoint("POST", "/pin", _store_op("pin"), "Pin the chunks of a prefix at one instance "
              "(never evicted until unpinned).", protocol.StoreOpResponse, protocol.StoreOpRequest,
-             _STORE_OP_ERRORS, auth=True),
+             _STORE_OP_ERRORS + ("conflict",), auth=True),
     Endpoint("POST", "/unpin", _store_op("unpin"), "Unpin the chunks of a prefix at one "
              "instance.", protocol.StoreOpResponse, protocol.StoreOpRequest, _STORE_OP_ERRORS,
              auth=True),
     Endpoint("POST", "/clear", _store_op("clear"), "Clear the chunks of a prefix at one "
              "instance (the whole store if no tokens or prompt).", protocol.StoreOpResponse,
-             protocol.StoreOpRequest, _STORE_OP_ERRORS, auth=True),
+             protocol.StoreOpRequest, _STORE_OP_ERRORS + ("conflict",), auth=True),
     Endpoint("POST", "/check_finish", check_finish, "A job's status (LMCache's shape).",
-             protocol.JobStatusBody, protocol.EventIdRequest, ("not_found",)),
+             protocol.JobStatusBody, protocol.EventIdRequest, ("not_found",), auth=True),
     Endpoint("POST", "/lookup", lookup, "Which instances hold how much of a prefix.",
-             protocol.LookupResponse, protocol.LookupRequest, ("not_found", "unavailable")),
-    Endpoint("GET", "/instances", instances, "Registered engines.", protocol.InstanceList),
+             protocol.LookupResponse, protocol.LookupRequest, ("not_found", "unavailable"),
+             auth=True),
+    Endpoint("GET", "/instances", instances, "Registered engines.", protocol.InstanceList,
+             auth=True),
     Endpoint("GET", "/health", health, "Controller health.", protocol.ControllerHealth),
     Endpoint("POST", "/health", instance_health, "One instance's health (LMCache's shape).",
-             protocol.InstanceHealth, protocol.InstanceRequest, ("not_found",)),
+             protocol.InstanceHealth, protocol.InstanceRequest, ("not_found",), auth=True),
     Endpoint("POST", "/query_worker_info", query_worker_info, "One instance's workers "
              "(LMCache's shape).", protocol.WorkerInfoList, protocol.InstanceRequest,
-             ("not_found",)),
-    Endpoint("GET", "/metrics", metrics, "Prometheus metrics.", "text/plain"),
+             ("not_found",), auth=True),
+    Endpoint("GET", "/metrics", metrics, "Prometheus metrics (open to scrapers with "
+             "`--metrics-open`).", "text/plain", auth=True),
 ]
 
 
@@ -242,7 +248,8 @@ def create_controller_app(settings: ControllerSettings | None = None) -> Starlet
         finally:
             await ctl.stop()
 
-    app = Starlette(routes=build_routes(ENDPOINTS, ctl.settings.api_token),
+    open_paths = frozenset({"/metrics"}) if ctl.settings.metrics_open else frozenset()
+    app = Starlette(routes=build_routes(ENDPOINTS, ctl.settings.api_token, open_paths),
                     exception_handlers=ERROR_HANDLERS, lifespan=lifespan)
     app.state.controller = ctl
     app.state.openapi = controller_openapi()

@@ -4,16 +4,26 @@ Contract
 --------
 * Two sockets, opened by :meth:`SidecarChannel.start` on the controller's event loop (the
   app's lifespan): a ROUTER on the reply port — sidecars register, heartbeat and answer
-  commands on it — and a PULL on the pull port (store events). A receive loop per socket
-  decodes each message and hands it to the :class:`~sidecar.controller.instances.InstanceRegistry`,
-  then sends what the registry asks for (a :class:`~sidecar.protocol.RegisterAck`, a
-  :class:`~sidecar.protocol.Resync`). One bad message is logged and dropped; it never stops a
-  loop.
-* Commands: :meth:`SidecarChannel.command` assigns a ``req_id``, sends, and awaits the
-  :class:`~sidecar.protocol.Reply` carrying it; any number may be in flight to one sidecar.
-  It never raises for a peer's fault: a timeout, an instance that is not registered or that
-  stops heartbeating while a command is in flight (the watchdog notices within 0.25 s) all
-  come back as a failed Reply with a kind (``timeout``, ``unavailable``) and a cause.
+  commands on it — and a PULL on the pull port (store events). With the fleet secret both are
+  CURVE servers admitting fleet members only (:class:`~vllm_kvmove.zmqauth.FleetSecurity`);
+  without it they bind to loopback only.
+* Identity: ROUTER routing ids are the ones ZMQ assigns per connection (no handover): an
+  instance is bound to the connection its accepted registration came on
+  (:class:`~sidecar.controller.instances.InstanceRegistry`), and only that connection speaks
+  for it. A message from a connection bound to no instance gets a
+  :class:`~sidecar.protocol.Resync` (a reconnected sidecar then registers again), unless it is
+  a reply, which is dropped.
+* Every receive loop survives any input: a message with the wrong number of frames, one that
+  does not decode, or one that breaks a bound (oversized: ZMQ drops the connection at
+  ``MAXMSGSIZE``) is dropped, counted in ``kvmove_dropped_messages_total{socket,reason}`` and
+  logged once per reason; a refused registration is answered with the reason
+  (:class:`~sidecar.protocol.RegisterRefused`). Every heartbeat is acknowledged.
+* Commands: :meth:`SidecarChannel.command` assigns a ``req_id`` (unique per controller start,
+  from a random origin), sends, and awaits the :class:`~sidecar.protocol.Reply` carrying it
+  *from the connection of the instance it was sent to*; any number may be in flight to one
+  sidecar. It never raises for a peer's fault: a timeout, an instance that is not registered
+  or that stops heartbeating while a command is in flight (the watchdog notices within
+  0.25 s) all come back as a failed Reply with a kind (``timeout``, ``unavailable``).
 * Sends never wait (see :mod:`sidecar.zmqio`); a message to a peer that is away is dropped.
 """
 
@@ -22,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -30,13 +42,19 @@ import zmq
 
 from sidecar import protocol
 from sidecar.controller.instances import Instance, InstanceRegistry
+from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.settings import ControllerSettings
 from sidecar.zmqio import LoopSocket
+from vllm_kvmove.zmqauth import FleetSecurity
 
 logger = logging.getLogger("vllm_kvmove.controller")
 
 # How often the watchdog looks for commands in flight to instances that went down.
 _WATCHDOG_S = 0.25
+# Largest message read on each socket: a snapshot of a million chunks is ~22 MiB; an event
+# batch is small. ZMQ drops the connection of a peer that sends more.
+_MAX_ROUTER_MESSAGE = 256 << 20
+_MAX_PULL_MESSAGE = 64 << 20
 
 
 class SidecarChannel:
@@ -47,31 +65,45 @@ class SidecarChannel:
         registry: where registrations, heartbeats, snapshots and events go.
         controller_id: this controller's id, sent in every RegisterAck (a sidecar that sees
             it change knows the old controller's jobs are gone).
+        metrics: where dropped messages are counted.
     """
 
     def __init__(self, settings: ControllerSettings, registry: InstanceRegistry,
-                 controller_id: str):
+                 controller_id: str, metrics: ControllerMetrics):
         self.settings = settings
         self.registry = registry
         self.controller_id = controller_id
+        self.metrics = metrics
+        self.security = FleetSecurity(settings.api_token)
         # In-flight commands: req_id -> (instance_id, future of its Reply).
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
-        self._req_ids = itertools.count(1)
+        # A random origin: a reply to a previous controller's command never matches ours.
+        self._req_ids = itertools.count(secrets.randbits(52) + 1)
         self._router: LoopSocket | None = None
         self._pull: LoopSocket | None = None
         self._tasks: list[asyncio.Task] = []
+        self.dropped: Counter[tuple[str, str]] = Counter()  # (socket, reason) -> messages
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        """Bind both sockets and start the receive loops.
+
+        Raises:
+            SecurityError: the interface is not loopback and there is no secret.
+        """
         ctx = zmq.Context.instance()
         host = "127.0.0.1" if self.settings.host == "localhost" else self.settings.host
+        self.security.check_bind(host, "the controller's ZMQ sockets")
         router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted sidecar takes its name back
         router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, _MAX_ROUTER_MESSAGE)
+        self.security.server(router)
         router.bind(f"tcp://{host}:{self.settings.reply_port}")
         self._router = LoopSocket(router)
         pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.MAXMSGSIZE, _MAX_PULL_MESSAGE)
+        self.security.server(pull)
         pull.bind(f"tcp://{host}:{self.settings.pull_port}")
         self._pull = LoopSocket(pull)
         self._tasks = [asyncio.create_task(self._router_loop()),
@@ -89,7 +121,7 @@ class SidecarChannel:
     # -- commands --------------------------------------------------------------------------
     async def command(self, instance_id: str, msg: Any,
                       timeout: float | None = None) -> protocol.Reply:
-        """Send one command (its ``req_id`` and ``auth`` are set here) and await the reply.
+        """Send one command (its ``req_id`` is set here) and await the reply.
 
         Returns:
             The sidecar's Reply, or a failed Reply of kind ``timeout`` or ``unavailable``.
@@ -99,7 +131,6 @@ class SidecarChannel:
             return protocol.Reply(req_id=0, ok=False, error_kind="unavailable",
                                   error=f"instance {instance_id} is not registered")
         msg.req_id = next(self._req_ids)
-        msg.auth = self.settings.api_token
         fut = asyncio.get_running_loop().create_future()
         self._pending[msg.req_id] = (instance_id, fut)
         self._send(inst.identity, msg)
@@ -120,45 +151,70 @@ class SidecarChannel:
         except zmq.ZMQError as e:
             logger.warning("cannot send %s to %r: %s", type(msg).__name__, identity, e)
 
+    def _drop(self, socket_name: str, reason: str, detail: str) -> None:
+        """Count a dropped message; log the first of each (socket, reason)."""
+        self.metrics.dropped_messages.labels(socket_name, reason).inc()
+        self.dropped[socket_name, reason] += 1
+        if self.dropped[socket_name, reason] == 1:
+            logger.warning("dropping a message on the %s socket (%s): %s; further ones are "
+                           "counted only (kvmove_dropped_messages_total)", socket_name, reason,
+                           detail)
+
     # -- receive loops ---------------------------------------------------------------------
     async def _router_loop(self) -> None:
         assert self._router is not None
         while True:
-            identity, raw = await self._router.recv_multipart()
+            frames = await self._router.recv_multipart()
             try:
-                msg = protocol.sidecar_msg_decoder.decode(raw)
-            except msgspec.DecodeError:
-                logger.warning("dropping undecodable message from %r", identity)
-                continue
-            try:
-                self._on_sidecar_message(identity, msg)
+                self._on_router_message(frames)
             except Exception:  # noqa: BLE001 - one bad message must not stop the controller
-                logger.exception("error handling %s from %r", type(msg).__name__, identity)
+                logger.exception("error handling a message on the router socket")
 
-    def _on_sidecar_message(self, identity: bytes, msg: Any) -> None:
+    def _on_router_message(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self._drop("router", "frames", f"{len(frames)} frames, expected 2")
+            return
+        identity, raw = frames
+        try:
+            msg = protocol.sidecar_msg_decoder.decode(raw)
+        except msgspec.ValidationError as e:  # well-formed, out of bounds: tell the sender
+            self._drop("router", "invalid", str(e))
+            self._send(identity, protocol.RegisterRefused(f"invalid message: {e}"))
+            return
+        except msgspec.DecodeError as e:
+            self._drop("router", "undecodable", str(e))
+            return
         now = time.monotonic()
         registry = self.registry
+        if isinstance(msg, protocol.Register):
+            reason = registry.register(identity, msg, now)
+            if reason is None:
+                self._send(identity, protocol.RegisterAck(self.controller_id))
+            else:
+                self._drop("router", "refused_registration", f"{msg.instance_id}: {reason}")
+                self._send(identity, protocol.RegisterRefused(reason))
+            return
+        inst = registry.bound(identity)
         if isinstance(msg, protocol.Reply):
+            pending = self._pending.get(msg.req_id)
+            if pending is None or inst is None or pending[0] != inst.instance_id:
+                # Not an answer to a command in flight to this connection's instance.
+                self._drop("router", "unexpected_reply", f"req_id {msg.req_id}")
+                return
             if msg.heartbeat is not None:
-                inst = registry.get(identity.decode(errors="replace"))
-                if inst is not None:
-                    self._heartbeat(inst, msg.heartbeat, now)
-            pending = self._pending.pop(msg.req_id, None)
-            if pending is not None and not pending[1].done():
+                self._heartbeat(inst, msg.heartbeat, now)
+            del self._pending[msg.req_id]
+            if not pending[1].done():
                 pending[1].set_result(msg)
             return
-        if isinstance(msg, protocol.Register):
-            if registry.register(identity, msg, now):
-                self._send(identity, protocol.RegisterAck(self.controller_id))
-            return
-        inst = registry.get(identity.decode(errors="replace"))
         if inst is None:
-            self._send(identity, protocol.Resync("unknown instance"))
+            self._send(identity, protocol.Resync("unknown sender: register first"))
         elif isinstance(msg, protocol.Goodbye):
             registry.goodbye(inst)
         elif isinstance(msg, protocol.Snapshot):
             registry.apply_snapshot(inst, msg)
         elif isinstance(msg, protocol.Heartbeat):
+            self._send(identity, protocol.HeartbeatAck(self.controller_id))
             self._heartbeat(inst, msg, now)
 
     def _heartbeat(self, inst: Instance, hb: protocol.Heartbeat, now: float) -> None:
@@ -169,18 +225,31 @@ class SidecarChannel:
     async def _pull_loop(self) -> None:
         assert self._pull is not None
         while True:
-            raw = await self._pull.recv()
+            frames = await self._pull.recv_multipart()
             try:
-                batch = protocol.event_batch_decoder.decode(raw)
-            except msgspec.DecodeError:
-                logger.warning("dropping undecodable event batch")
-                continue
-            inst = self.registry.get(batch.instance_id)
-            if inst is None:
-                continue  # not registered yet: its snapshot will cover these
-            reason = self.registry.apply_events(inst, batch.events)
-            if reason is not None:
-                self._send(inst.identity, protocol.Resync(reason))
+                self._on_event_batch(frames)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the controller
+                logger.exception("error handling a message on the pull socket")
+
+    def _on_event_batch(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self._drop("pull", "frames", f"{len(frames)} frames, expected 1")
+            return
+        try:
+            batch = protocol.event_batch_decoder.decode(frames[0])
+        except msgspec.DecodeError as e:
+            self._drop("pull", "undecodable", str(e))
+            return
+        inst = self.registry.get(batch.instance_id)
+        if inst is None:
+            return  # not registered yet: its snapshot will cover these
+        if batch.incarnation != inst.reg.incarnation:
+            self._drop("pull", "stale_incarnation", f"a batch of {batch.instance_id} from "
+                       f"another start ({batch.incarnation}) than the registered one")
+            return
+        reason = self.registry.apply_events(inst, batch.events)
+        if reason is not None:
+            self._send(inst.identity, protocol.Resync(reason))
 
     async def _watchdog_loop(self) -> None:
         """Fail the commands in flight to an instance as soon as it stops heartbeating, so a

@@ -13,6 +13,12 @@ Contract
   (resync).
 * Liveness: an instance is *up* while its last heartbeat (alone, or inside a command's reply)
   is at most ``heartbeat_timeout_s`` old.
+* Identity: an instance is bound to the connection (ROUTER routing id) its accepted
+  registration came on; :meth:`InstanceRegistry.bound` is the only way to find the instance
+  a message speaks for. A registration is validated like HTTP input (bounds by the decoder,
+  coherence here) and refused with a reason. A second start claiming a live instance's id
+  (another incarnation, while the first still heartbeats) is refused and displaces nothing;
+  the same start on a new connection (it reconnected) is rebound.
 * Used only on the controller's event loop (not thread-safe).
 """
 
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 
 from sidecar import protocol
 from sidecar.controller.index import ChunkIndex
-from sidecar.httpkit import ApiError, token_matches
+from sidecar.httpkit import ApiError
 
 logger = logging.getLogger("vllm_kvmove.controller")
 
@@ -57,14 +63,13 @@ class InstanceRegistry:
     Args:
         index: the chunk index this registry keeps up to date.
         heartbeat_timeout_s: see :class:`~sidecar.controller.settings.ControllerSettings`.
-        api_token: the fleet's secret; a registration without it is refused.
     """
 
-    def __init__(self, index: ChunkIndex, heartbeat_timeout_s: float, api_token: str):
+    def __init__(self, index: ChunkIndex, heartbeat_timeout_s: float):
         self.index = index
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.api_token = api_token
         self.instances: dict[str, Instance] = {}
+        self._by_identity: dict[bytes, str] = {}  # routing id -> the instance bound to it
 
     # -- queries ---------------------------------------------------------------------------
     def is_up(self, inst: Instance) -> bool:
@@ -72,6 +77,11 @@ class InstanceRegistry:
 
     def get(self, instance_id: str) -> Instance | None:
         return self.instances.get(instance_id)
+
+    def bound(self, identity: bytes) -> Instance | None:
+        """The instance whose accepted registration came on the connection ``identity``."""
+        iid = self._by_identity.get(identity)
+        return None if iid is None else self.instances.get(iid)
 
     def require(self, instance_id: str) -> Instance:
         """The instance, or a ``not_found`` ApiError naming the registered ones."""
@@ -100,27 +110,38 @@ class InstanceRegistry:
         return len(self.instances)
 
     # -- what sidecars send ----------------------------------------------------------------
-    def register(self, identity: bytes, msg: protocol.Register, now: float) -> bool:
-        """Accept or refuse a registration; True if accepted (the channel then acks it)."""
-        if msg.protocol != protocol.PROTOCOL_VERSION or identity != msg.instance_id.encode():
-            logger.warning("refusing registration of %r (protocol %d)", identity, msg.protocol)
-            return False
-        if not token_matches(self.api_token, msg.auth):
-            logger.warning("refusing registration of %r: wrong or missing API token", identity)
-            return False
+    def register(self, identity: bytes, msg: protocol.Register, now: float) -> str | None:
+        """Accept a registration (binding the instance to ``identity``), or refuse it.
+
+        Returns:
+            None if accepted (the channel then acks it), else the reason it was refused.
+        """
+        reason = _refusal(msg)
         old = self.instances.get(msg.instance_id)
+        if reason is None and old is not None and old.reg.incarnation != msg.incarnation \
+                and old.identity != identity and self.is_up(old):
+            reason = (f"instance id {msg.instance_id!r} is registered by another live sidecar "
+                      f"(start {old.reg.incarnation}, pid {old.reg.pid}); two engines with one "
+                      f"instance_id?")
+        if reason is not None:
+            logger.warning("refusing the registration of %r: %s", msg.instance_id, reason)
+            return reason
+        if old is not None:
+            self._by_identity.pop(old.identity, None)
+            if old.reg.incarnation != msg.incarnation:
+                self.index.drop_instance(msg.instance_id)
         self.instances[msg.instance_id] = Instance(msg, identity, now, now,
                                                    available_bytes=msg.capacity_bytes)
-        if old is not None and old.reg.incarnation != msg.incarnation:
-            self.index.drop_instance(msg.instance_id)
+        self._by_identity[identity] = msg.instance_id
         logger.info("instance %s registered (engine %s, sidecar %s)", msg.instance_id,
                     msg.engine_url, msg.sidecar_url)
-        return True
+        return None
 
     def goodbye(self, inst: Instance) -> None:
         """The instance's engine is shutting down: forget it and its chunks."""
         self.index.drop_instance(inst.instance_id)
         del self.instances[inst.instance_id]
+        self._by_identity.pop(inst.identity, None)
         logger.info("instance %s left (its engine is shutting down)", inst.instance_id)
 
     def apply_snapshot(self, inst: Instance, snap: protocol.Snapshot) -> None:
@@ -160,3 +181,24 @@ class InstanceRegistry:
                 self.index.remove(inst.instance_id, ev.key)
             inst.applied_seq = ev.seq
         return None
+
+
+def _refusal(msg: protocol.Register) -> str | None:
+    """Why a registration the decoder accepted (every field within its bounds) is still
+    unusable, or None."""
+    if msg.protocol != protocol.PROTOCOL_VERSION:
+        return (f"protocol version {msg.protocol}; this controller speaks "
+                f"{protocol.PROTOCOL_VERSION}")
+    if not msg.instance_id.isprintable() or msg.instance_id != msg.instance_id.strip():
+        return "instance_id has control characters or surrounding spaces"
+    for name in ("engine_url", "sidecar_url"):
+        if not getattr(msg, name).startswith(("http://", "https://")):
+            return f"{name} must be an http(s) URL, got {getattr(msg, name)!r}"
+    host, _, port = msg.p2p_url.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"p2p_url must be host:port, got {msg.p2p_url!r}"
+    if msg.capacity_bytes < msg.slot_bytes:
+        return f"capacity_bytes {msg.capacity_bytes} holds no slot of {msg.slot_bytes} bytes"
+    if msg.layout.get("chunk_size", msg.chunk_size) != msg.chunk_size:
+        return f"chunk_size {msg.chunk_size} differs from the layout's {msg.layout['chunk_size']}"
+    return None

@@ -15,13 +15,17 @@ Contract
   forgotten first) and counts them in the metrics.
 * :func:`run_transfer` is a move's or copy's steps. It talks to sidecars only through the
   ``command`` callable it is given (the channel's, or a test's fake), and keeps these
-  invariants:
+  invariants — together, a move never leaves a chunk held nowhere:
     - the source holds every chunk (a lease) from before the first byte is read until the
       destination settled every batch it was sent (committed whole, or aborted);
     - batches go two at a time (one copies while the other verifies); after a failed batch
       or a cancel no new batch starts, and the ones already sent are waited for, not
       abandoned;
-    - the source deletes its chunks (a move) only after the destination holds every one.
+    - the source deletes its chunks (a move) only after the destination holds every one —
+      committed, and held there by the fetch's own lease (nothing evicts them meanwhile)
+      until the source's delete is done;
+    - no other operation works on the same chunks of either instance meanwhile (the caller
+      holds :class:`~sidecar.controller.locks.ChunkLocks` claims for the job's whole life).
 """
 
 from __future__ import annotations
@@ -146,8 +150,10 @@ class JobTable:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
     def new(self, kind: str, source: str, destination: str, keys: list[bytes],
-            num_tokens: int) -> Job:
-        job = Job(uuid.uuid4().hex, kind, source, destination, keys, num_tokens, len(keys))
+            num_tokens: int, event_id: str | None = None) -> Job:
+        """A new ``pending`` job (its id: ``event_id``, or a fresh one)."""
+        job = Job(event_id or uuid.uuid4().hex, kind, source, destination, keys, num_tokens,
+                  len(keys))
         self._jobs[job.event_id] = job
         self.metrics.job_started(kind)
         while len(self._jobs) > self.max_jobs:
@@ -219,17 +225,21 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
     job.total_bytes = sum(c.nbytes for c in lease.chunks)
     window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
     failed = asyncio.Event()
+    hold = job.kind == "move"  # the destination keeps its copy held until the source deleted
+    held_at_destination: list[int] = []  # lease ids of the fetches that hold chunks there
 
     async def fetch(batch: list[protocol.ChunkDesc]) -> bool:
         async with window:
             if failed.is_set() or job.cancel_requested:
                 return False  # an earlier batch failed, or a cancel: do not start this one
+            cmd = protocol.FetchChunks(source=source, chunks=batch, hold=hold, lease_s=lease_s)
             try:
-                reply = await _step(command, job.destination,
-                                    protocol.FetchChunks(source=source, chunks=batch), "fetch")
+                reply = await _step(command, job.destination, cmd, "fetch")
             except BaseException:
                 failed.set()
                 raise
+            if hold:
+                held_at_destination.append(cmd.req_id)
             job.bytes += reply.bytes
             return True
 
@@ -254,6 +264,12 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
         delete = fetched_all and job.kind == "move"
         end = await command(job.source, protocol.EndLease(
             lease_id=lease_cmd.req_id, delete=delete, transferred_bytes=job.bytes))
+        if held_at_destination:
+            # The source's delete is done (or did not happen): the destination may let go.
+            # Not awaited: the job's outcome does not depend on it, and a lost one expires.
+            _in_background(asyncio.gather(*(
+                command(job.destination, protocol.EndLease(lease_id=lease_id))
+                for lease_id in held_at_destination)))
         if fetched_all:
             logger.debug("job %s: lease %.2f ms, fetch %.2f ms, end of lease %.2f ms",
                          job.event_id, (t_lease - t0) * 1e3, (t_fetch - t_lease) * 1e3,
@@ -267,6 +283,16 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
                 raise JobFailed(end.error_kind or "internal",
                                 f"the destination holds the KV, but the source "
                                 f"{job.source} did not delete it: {end.error}")
+
+
+_BACKGROUND: set[asyncio.Future] = set()
+
+
+def _in_background(fut: asyncio.Future) -> None:
+    """Let ``fut`` run on its own (kept referenced until done, so it is not collected)."""
+    fut = asyncio.ensure_future(fut)
+    _BACKGROUND.add(fut)
+    fut.add_done_callback(_BACKGROUND.discard)
 
 
 def batches(chunks: list[protocol.ChunkDesc], max_bytes: int) -> list[list[protocol.ChunkDesc]]:

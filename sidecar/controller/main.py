@@ -11,6 +11,8 @@ import uvicorn
 
 from sidecar.controller.api import create_controller_app
 from sidecar.controller.settings import FETCH_BATCH_BYTES, ControllerSettings
+from sidecar.httpkit import server_config
+from vllm_kvmove.zmqauth import FleetSecurity, SecurityError
 
 
 def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, str]:
@@ -24,8 +26,14 @@ def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, s
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="seconds without heartbeat before an instance counts as down")
     p.add_argument("--api-token", default=os.environ.get("KVMOVE_API_TOKEN", ""),
-                   help="shared secret (default: env KVMOVE_API_TOKEN): required as a bearer "
-                        "token on mutating endpoints and from registering sidecars")
+                   help="the fleet's shared secret, 16 characters or more (default: env "
+                        "KVMOVE_API_TOKEN): a bearer token on every endpoint but GET /health, "
+                        "and the key of the CURVE-secured sockets sidecars connect to. Without "
+                        "it the controller listens on loopback only")
+    p.add_argument("--metrics-open", action="store_true",
+                   help="serve GET /metrics without the token (for Prometheus scrapers)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open HTTP connections beyond which a new one is closed (default 1024)")
     p.add_argument("--fetch-batch-mib", type=float, default=FETCH_BATCH_BYTES / 2**20,
                    help="a move's fetch is sent in commands of at most this many MiB "
                         f"(default {FETCH_BATCH_BYTES >> 20}); progress advances per command")
@@ -40,7 +48,14 @@ def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, s
         p.error('--monitor-ports must be JSON like {"pull": 8300, "reply": 8400}')
     settings = ControllerSettings(host=a.host, port=a.port, pull_port=pull, reply_port=reply,
                                   heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token,
-                                  fetch_batch_bytes=int(a.fetch_batch_mib * 2**20))
+                                  fetch_batch_bytes=int(a.fetch_batch_mib * 2**20),
+                                  metrics_open=a.metrics_open,
+                                  http_max_connections=a.max_connections)
+    try:  # refused here, with the reason, rather than by the app's start-up
+        FleetSecurity(a.api_token).check_bind(
+            "127.0.0.1" if a.host == "localhost" else a.host, "the controller")
+    except SecurityError as e:
+        p.error(str(e))
     return settings, a.log_level
 
 
@@ -49,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, log_level = parse_settings(argv)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_controller_app(settings), host=settings.host, port=settings.port,
-                log_level=log_level, access_log=False)
+    uvicorn.Server(server_config(create_controller_app(settings), settings.host, settings.port,
+                                 max_connections=settings.http_max_connections,
+                                 log_level=log_level)).run()
     return 0

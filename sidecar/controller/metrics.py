@@ -30,6 +30,10 @@ class ControllerMetrics:
         self.moved_bytes = Counter("kvmove_moved_bytes_total", "Bytes of KV moved or copied", registry=r)
         self.job_seconds = Histogram("kvmove_job_duration_seconds", "Job duration, creation to end",
                                      ["kind"], buckets=_SECONDS, registry=r)
+        self.dropped_messages = Counter(
+            "kvmove_dropped_messages_total", "ZMQ messages dropped by a receive loop (wrong "
+            "frames, undecodable, invalid, a reply nobody waits for, a refused registration, "
+            "a stale incarnation), by socket and reason", ["socket", "reason"], registry=r)
         self.lookup_seconds = Histogram("kvmove_lookup_duration_seconds",
                                         "Time to answer /lookup from the index", buckets=_SECONDS,
                                         registry=r)

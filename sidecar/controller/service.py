@@ -10,6 +10,10 @@ Contract
 * Moves and copies answer at once with their job; the job runs as a task
   (:func:`~sidecar.controller.jobs.run_transfer`). Pin, unpin and clear wait for their one
   command and answer with the finished job.
+* Operations on the same chunks of one instance never overlap: a move claims its chunks at
+  both ends exclusively, a copy shares its source's, a clear claims what it clears
+  (:class:`~sidecar.controller.locks.ChunkLocks`); a request whose claims conflict with a job
+  in flight is refused with ``conflict`` (409) before anything starts.
 * Lookups answer from the index alone, never asking a sidecar.
 * Prompts are tokenized by an engine's own ``/tokenize`` (the engine whose KV is meant), so
   the controller needs no tokenizer of its own.
@@ -30,6 +34,7 @@ from sidecar.controller.channel import SidecarChannel
 from sidecar.controller.index import ChunkIndex
 from sidecar.controller.instances import Instance, InstanceRegistry
 from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, run_transfer
+from sidecar.controller.locks import ChunkLocks, Claim
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.settings import ControllerSettings
 from sidecar.httpkit import ApiError
@@ -55,11 +60,11 @@ class Controller:
         self.settings = settings
         self.controller_id = uuid.uuid4().hex
         self.index = ChunkIndex()
-        self.registry = InstanceRegistry(self.index, settings.heartbeat_timeout_s,
-                                         settings.api_token)
+        self.registry = InstanceRegistry(self.index, settings.heartbeat_timeout_s)
         self.metrics = ControllerMetrics(self.registry, self.index)
         self.jobs = JobTable(settings.max_jobs, self.metrics)
-        self.channel = SidecarChannel(settings, self.registry, self.controller_id)
+        self.locks = ChunkLocks()
+        self.channel = SidecarChannel(settings, self.registry, self.controller_id, self.metrics)
         self._job_tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
 
@@ -141,18 +146,22 @@ class Controller:
                 out[iid] = group[0][n - 1].end
         return out
 
-    def held_prefix(self, inst: Instance, tokens: list[int]) -> list[ChunkSpan]:
-        """The spans of the longest prefix of ``tokens`` that ``inst`` holds (at least one).
+    def held_prefix(self, inst: Instance, spans: list[ChunkSpan]) -> list[ChunkSpan]:
+        """The leading ``spans`` (a prompt's, at ``inst``) that ``inst`` holds (at least one).
 
         Raises:
             ApiError: ``not_found`` if it holds none.
         """
-        spans = chunk_spans(tokens, inst.reg.chunk_size, inst.reg.fingerprint)
         n = self.index.held_prefix(inst.instance_id, spans)
         if n == 0:
             raise ApiError("not_found", f"{inst.instance_id} holds no KV for a prefix of these "
-                                        f"{len(tokens)} tokens")
+                                        f"{spans[-1].end} tokens")
         return spans[:n]
+
+    @staticmethod
+    def spans_at(inst: Instance, tokens: list[int]) -> list[ChunkSpan]:
+        """The chunks ``tokens`` make at ``inst`` (its chunk size and fingerprint)."""
+        return chunk_spans(tokens, inst.reg.chunk_size, inst.reg.fingerprint)
 
     # -- jobs ------------------------------------------------------------------------------
     def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool) -> Job:
@@ -166,21 +175,33 @@ class Controller:
             diffs = layout_mismatch(src.reg.layout, dst.reg.layout)
             raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
                                            f"compatible: {'; '.join(diffs) or 'fingerprints differ'}")
-        spans = self.held_prefix(src, tokens)
-        missing = sum(1 for s in spans if not self.index.holds(dst.instance_id, s.key))
-        needed = missing * dst.reg.slot_bytes
-        if needed > dst.available_bytes:
-            raise ApiError("store_full", f"{dst.instance_id} can free {dst.available_bytes} bytes "
-                                         f"(the rest is held, pinned or in use); the move needs "
-                                         f"{needed}")
-        job = self.jobs.new("copy" if copy else "move", src.instance_id, dst.instance_id,
-                            [s.key for s in spans], spans[-1].end)
-        task = asyncio.create_task(self._run_transfer_job(job))
+        spans = self.spans_at(src, tokens)
+        kind = "copy" if copy else "move"
+        holder = f"{kind} {uuid.uuid4().hex}"
+        # Claimed first, on every chunk of the prompt: an operation in flight on any of them
+        # is a 409 naming it, whoever holds what at this instant.
+        every = tuple(s.key for s in spans)
+        self.locks.acquire(holder, [Claim(src.instance_id, every, exclusive=not copy),
+                                    Claim(dst.instance_id, every, exclusive=True)])
+        try:
+            spans = self.held_prefix(src, spans)
+            missing = sum(1 for s in spans if not self.index.holds(dst.instance_id, s.key))
+            needed = missing * dst.reg.slot_bytes
+            if needed > dst.available_bytes:
+                raise ApiError("store_full", f"{dst.instance_id} can free {dst.available_bytes} "
+                                             f"bytes (the rest is held, pinned or in use); the "
+                                             f"move needs {needed}")
+        except ApiError:
+            self.locks.release(holder)
+            raise
+        job = self.jobs.new(kind, src.instance_id, dst.instance_id, [s.key for s in spans],
+                            spans[-1].end, event_id=holder.split()[1])
+        task = asyncio.create_task(self._run_transfer_job(job, holder))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
         return job
 
-    async def _run_transfer_job(self, job: Job) -> None:
+    async def _run_transfer_job(self, job: Job, holder: str) -> None:
         job.begin()
         cancelled = False
         error = kind = None
@@ -199,6 +220,8 @@ class Controller:
         except Exception as e:  # noqa: BLE001
             logger.exception("job %s crashed", job.event_id)
             error, kind = f"internal error: {type(e).__name__}: {e}", "internal"
+        finally:
+            self.locks.release(holder)
         self.jobs.finish(job, error, kind, cancelled)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
@@ -213,17 +236,30 @@ class Controller:
         self.registry.require_up(inst)
         keys: list[bytes] | None = None
         num_tokens = 0
-        if tokens is not None:
-            spans = self.held_prefix(inst, tokens)
-            keys, num_tokens = [s.key for s in spans], spans[-1].end
-        job = self.jobs.new(kind, inst.instance_id, "", keys or [], num_tokens)
+        holder = f"{kind} {uuid.uuid4().hex}"
+        spans = None if tokens is None else self.spans_at(inst, tokens)
+        if kind == "clear":  # a pin changes no holding: it claims nothing
+            self.locks.acquire(holder, [Claim(inst.instance_id, None if spans is None
+                                              else tuple(s.key for s in spans), exclusive=True)])
+        try:
+            if spans is not None:
+                spans = self.held_prefix(inst, spans)
+                keys, num_tokens = [s.key for s in spans], spans[-1].end
+        except ApiError:
+            self.locks.release(holder)
+            raise
+        job = self.jobs.new(kind, inst.instance_id, "", keys or [], num_tokens,
+                            event_id=holder.split()[1])
         job.begin()
         msg: Any
         if kind == "clear":
             msg = protocol.ClearChunks(keys=keys)
         else:
             msg = protocol.SetPinned(keys=keys or [], pinned=(kind == "pin"))
-        reply = await self.channel.command(inst.instance_id, msg)
+        try:
+            reply = await self.channel.command(inst.instance_id, msg)
+        finally:
+            self.locks.release(holder)
         if reply.ok:
             job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
         self.jobs.finish(job, None if reply.ok else reply.error, reply.error_kind)

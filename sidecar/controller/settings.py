@@ -25,9 +25,13 @@ class ControllerSettings:
             so its progress (bytes moved) advances while it runs and a failure wastes at most
             two batches; each command is still one transfer of many chunks. Smaller batches
             cost a round trip each.
-        api_token: shared secret (default: env KVMOVE_API_TOKEN). When set: mutating HTTP
-            endpoints need ``Authorization: Bearer <token>``, sidecars must register with it,
-            commands carry it.
+        api_token: the fleet's shared secret (default: env KVMOVE_API_TOKEN; at least 16
+            characters). When set, every HTTP endpoint but ``GET /health`` (and the static
+            status page) needs ``Authorization: Bearer <token>``, and both ZMQ sockets run
+            CURVE with keys derived from it (only fleet members connect). Without it the
+            controller listens on loopback only.
+        metrics_open: serve ``GET /metrics`` without the token (for scrapers).
+        http_max_connections: open HTTP connections beyond which a new one is closed.
     """
 
     host: str = "localhost"
@@ -40,3 +44,5 @@ class ControllerSettings:
     max_jobs: int = 10000
     fetch_batch_bytes: int = FETCH_BATCH_BYTES
     api_token: str = field(default="", repr=False)
+    metrics_open: bool = False
+    http_max_connections: int = 1024

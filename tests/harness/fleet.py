@@ -38,7 +38,9 @@ class Fleet:
         self.controller_args = list(controller_args)
         self.cluster = LocalCluster("unused", tmp_path, python=sys.executable)
         self.pull, self.reply, self.port = free_port(), free_port(), free_port()
-        self.http = httpx.Client(base_url=f"http://localhost:{self.port}", timeout=10)
+        # The fleet's own client: with the secret as its bearer token, when there is one.
+        self.http = httpx.Client(base_url=f"http://localhost:{self.port}", timeout=10,
+                                 headers={"Authorization": f"Bearer {api_token}"} if api_token else {})
         self.sidecars: dict[str, Sidecar] = {}
         self.controller = None
         if start_controller:
@@ -107,7 +109,8 @@ class Fleet:
     def kvmove(self, *args: str) -> int:
         """Run ``kvmove --controller <this fleet's controller> ARGS...`` in this process; its
         exit status."""
-        return cli_main(["--controller", f"http://localhost:{self.port}", *args])
+        token = ["--token", self.api_token] if self.api_token else []
+        return cli_main(["--controller", f"http://localhost:{self.port}", *token, *args])
 
     def move(self, src: str, dst: str, **body) -> httpx.Response:
         return post_move(self.http, src, dst, **body)

@@ -32,7 +32,6 @@ ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
-    "UCX_NET_DEVICES": "lo",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -137,7 +136,7 @@ class LocalCluster:
                 "--config", json.dumps(config), "--layout", json.dumps(layout)]
         for spec in fill or []:
             argv += ["--fill", spec]
-        env = {**os.environ, "UCX_NET_DEVICES": "lo",
+        env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         return self._spawn(f"sidecar-{config['instance_id']}", argv, env,
                            f"http://127.0.0.1:{config['sidecar_port']}")
@@ -222,3 +221,51 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # as /proc/net/tcp{,6} spell it
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(address as /proc/net/tcp spells it, port) of every TCP socket process ``pid`` (any of
+    its threads) listens on."""
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    addr, port = cols[1].rsplit(":", 1)
+                    found.add((addr, int(port, 16)))
+    return found

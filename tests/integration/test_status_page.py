@@ -185,3 +185,30 @@ def test_banner_shows_when_the_controller_is_unreachable(fleet, sidecars, browse
         expect(banner).to_be_hidden(timeout=20_000)
         expect(page.locator('#instances tr[data-instance-id="page-a"]')).to_have_attribute(
             "data-up", "true", timeout=20_000)
+
+
+def test_with_a_secret_the_page_asks_for_the_token_and_sends_it(browser, tmp_path):
+    from tests.harness.fleet import Fleet
+
+    token = "status-page-secret-0123"
+    secured = Fleet(tmp_path, api_token=token)
+    try:
+        secured.add_sidecar("page-secured")
+        base = f"http://localhost:{secured.port}/"
+        with open_page(browser) as page:
+            page.goto(base)
+            expect(page.locator("#token-form")).to_be_visible()  # the API answered 401
+            expect(page.locator("#error-banner")).to_contain_text("HTTP 401")
+            page.fill("#token-input", token)
+            page.click("#token-form button")
+            expect(page.locator("#token-form")).to_be_hidden()
+            expect(page.locator("#health")).to_have_attribute("data-state", "ok")
+            expect(page.locator('#instances tr[data-instance-id="page-secured"]')).to_have_count(1)
+        with open_page(browser) as page:  # a fresh tab, the token in the address's fragment
+            page.goto(base + "#token=" + token)
+            expect(page.locator("#health")).to_have_attribute("data-state", "ok")
+            expect(page.locator("#token-form")).to_be_hidden()
+            assert "token" not in page.url  # removed from the address at once
+            assert page.js_errors == []
+    finally:
+        secured.close()

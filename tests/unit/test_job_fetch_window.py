@@ -20,15 +20,20 @@ MiB = 1 << 20
 
 class FakeSidecars:
     """Answers LeaseChunks with four 1 MiB chunks; each FetchChunks (one chunk per batch) after
-    ``delays[i]`` seconds, failing the batches in ``failing``; records what happened when."""
+    ``delays[i]`` seconds, failing the batches in ``failing``; records what happened when.
+    Assigns request ids as the channel does; ``held``: the lease ids of the fetches that hold
+    chunks at the destination (a move's)."""
 
     def __init__(self, delays: list[float], failing: set[int]):
         self.delays, self.failing = delays, failing
         self.log: list[tuple[str, float, object]] = []
         self.t0 = time.monotonic()
+        self.req_ids = iter(range(1000, 2000))
+        self.held: set[int] = set()
 
     async def command(self, instance_id: str, msg, timeout=None) -> protocol.Reply:
         now = lambda: time.monotonic() - self.t0  # noqa: E731
+        msg.req_id = next(self.req_ids)
         if isinstance(msg, protocol.LeaseChunks):
             chunks = [protocol.ChunkDesc(key=k, num_tokens=16, addr=i * MiB, nbytes=MiB, checksum=i)
                       for i, k in enumerate(msg.keys)]
@@ -41,10 +46,17 @@ class FakeSidecars:
             self.log.append(("fetch settled", now(), i))
             if i in self.failing:
                 return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="transfer",
-                                  error=f"batch {i} broke")
+                                      error=f"batch {i} broke")
+            if msg.hold:
+                self.held.add(msg.req_id)
             return protocol.Reply(req_id=msg.req_id, ok=True, count=1, bytes=MiB)
-        if isinstance(msg, protocol.EndLease):
+        if isinstance(msg, protocol.EndLease) and instance_id == "src":
             self.log.append(("end lease", now(), msg.delete))
+            return protocol.Reply(req_id=msg.req_id, ok=True)
+        if isinstance(msg, protocol.EndLease):  # at the destination: a fetch's hold
+            assert msg.lease_id in self.held and not msg.delete, msg
+            self.held.discard(msg.lease_id)
+            self.log.append(("end destination lease", now(), msg.lease_id))
             return protocol.Reply(req_id=msg.req_id, ok=True)
         raise AssertionError(msg)
 
@@ -53,12 +65,21 @@ SOURCE = protocol.PeerInfo("src", "agent-src", "127.0.0.1:1", "1")
 
 
 async def transfer(job: Job, fake: FakeSidecars) -> Exception | None:
-    """Run the job's steps against the fakes, in 1 MiB batches; the exception it ended with."""
+    """Run the job's steps against the fakes, in 1 MiB batches; the exception it ended with
+    (after what the job left to the background: the destination's leases)."""
     try:
         await run_transfer(job, SOURCE, fake.command, fetch_batch_bytes=MiB, lease_s=60)
     except (JobFailed, JobCancelled) as e:
         return e
+    finally:
+        await asyncio.sleep(0.01)
     return None
+
+
+def source_lease_end(fake: FakeSidecars) -> tuple[float, bool]:
+    """When the source's lease ended, and whether it deleted the chunks."""
+    (t, delete), = [(t, d) for what, t, d in fake.log if what == "end lease"]
+    return t, delete
 
 
 def new_job(n: int, kind: str = "move") -> Job:
@@ -98,8 +119,23 @@ def test_all_batches_succeed_then_release(kind):
     job, fake, err = run_job([0.01, 0.0, 0.02, 0.0], failing=set(), kind=kind)
     assert err is None and job.bytes == 4 * MiB
     assert [what for what, _, _ in fake.log].count("fetch settled") == 4
-    # The lease ends last; a move deletes at the source, a copy keeps its chunks.
-    assert fake.log[-1][0] == "end lease" and fake.log[-1][2] is (kind == "move")
+    # The source's lease ends after every fetch settled; a move deletes at the source, a copy
+    # keeps its chunks.
+    end_at, delete = source_lease_end(fake)
+    assert end_at >= max(t for what, t, _ in fake.log if what == "fetch settled")
+    assert delete is (kind == "move")
+    # A move's destination held every batch until the source's delete was done; a copy's did
+    # not hold them at all.
+    ended = [(t, lid) for what, t, lid in fake.log if what == "end destination lease"]
+    assert len(ended) == (4 if kind == "move" else 0) and not fake.held
+    assert all(t >= end_at for t, _ in ended)
+
+
+def test_a_failed_move_ends_the_destination_leases_of_the_batches_that_arrived():
+    job, fake, err = run_job([0.0, 0.1, 0.0, 0.0], failing={0})
+    assert isinstance(err, JobFailed) and source_lease_end(fake)[1] is False
+    assert [what for what, _, _ in fake.log].count("end destination lease") == 1  # batch 1's
+    assert not fake.held
 
 
 def run_cancelled(cancel_at: str) -> tuple[Job, FakeSidecars, Exception | None]:
@@ -122,7 +158,8 @@ def test_a_cancel_lets_the_batches_in_flight_finish_and_starts_no_other():
     assert isinstance(err, JobCancelled) and "2097152 of 4194304 bytes" in str(err)
     assert [i for what, _, i in fake.log if what == "fetch sent"] == [0, 1]
     assert [i for what, _, i in fake.log if what == "fetch settled"] == [0, 1]
-    assert fake.log[-1][0] == "end lease" and fake.log[-1][2] is False  # the source keeps them all
+    assert source_lease_end(fake)[1] is False  # the source keeps them all
+    assert not fake.held  # and the destination's holds on the two batches ended
     assert job.bytes == 2 * MiB
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from tests.harness.stores import put_chunk
-from vllm_kvmove.store import ChunkMissing, ChunkStore, StoreFull
+from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
 
 def key(i: int) -> bytes:
@@ -50,10 +50,37 @@ def test_abort_frees_the_slot_without_events(layout):
     assert store.drain_events() == []
 
 
-def test_reserve_of_held_key_returns_none(layout):
+def test_reserve_of_a_key_in_the_store_returns_none_and_may_hold_it(layout):
     store = make_store(layout, 2)
     put_chunk(store, key(1), 32, 0)
     assert store.reserve(key(1), 32) is None
+    assert store.stats()["held_chunks"] == 0
+    assert store.reserve(key(1), 32, hold=True) is None
+    assert store.stats()["held_chunks"] == 1
+    put_chunk(store, key(2), 32, 2)
+    put_chunk(store, key(3), 32, 3)  # evicts key(2): key(1) is older, but held
+    assert store.contains(key(1)) and not store.contains(key(2))
+    store.release([key(1)])
+    assert store.stats()["held_chunks"] == 0
+
+
+def test_a_reservation_never_counts_as_held_and_a_second_writer_is_refused(layout):
+    """A chunk another writer reserved but has not written is not in the store: reserving it
+    again raises ChunkBusy (answering None would tell a fetch it is already there, and a move
+    would then delete its source while the first writer may still abort)."""
+    store = make_store(layout, 3)
+    assert store.reserve(key(1), 32) is not None
+    with pytest.raises(ChunkBusy):
+        store.reserve(key(1), 32)
+    store.abort(key(1))
+    assert store.reserve(key(1), 32) is not None  # free again once the first writer gave up
+    store.commit(key(1), hold=True)  # committed and held at once
+    assert store.stats()["held_chunks"] == 1
+    assert store.delete([key(1)]) == 1  # deleted while held: invisible, awaiting its release
+    with pytest.raises(ChunkBusy):
+        store.reserve(key(1), 32)
+    store.release([key(1)])
+    assert store.reserve(key(1), 32) is not None
 
 
 def test_match_prefix_stops_at_first_gap(layout):

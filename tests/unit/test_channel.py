@@ -1,0 +1,99 @@
+"""The controller's SidecarChannel, without sockets: a reply ends a command only when it comes
+on the connection of the instance the command went to; registrations bind instances to
+connections; bad messages are dropped and counted."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar import protocol
+from sidecar.controller.channel import SidecarChannel
+from sidecar.controller.index import ChunkIndex
+from sidecar.controller.instances import InstanceRegistry
+from sidecar.controller.metrics import ControllerMetrics
+from sidecar.controller.settings import ControllerSettings
+
+
+def register(iid: str, incarnation: str = "one") -> protocol.Register:
+    return protocol.Register(
+        instance_id=iid, engine_url="http://127.0.0.1:1", sidecar_url="http://127.0.0.1:2",
+        p2p_url="127.0.0.1:3", agent_name=iid, model="m", fingerprint="0" * 32, layout={},
+        chunk_size=32, capacity_bytes=1 << 20, slot_bytes=2048, incarnation=incarnation, pid=1)
+
+
+class Wire:
+    """A channel whose sends are recorded instead of sent."""
+
+    def __init__(self) -> None:
+        index = ChunkIndex()
+        self.registry = InstanceRegistry(index, heartbeat_timeout_s=5)
+        self.channel = SidecarChannel(ControllerSettings(), self.registry, "ctl",
+                                      ControllerMetrics(self.registry, index))
+        self.sent: list[tuple[bytes, object]] = []
+        self.channel._send = lambda identity, msg: self.sent.append((identity, msg))
+
+    def receive(self, identity: bytes, msg) -> None:
+        self.channel._on_router_message([identity, protocol.sidecar_encoder.encode(msg)])
+
+
+def test_a_reply_counts_only_from_the_connection_of_the_instance_commanded():
+    async def main():
+        w = Wire()
+        w.receive(b"conn-a", register("a"))
+        w.receive(b"conn-b", register("b"))
+        assert [type(m).__name__ for _, m in w.sent] == ["RegisterAck", "RegisterAck"]
+        fut = asyncio.get_running_loop().create_future()
+        w.channel._pending[77] = ("a", fut)
+        for stranger in (b"conn-b", b"conn-nobody"):  # another instance, or no instance at all
+            w.receive(stranger, protocol.Reply(req_id=77, ok=True, bytes=1 << 30))
+            assert not fut.done()
+        assert w.channel.dropped["router", "unexpected_reply"] == 2
+        w.receive(b"conn-a", protocol.Reply(req_id=77, ok=True, bytes=5))
+        assert fut.done() and fut.result().bytes == 5
+        assert 77 not in w.channel._pending
+
+    asyncio.run(main())
+
+
+def test_request_ids_start_at_a_random_origin():
+    a, b = Wire().channel, Wire().channel
+    assert next(a._req_ids) != next(b._req_ids)  # a restarted controller's ids are not the last's
+
+
+def test_an_instance_speaks_only_on_the_connection_it_registered_on():
+    w = Wire()
+    w.receive(b"conn-a", register("a"))
+    # Another connection, another start of "a" while it is live: refused, nothing displaced.
+    w.receive(b"conn-x", register("a", incarnation="two"))
+    assert isinstance(w.sent[-1][1], protocol.RegisterRefused) and w.sent[-1][0] == b"conn-x"
+    assert w.registry.bound(b"conn-a").instance_id == "a" and w.registry.bound(b"conn-x") is None
+    # A heartbeat from an unbound connection is told to register; from the bound one, acked.
+    w.receive(b"conn-x", protocol.Heartbeat("a", 0, 0, 0, 1, 1))
+    assert isinstance(w.sent[-1][1], protocol.Resync)
+    w.receive(b"conn-a", protocol.Heartbeat("a", 0, 0, 0, 1, 1))
+    assert isinstance(w.sent[-1][1], protocol.HeartbeatAck) and w.sent[-1][0] == b"conn-a"
+    # The same start on a new connection (it reconnected) is rebound there.
+    w.receive(b"conn-a2", register("a"))
+    assert isinstance(w.sent[-1][1], protocol.RegisterAck)
+    assert w.registry.bound(b"conn-a2").instance_id == "a" and w.registry.bound(b"conn-a") is None
+    # A Goodbye frees the name: a new start may take it at once.
+    w.receive(b"conn-a2", protocol.Goodbye("a"))
+    w.receive(b"conn-x", register("a", incarnation="two"))
+    assert isinstance(w.sent[-1][1], protocol.RegisterAck)
+
+
+def test_bad_messages_are_dropped_and_counted_and_the_loop_goes_on():
+    w = Wire()
+    ch = w.channel
+    ch._on_router_message([b"only-one-frame"])
+    ch._on_router_message([b"a", b"b", b"c"])
+    ch._on_router_message([b"conn", b"\x81"])  # a map, cut short
+    ch._on_router_message([b"conn", protocol.sidecar_encoder.encode({"type": "Register"})])
+    ch._on_event_batch([b"x", b"y"])
+    ch._on_event_batch([b"\x92garbage"])
+    assert ch.dropped == {("router", "frames"): 2, ("router", "undecodable"): 1,
+                          ("router", "invalid"): 1, ("pull", "frames"): 1,
+                          ("pull", "undecodable"): 1}
+    assert isinstance(w.sent[-1][1], protocol.RegisterRefused)  # the invalid one is told why
+    w.receive(b"conn-a", register("a"))  # and the channel still works
+    assert isinstance(w.sent[-1][1], protocol.RegisterAck)
