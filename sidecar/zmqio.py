@@ -20,8 +20,13 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
+from typing import Awaitable, Callable
 
 import zmq
+
+logger = logging.getLogger(__name__)
 
 
 class LoopSocket:
@@ -85,3 +90,18 @@ class LoopSocket:
         and sees the closed socket's error."""
         self._wake()
         self.sock.close(0)
+
+
+async def serve_forever(sock: LoopSocket, handle: Callable[[list[bytes]], Awaitable[None] | None],
+                        what: str) -> None:
+    """Receive messages on ``sock`` until cancelled, handing each one's frames to ``handle``
+    (a function or a coroutine function). An exception in ``handle`` is logged with ``what``
+    and the loop goes on: no message, whatever its shape, stops a receive loop."""
+    while True:
+        frames = await sock.recv_multipart()
+        try:
+            result = handle(frames)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # noqa: BLE001 - one message must not stop the loop
+            logger.exception("error handling a message on %s", what)

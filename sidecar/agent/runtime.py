@@ -63,7 +63,7 @@ from sidecar.agent.app import create_sidecar_app
 from sidecar.agent.commands import CommandExecutor
 from sidecar.agent.fetch import ChunkFetcher
 from sidecar.httpkit import server_config
-from sidecar.zmqio import LoopSocket
+from sidecar.zmqio import LoopSocket, serve_forever
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.shm import PeerPools
@@ -341,14 +341,8 @@ class Sidecar:
                            "only", reason, detail)
 
     async def _recv_loop(self) -> None:
-        if self._dealer is None:
-            return
-        while True:
-            frames = await self._dealer.recv_multipart()
-            try:
-                await self._on_controller_message(frames)
-            except Exception:  # noqa: BLE001 - one message must not stop the sidecar
-                logger.exception("error handling a controller message")
+        if self._dealer is not None:
+            await serve_forever(self._dealer, self._on_controller_message, "the controller socket")
 
     async def _on_controller_message(self, frames: list[bytes]) -> None:
         assert self.commands is not None

@@ -44,7 +44,7 @@ from sidecar import protocol
 from sidecar.controller.instances import Instance, InstanceRegistry
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.settings import ControllerSettings
-from sidecar.zmqio import LoopSocket
+from sidecar.zmqio import LoopSocket, serve_forever
 from vllm_kvmove.zmqauth import FleetSecurity
 
 logger = logging.getLogger("vllm_kvmove.controller")
@@ -106,9 +106,10 @@ class SidecarChannel:
         self.security.server(pull)
         pull.bind(f"tcp://{host}:{self.settings.pull_port}")
         self._pull = LoopSocket(pull)
-        self._tasks = [asyncio.create_task(self._router_loop()),
-                       asyncio.create_task(self._pull_loop()),
-                       asyncio.create_task(self._watchdog_loop())]
+        self._tasks = [
+            asyncio.create_task(serve_forever(self._router, self._on_router_message, "router")),
+            asyncio.create_task(serve_forever(self._pull, self._on_event_batch, "pull")),
+            asyncio.create_task(self._watchdog_loop())]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -161,15 +162,6 @@ class SidecarChannel:
                            detail)
 
     # -- receive loops ---------------------------------------------------------------------
-    async def _router_loop(self) -> None:
-        assert self._router is not None
-        while True:
-            frames = await self._router.recv_multipart()
-            try:
-                self._on_router_message(frames)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the controller
-                logger.exception("error handling a message on the router socket")
-
     def _on_router_message(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
             self._drop("router", "frames", f"{len(frames)} frames, expected 2")
@@ -221,15 +213,6 @@ class SidecarChannel:
         reason = self.registry.apply_heartbeat(inst, hb, now)
         if reason is not None:
             self._send(inst.identity, protocol.Resync(reason))
-
-    async def _pull_loop(self) -> None:
-        assert self._pull is not None
-        while True:
-            frames = await self._pull.recv_multipart()
-            try:
-                self._on_event_batch(frames)
-            except Exception:  # noqa: BLE001 - one bad message must not stop the controller
-                logger.exception("error handling a message on the pull socket")
 
     def _on_event_batch(self, frames: list[bytes]) -> None:
         if len(frames) != 1:
