@@ -65,6 +65,9 @@ class KVMoveConfig:
             runs on this host, copy its chunks by mapping its pool (memcpy speed) instead of
             reading them over NIXL's cma (a page-at-a-time kernel copy). Off: NIXL only.
         copy_threads: threads this engine uses for same-host copies (shared by concurrent ones).
+        p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
+            this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
+            the system gives.
     """
 
     instance_id: str = "kvmove_instance"
@@ -84,6 +87,7 @@ class KVMoveConfig:
     verify_checksums: bool = True
     same_host_copy: bool = True
     copy_threads: int = 2
+    p2p_data_ports: str = ""
     metrics_open: bool = False
     # LMCache keys that were accepted without effect (reported once at start-up).
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
@@ -161,6 +165,11 @@ def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ())
         raise ConfigError("config key 'instance_id' must not be empty")
     if not 1 <= cfg.copy_threads <= 64:
         raise ConfigError(f"config key 'copy_threads' must be 1..64, got {cfg.copy_threads}")
+    low, _, high = cfg.p2p_data_ports.partition("-")
+    if cfg.p2p_data_ports and not (low.isdigit() and high.isdigit()
+                                   and 0 < int(low) <= int(high) < 65536):
+        raise ConfigError(f"config key 'p2p_data_ports' must be LOW-HIGH TCP ports, got "
+                          f"{cfg.p2p_data_ports!r}")
     try:
         security = FleetSecurity(cfg.api_token)
         security.check_bind(cfg.sidecar_host, "the sidecar's HTTP app (sidecar_host)")

@@ -24,9 +24,10 @@ Contract
   an event loop.
 * Failure: every error surfaces as :class:`TransferError` with the cause; nothing here
   changes the store (the caller reserves, verifies and commits or aborts).
-* Process-wide changes, at the agent's creation: ``UCX_TLS`` is set to ``cma,tcp`` and
+* Process-wide changes, at the agent's creation: ``UCX_TLS`` is set to ``cma,tcp``,
   ``UCX_NET_DEVICES`` to the interface that holds ``host`` (so UCX's own listener binds only
-  there), each unless the operator set it; and NIXL's agent constructor is wrapped (under a
+  there) and ``UCX_TCP_PORT_RANGE`` to ``data_ports`` when given, each unless the operator
+  set it; and NIXL's agent constructor is wrapped (under a
   lock, for that call only) to set the progress thread's poll delay (:func:`_make_agent`).
 """
 
@@ -71,7 +72,7 @@ class ReadRange:
     nbytes: int
 
 
-def _make_agent(name: str, progress_delay_us: int, host: str):
+def _make_agent(name: str, progress_delay_us: int, host: str, data_ports: str = ""):
     """Create a NIXL agent whose progress thread polls its workers' event fds with a timeout
     of ``progress_delay_us`` (NIXL rounds it up to whole milliseconds).
 
@@ -90,6 +91,8 @@ def _make_agent(name: str, progress_delay_us: int, host: str):
     device = interface_of(host)
     if device is not None:
         os.environ.setdefault("UCX_NET_DEVICES", device)
+    if data_ports:  # UCX's tcp listener picks its port in this range (for firewalls)
+        os.environ.setdefault("UCX_TCP_PORT_RANGE", data_ports)
     bindings = api.nixlBind
     real_ctor = bindings.nixlAgent
 
@@ -119,18 +122,21 @@ class NixlTransfer:
         progress_delay_us: NIXL progress-thread poll timeout (idle wake-up period).
         security: how the metadata sockets secure themselves (default: no secret, so the
             server binds to loopback only).
+        data_ports: ``"LOW-HIGH"``: the TCP ports UCX's own listener (the KV bytes between
+            hosts) may take; "" for any the system gives.
     Raises:
         SecurityError: ``host`` is not loopback and there is no secret.
     """
 
     def __init__(self, agent_name: str, pool_addr: int, pool_bytes: int, host: str, port: int,
-                 progress_delay_us: int = 100_000, security: FleetSecurity | None = None):
+                 progress_delay_us: int = 100_000, security: FleetSecurity | None = None,
+                 data_ports: str = ""):
         self.agent_name = agent_name
         self._security = security or FleetSecurity("")
         # ZMQ binds interfaces, not host names: "localhost" means the loopback interface.
         host = "127.0.0.1" if host == "localhost" else host
         self._security.check_bind(host, "the NIXL metadata server")
-        self.agent = _make_agent(agent_name, progress_delay_us, host)
+        self.agent = _make_agent(agent_name, progress_delay_us, host, data_ports)
         self._reg = self.agent.register_memory([(pool_addr, pool_bytes, 0, "")], "DRAM")
         self._metadata = self.agent.get_agent_metadata()
         self._peers: dict[str, tuple[str, str]] = {}  # name -> (url, incarnation)

@@ -177,7 +177,8 @@ class Sidecar:
         cfg = self.config
         self.transfer = await asyncio.to_thread(
             NixlTransfer, cfg.instance_id, self.store.base_addr, self.store.pool_bytes,
-            cfg.p2p_host, cfg.p2p_init_port, security=self.security)
+            cfg.p2p_host, cfg.p2p_init_port, security=self.security,
+            data_ports=cfg.p2p_data_ports)
         fetcher = ChunkFetcher(self.store, self.layout, self.transfer, self.peer_pools,
                                cfg.verify_checksums, cfg.command_timeout_s,
                                thread_init=widen_cpu_affinity)

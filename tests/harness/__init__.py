@@ -8,4 +8,5 @@ and the controller API as tests call it.
 * :mod:`.api` — the controller's HTTP API as tests use it: moves, waits that raise on timeout.
 * :mod:`.fleet` — a controller process and sidecars (in-process or standalone), no vLLM.
 * :mod:`.engines` — real vLLM engines with the connector, and the seed's cluster.
+* :mod:`.hosts` — test hosts: network and pid namespaces on a bridge (``scripts/test-hosts.sh``).
 """

@@ -38,8 +38,9 @@ def model_dir(name: str = "tiny-llama", **shape: int) -> Path:
 class Engine:
     """One engine's OpenAI server, /metrics and sidecar, as tests call them."""
 
-    def __init__(self, instance_id: str, proc, sidecar_url: str, model: str):
+    def __init__(self, instance_id: str, proc, sidecar_url: str, model: str, token: str = ""):
         self.instance_id = instance_id
+        self.token = token  # the fleet secret, sent to the sidecar as a bearer token
         self.model = model
         self.proc = proc
         self.url = proc.url
@@ -65,7 +66,8 @@ class Engine:
         return total
 
     def sidecar(self, path: str) -> httpx.Response:
-        return httpx.get(self.sidecar_url + path, timeout=10)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.get(self.sidecar_url + path, headers=headers, timeout=10)
 
     def chunk_bytes(self, key: str) -> bytes | None:
         """A chunk's bytes from the engine's sidecar (``key`` in hex), or None if not held."""

@@ -19,9 +19,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from tests.harness.hosts import Host
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,17 +91,21 @@ class LocalCluster:
         return proc
 
     def start_controller(self, port: int = 9000, pull_port: int = 8300, reply_port: int = 8400,
-                         extra_args: list[str] | None = None) -> Proc:
-        """Start ``kvmove-controller``; returns at once (see :meth:`wait_ready`)."""
-        argv = [self.python, "-m", "sidecar.controller", "--host", "localhost", "--port", str(port),
+                         extra_args: list[str] | None = None, host: Host | None = None) -> Proc:
+        """Start ``kvmove-controller`` (on a test ``host``: bound to its address); returns at
+        once (see :meth:`wait_ready`)."""
+        address = host.address if host else "localhost"
+        argv = [self.python, "-m", "sidecar.controller", "--host", address, "--port", str(port),
                 "--monitor-ports", json.dumps({"pull": pull_port, "reply": reply_port}),
                 *(extra_args or [])]
-        return self._spawn(f"controller-{port}", argv, {**os.environ}, f"http://localhost:{port}")
+        return self._spawn(f"controller-{port}", host.wrap(argv) if host else argv,
+                           {**os.environ}, f"http://{address}:{port}")
 
     def start_engine(self, instance_id: str, port: int, *, config_file: str | Path | None = None,
                      extra_config: dict[str, Any] | None = None, cpu: int | None = None,
                      kv_cache_gib: float = 1, max_model_len: int = 4096,
-                     extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> Proc:
+                     extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                     host: Host | None = None) -> Proc:
         """Start one vLLM engine with the KVMoveConnector; returns at once.
 
         Args:
@@ -109,14 +116,16 @@ class LocalCluster:
                 config file: run without the connector.
             cpu: core to bind the engine's OpenMP threads to.
             kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE``.
+            host: a test host to run on (the engine binds to its address), else this one.
         """
+        address = host.address if host else "127.0.0.1"
         full_env = {**os.environ, **ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-                    **(env or {})}
+                    "VLLM_HOST_IP": address, **(env or {})}
         if cpu is not None:
             full_env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu)
         if config_file is not None:
             full_env["KVMOVE_CONFIG_FILE"] = str(config_file)
-        argv = [self.python, "-m", "vllm_kvmove.launch", self.model_dir, "--host", "127.0.0.1",
+        argv = [self.python, "-m", "vllm_kvmove.launch", self.model_dir, "--host", address,
                 "--port", str(port), "--enforce-eager", "--max-model-len", str(max_model_len),
                 "--enable-prompt-tokens-details"]
         if config_file is not None or extra_config is not None:
@@ -125,10 +134,11 @@ class LocalCluster:
                 kv["kv_connector_extra_config"] = extra_config
             argv += ["--kv-transfer-config", json.dumps(kv)]
         argv += extra_args or []
-        return self._spawn(f"engine-{instance_id}", argv, full_env, f"http://127.0.0.1:{port}")
+        return self._spawn(f"engine-{instance_id}", host.wrap(argv) if host else argv, full_env,
+                           f"http://{address}:{port}")
 
     def start_sidecar_process(self, config: dict[str, Any], layout: dict[str, Any],
-                              fill: list[str] | None = None) -> Proc:
+                              fill: list[str] | None = None, host: Host | None = None) -> Proc:
         """Start ``python -m tests.harness.standalone`` (a sidecar without an engine); returns
         at once. Its ``url`` is the sidecar's HTTP address (``/health`` answers once it serves)."""
         argv = [self.python, "-m", "tests.harness.standalone",
@@ -138,8 +148,9 @@ class LocalCluster:
             argv += ["--fill", spec]
         env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        return self._spawn(f"sidecar-{config['instance_id']}", argv, env,
-                           f"http://127.0.0.1:{config['sidecar_port']}")
+        address = config.get("sidecar_host", "127.0.0.1")
+        return self._spawn(f"sidecar-{config['instance_id']}", host.wrap(argv) if host else argv,
+                           env, f"http://{address}:{config['sidecar_port']}")
 
     @staticmethod
     def wait_ready(proc: Proc, path: str = "/health", timeout: float = 240.0) -> float:

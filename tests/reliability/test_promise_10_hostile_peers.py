@@ -33,7 +33,7 @@ import zmq
 from sidecar import protocol
 from sidecar.httpkit import REQUEST_TIMEOUT_S
 from tests.harness.api import LOC
-from tests.harness.processes import LOOPBACK_HEX, listening_addresses
+from tests.harness.processes import LOOPBACK_HEX, free_port, listening_addresses
 from tests.harness.stores import BIG_LAYOUT, GIB_TOKENS, chunk_bytes, fill, keys_of
 
 
@@ -358,12 +358,18 @@ def test_every_listener_of_a_sidecar_process_is_loopback_with_ucx_left_at_its_de
         fleet, monkeypatch):
     # (This test process's in-process sidecars set it; a sidecar process must start without.)
     monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
-    proc = fleet.spawn_sidecar("ucx-defaults", BIG_LAYOUT, 2)
+    monkeypatch.delenv("UCX_TCP_PORT_RANGE", raising=False)
+    low = 19900  # (free_port hands out 20000-31999: this range is left alone)
+    config = {"sidecar_port": free_port(), "p2p_init_port": free_port(),
+              "p2p_data_ports": f"{low}-{low + 9}"}
+    proc = fleet.spawn_sidecar("ucx-defaults", BIG_LAYOUT, 2, **config)
     try:
         listeners = listening_addresses(proc.pid)
         print(f"\n[promise 10] listeners of a sidecar process: {sorted(listeners)}")
         assert len(listeners) >= 3, listeners  # HTTP, NIXL metadata, UCX's tcp listener
         assert {a for a, _ in listeners} <= LOOPBACK_HEX, listeners
+        ucx = {p for _, p in listeners} - {config["sidecar_port"], config["p2p_init_port"]}
+        assert ucx and all(low <= p <= low + 9 for p in ucx), ucx  # p2p_data_ports, for firewalls
     finally:
         fleet.cluster.stop(proc)
 
@@ -391,8 +397,6 @@ def test_a_sidecar_that_hears_nothing_from_its_controller_registers_again(fleet)
     """Liveness both ways: a fake controller acknowledges the registration, then answers no
     heartbeat; within a few heartbeat intervals the sidecar registers again. Answered, it
     only heartbeats."""
-    from tests.harness.processes import free_port
-
     ctx = zmq.Context.instance()
     fake = ctx.socket(zmq.ROUTER)
     fake.linger = 0
