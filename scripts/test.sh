@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/setup-browser.sh   # Debian chromium + playwright, for the status-page test
+bash scripts/setup-debian.sh   # Debian chromium (+ playwright), tcpdump: tests need them
 # The layering contracts (pyproject.toml, [tool.importlinter]): no import cycle, the data plane
 # never imports the control plane but to start the agent, the agent and the controller never
 # import each other.

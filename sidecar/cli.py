@@ -14,8 +14,9 @@ nothing here talks to engines or sidecars directly.
 
 Global options (before or after the command): ``--controller URL`` (default: env
 ``KVMOVE_CONTROLLER``, else http://localhost:9000), ``--token TOKEN`` (default: env
-``KVMOVE_API_TOKEN``; sent as ``Authorization: Bearer TOKEN``), ``--json`` (print the
-controller's JSON answer instead of a table; ``move --wait --json`` prints the job's final
+``KVMOVE_API_TOKEN``; sent as ``Authorization: Bearer TOKEN``), ``--cacert PEM`` (default:
+env ``KVMOVE_CACERT``: the CA bundle an https controller is verified with), ``--json`` (print
+the controller's JSON answer instead of a table; ``move --wait --json`` prints the job's final
 status).
 
 Exit status: 0 success; 1 the job of ``move --wait`` failed (or was cancelled); 2 bad usage,
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import httpx
 
+from sidecar.httpkit import verify_with
 from sidecar.protocol import FINAL_STATES, LOCATION  # LOCATION: the one store location there is
 
 DEFAULT_CONTROLLER = "http://localhost:9000"
@@ -59,10 +61,10 @@ class CliError(Exception):
 class ControllerClient:
     """The controller's HTTP API; every request goes through :meth:`call`."""
 
-    def __init__(self, base_url: str, token: str | None):
+    def __init__(self, base_url: str, token: str | None, cacert: str | None = None):
         self.base_url = base_url if "://" in base_url else f"http://{base_url}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers,
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, verify=verify_with(cacert),
                                   timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=5.0))
 
     def close(self) -> None:
@@ -322,6 +324,10 @@ def add_global_args(parser: argparse.ArgumentParser, with_defaults: bool) -> Non
                              f"{DEFAULT_CONTROLLER})")
     parser.add_argument("--token", default=default(os.environ.get("KVMOVE_API_TOKEN")),
                         help="API token, sent as 'Authorization: Bearer TOKEN' (env KVMOVE_API_TOKEN)")
+    parser.add_argument("--cacert", metavar="PEM",
+                        default=default(os.environ.get("KVMOVE_CACERT")),
+                        help="CA bundle to verify an https controller with (env KVMOVE_CACERT; "
+                             "default: the system's)")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print the controller's JSON answer instead of a table")
 
@@ -386,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console script ``kvmove``; returns the exit status (argparse exits 2 on bad usage)."""
     args = build_parser().parse_args(argv)
-    ctl = ControllerClient(args.controller, args.token)
+    ctl = ControllerClient(args.controller, args.token, args.cacert)
     try:
         return args.run(ctl, args)
     except CliError as e:

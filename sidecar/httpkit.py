@@ -35,6 +35,7 @@ import hmac
 import importlib.metadata
 import logging
 import re
+import ssl
 import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -50,6 +51,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sidecar.protocol import MAX_TOKENS, TOKEN_ID_LIMIT, ErrorBody, ErrorEnvelope
+from vllm_kvmove.zmqauth import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -307,15 +309,34 @@ KEEPALIVE_TIMEOUT_S = 5
 
 
 def server_config(app: Any, host: str, port: int, *, max_connections: int,
-                  log_level: str = "warning", lifespan: str = "auto") -> uvicorn.Config:
+                  log_level: str = "warning", lifespan: str = "auto", tls_cert: str = "",
+                  tls_key: str = "") -> uvicorn.Config:
     """The uvicorn configuration every app of the control plane is served with: HTTP/1.1
     (h11) with the request timeout, the keep-alive timeout and a cap of ``max_connections``
-    open connections (beyond it a new one is closed at once)."""
+    open connections (beyond it a new one is closed at once); HTTPS when ``tls_cert`` and
+    ``tls_key`` (PEM files) are given."""
     protocol = type("BoundedH11Protocol", (_BoundedH11Protocol,),
                     {"max_connections": max_connections})
     return uvicorn.Config(app, host=host, port=port, http=protocol, log_level=log_level,
                           access_log=False, lifespan=lifespan,
-                          timeout_keep_alive=KEEPALIVE_TIMEOUT_S)
+                          timeout_keep_alive=KEEPALIVE_TIMEOUT_S,
+                          ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None)
+
+
+def verify_with(cafile: str | None) -> ssl.SSLContext | bool:
+    """What an HTTP client verifies servers with: the CA bundle ``cafile``, or (none given)
+    the system's."""
+    return ssl.create_default_context(cafile=cafile) if cafile else True
+
+
+def plain_http_warning(host: str, api_token: str, tls: bool) -> str | None:
+    """What to warn an operator of when an app serves plain HTTP beyond loopback with a
+    secret: its bearer token — the fleet secret — would cross the network in clear."""
+    if api_token and not tls and not is_loopback(host):
+        return (f"serving plain HTTP on {host} with a fleet secret: every request's bearer "
+                f"token (the secret) crosses the network in clear; serve HTTPS (a TLS "
+                f"certificate and key) or put a TLS-terminating proxy in front")
+    return None
 
 
 class _BoundedH11Protocol(H11Protocol):

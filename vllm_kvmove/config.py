@@ -58,6 +58,8 @@ class KVMoveConfig:
             loopback only. Default: the environment variable ``KVMOVE_API_TOKEN``. Never
             logged, never sent.
         metrics_open: serve the sidecar's ``GET /metrics`` without the token (for scrapers).
+        tls_cert, tls_key: PEM files; when both are given the sidecar's HTTP app is served
+            over HTTPS.
         verify_checksums: check every fetched chunk's checksum before publishing it. Off
             trades integrity for speed: the check reads every byte once more, which costs
             about a third of a same-host move's throughput here (P1: 7.6 vs 11.1 GB/s).
@@ -89,6 +91,8 @@ class KVMoveConfig:
     copy_threads: int = 2
     p2p_data_ports: str = ""
     metrics_open: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
     # LMCache keys that were accepted without effect (reported once at start-up).
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -165,6 +169,8 @@ def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ())
         raise ConfigError("config key 'instance_id' must not be empty")
     if not 1 <= cfg.copy_threads <= 64:
         raise ConfigError(f"config key 'copy_threads' must be 1..64, got {cfg.copy_threads}")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("config keys 'tls_cert' and 'tls_key' go together")
     low, _, high = cfg.p2p_data_ports.partition("-")
     if cfg.p2p_data_ports and not (low.isdigit() and high.isdigit()
                                    and 0 < int(low) <= int(high) < 65536):

@@ -42,22 +42,43 @@ class CommandRefused(Exception):
 
 
 class LeaseTable:
-    """Transfer leases held at this store: ``LeaseChunks.req_id -> (keys, deadline)``."""
+    """Transfer leases held at this store: ``LeaseChunks.req_id -> (keys, deadline)``.
+
+    An :meth:`end` may arrive before its lease exists: the controller ends the lease of a
+    fetch it gave up on (a timeout, a dead link), and the fetch may still complete later,
+    here. Such an end leaves a tombstone (kept :data:`TOMBSTONE_S`, at most
+    :data:`MAX_TOMBSTONES`), and a lease added under it is released at once.
+    """
+
+    TOMBSTONE_S = 600.0
+    MAX_TOMBSTONES = 4096
 
     def __init__(self, store: ChunkStore):
         self.store = store
         self._leases: dict[int, tuple[list[bytes], float]] = {}
+        self._ended: dict[int, float] = {}  # lease id -> when its tombstone goes (insertion order)
 
-    def add(self, lease_id: int, keys: list[bytes], lease_s: float) -> None:
-        """Record holds the caller already took on ``keys``."""
+    def add(self, lease_id: int, keys: list[bytes], lease_s: float) -> bool:
+        """Record holds the caller already took on ``keys``; False (and the holds released)
+        if the lease was ended before it began."""
+        if self._ended.pop(lease_id, None) is not None:
+            self.store.release(keys)
+            return False
         self._leases[lease_id] = (keys, time.monotonic() + lease_s)
+        return True
 
     def end(self, lease_id: int, delete: bool) -> int:
         """Release a lease's holds (deleting its chunks first when ``delete``); returns the
-        chunks it held, 0 if it already ended."""
+        chunks it held, 0 if it ended already or has not begun (then a tombstone waits for
+        it)."""
         lease = self._leases.pop(lease_id, None)
         if lease is None:
-            return 0  # expired or ended already: nothing is held any more
+            now = time.monotonic()
+            self._ended[lease_id] = now + self.TOMBSTONE_S
+            while len(self._ended) > self.MAX_TOMBSTONES or \
+                    next(iter(self._ended.values())) < now:
+                del self._ended[next(iter(self._ended))]
+            return 0
         keys = lease[0]
         if delete:  # a move: the destination holds them, the source lets go
             self.store.delete(keys)

@@ -62,7 +62,7 @@ from sidecar import protocol
 from sidecar.agent.app import create_sidecar_app
 from sidecar.agent.commands import CommandExecutor
 from sidecar.agent.fetch import ChunkFetcher
-from sidecar.httpkit import server_config
+from sidecar.httpkit import plain_http_warning, server_config
 from sidecar.zmqio import LoopSocket, serve_forever
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
@@ -138,7 +138,8 @@ class Sidecar:
     @property
     def sidecar_url(self) -> str:
         host = "127.0.0.1" if self.config.sidecar_host in ("0.0.0.0", "") else self.config.sidecar_host
-        return f"http://{host}:{self.config.sidecar_port}"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.config.sidecar_port}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Sidecar":
@@ -202,7 +203,10 @@ class Sidecar:
         app = create_sidecar_app(self)
         self._server = uvicorn.Server(server_config(
             app, cfg.sidecar_host, cfg.sidecar_port, max_connections=_HTTP_MAX_CONNECTIONS,
-            lifespan="off"))
+            lifespan="off", tls_cert=cfg.tls_cert, tls_key=cfg.tls_key))
+        warning = plain_http_warning(cfg.sidecar_host, cfg.api_token, bool(cfg.tls_cert))
+        if warning:
+            logger.warning(warning)
         # Bind here (not inside serve()) so a taken port is an error start-up can report.
         # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP;
         # without it, keep-alive responses stall ~40 ms on delayed ACKs.

@@ -226,7 +226,9 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
     window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
     failed = asyncio.Event()
     hold = job.kind == "move"  # the destination keeps its copy held until the source deleted
-    held_at_destination: list[int] = []  # lease ids of the fetches that hold chunks there
+    # Lease ids of the fetches that may hold chunks there: all that were sent (one that failed
+    # here — a timeout, a dead link — may still complete there; its end then waits for it).
+    held_at_destination: list[int] = []
 
     async def fetch(batch: list[protocol.ChunkDesc]) -> bool:
         async with window:
@@ -238,8 +240,9 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
             except BaseException:
                 failed.set()
                 raise
-            if hold:
-                held_at_destination.append(cmd.req_id)
+            finally:
+                if hold and cmd.req_id:
+                    held_at_destination.append(cmd.req_id)
             job.bytes += reply.bytes
             return True
 

@@ -11,7 +11,7 @@ import uvicorn
 
 from sidecar.controller.api import create_controller_app
 from sidecar.controller.settings import FETCH_BATCH_BYTES, ControllerSettings
-from sidecar.httpkit import server_config
+from sidecar.httpkit import plain_http_warning, server_config
 from vllm_kvmove.zmqauth import FleetSecurity, SecurityError
 
 
@@ -34,6 +34,11 @@ def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, s
                    help="serve GET /metrics without the token (for Prometheus scrapers)")
     p.add_argument("--max-connections", type=int, default=1024,
                    help="open HTTP connections beyond which a new one is closed (default 1024)")
+    p.add_argument("--tls-cert", default="", metavar="PEM",
+                   help="serve the API over HTTPS with this certificate (with --tls-key)")
+    p.add_argument("--tls-key", default="", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-ca", default="", metavar="PEM",
+                   help="CA bundle to verify engines' HTTPS servers with (default: the system's)")
     p.add_argument("--fetch-batch-mib", type=float, default=FETCH_BATCH_BYTES / 2**20,
                    help="a move's fetch is sent in commands of at most this many MiB "
                         f"(default {FETCH_BATCH_BYTES >> 20}); progress advances per command")
@@ -50,7 +55,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, s
                                   heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token,
                                   fetch_batch_bytes=int(a.fetch_batch_mib * 2**20),
                                   metrics_open=a.metrics_open,
-                                  http_max_connections=a.max_connections)
+                                  http_max_connections=a.max_connections,
+                                  tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca)
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     try:  # refused here, with the reason, rather than by the app's start-up
         FleetSecurity(a.api_token).check_bind(
             "127.0.0.1" if a.host == "localhost" else a.host, "the controller")
@@ -64,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     settings, log_level = parse_settings(argv)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = plain_http_warning(settings.host, settings.api_token, bool(settings.tls_cert))
+    if warning:
+        logging.getLogger("vllm_kvmove.controller").warning(warning)
     uvicorn.Server(server_config(create_controller_app(settings), settings.host, settings.port,
                                  max_connections=settings.http_max_connections,
-                                 log_level=log_level)).run()
+                                 log_level=log_level, tls_cert=settings.tls_cert,
+                                 tls_key=settings.tls_key)).run()
     return 0

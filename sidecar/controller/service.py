@@ -37,7 +37,7 @@ from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, run_
 from sidecar.controller.locks import ChunkLocks, Claim
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.settings import ControllerSettings
-from sidecar.httpkit import ApiError
+from sidecar.httpkit import ApiError, verify_with
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import layout_mismatch
 
@@ -71,7 +71,8 @@ class Controller:
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.channel.start()
-        self._http = httpx.AsyncClient(timeout=self.settings.tokenize_timeout_s)
+        self._http = httpx.AsyncClient(timeout=self.settings.tokenize_timeout_s,
+                                       verify=verify_with(self.settings.tls_ca))
 
     async def stop(self) -> None:
         for t in list(self._job_tasks):

@@ -32,6 +32,9 @@ class ControllerSettings:
             controller listens on loopback only.
         metrics_open: serve ``GET /metrics`` without the token (for scrapers).
         http_max_connections: open HTTP connections beyond which a new one is closed.
+        tls_cert, tls_key: PEM files; when both are given the API is served over HTTPS.
+        tls_ca: a PEM bundle the controller's own HTTP client verifies engines' HTTPS
+            servers with (``/tokenize``); "" for the system's.
     """
 
     host: str = "localhost"
@@ -46,3 +49,6 @@ class ControllerSettings:
     api_token: str = field(default="", repr=False)
     metrics_open: bool = False
     http_max_connections: int = 1024
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""

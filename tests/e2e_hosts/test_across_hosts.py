@@ -84,9 +84,11 @@ def test_a_link_cut_mid_move_fails_it_cleanly_and_loses_nothing(cross, hosts):
     back = cross.wait_up({"e2"})
     # The destination settles its interrupted fetch (committed whole or dropped) and shows
     # only whole chunks, byte-identical to the source's.
+    # Its fetch may complete once the cable is back; the lease the controller ended meanwhile
+    # is then released at once (nothing stays held), and no half-written chunk is left.
     deadline = time.monotonic() + 30
-    while e2.sidecar("/store").json()["writing_chunks"]:
-        assert time.monotonic() < deadline
+    while (store := e2.sidecar("/store").json())["writing_chunks"] or store["held_chunks"]:
+        assert time.monotonic() < deadline, store
         time.sleep(0.2)
     shown = [c["key"] for c in e2.sidecar("/chunks?limit=1000").json()["chunks"] if c["key"] in before]
     for k in shown:
@@ -98,3 +100,38 @@ def test_a_link_cut_mid_move_fails_it_cleanly_and_loses_nothing(cross, hosts):
     st = wait_job(cross.http, r.json()["event_id"])
     assert st["status"] == "done", st
     e2.serve_and_check(prompt, tokens, source["choices"][0]["text"])
+
+
+def test_a_partition_from_the_controller_for_30_s(cross, hosts):
+    """Engine 1 cannot reach the controller's host for 30 s (a blackhole route on its host;
+    everyone else still reaches it): it is down within the heartbeat timeout, moves to or from
+    it are 503, it keeps serving from its own store; once healed it registers again and its
+    holdings are indexed again within a second of being back."""
+    e1 = cross.engines["e1"]
+    h1, controller = hosts.hosts[0], hosts.hosts[2]
+    prompt = long_prompt("partition", 600)
+    reference = e1.complete(prompt, max_tokens=6)
+    tokens = e1.tokenize(prompt)
+    assert wait_lookup(cross.http, tokens, {"e1": len(tokens)}) == {"e1": len(tokens)}
+    h1.ip("route", "add", "blackhole", f"{controller.address}/32")
+    cut = time.monotonic()
+    try:
+        while "e1" in cross.up():
+            assert time.monotonic() - cut < 5 + 3, "e1 still up past the heartbeat timeout"
+            time.sleep(0.2)
+        down_after = time.monotonic() - cut
+        for src, dst in (("e1", "e2"), ("e2", "e1")):
+            r = move(cross, src, dst, tokens=tokens)
+            assert r.status_code == 503 and "down" in r.json()["error"]["message"], r.text
+        out, hits = e1.complete_from_store(prompt)  # serving on, from its own store
+        assert hits >= len(tokens) - 1 and out["choices"][0]["text"] == reference["choices"][0]["text"]
+        time.sleep(max(0.0, 30 - (time.monotonic() - cut)))
+    finally:
+        h1.ip("route", "del", "blackhole", f"{controller.address}/32", check=False)
+    back = cross.wait_up({"e1"}, timeout=30)
+    t_up = time.monotonic()
+    assert wait_lookup(cross.http, tokens, {"e1": len(tokens)}, timeout=1 + 1) == {"e1": len(tokens)}
+    print(f"\n[hosts] partition: e1 down {down_after:.2f} s after the cut, up {back:.2f} s after "
+          f"the heal, its holdings indexed {time.monotonic() - t_up:.2f} s later")
+    r = move(cross, "e1", "e2", tokens=tokens, copy=True)
+    assert wait_job(cross.http, r.json()["event_id"])["status"] == "done"

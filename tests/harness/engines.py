@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -38,9 +39,11 @@ def model_dir(name: str = "tiny-llama", **shape: int) -> Path:
 class Engine:
     """One engine's OpenAI server, /metrics and sidecar, as tests call them."""
 
-    def __init__(self, instance_id: str, proc, sidecar_url: str, model: str, token: str = ""):
+    def __init__(self, instance_id: str, proc, sidecar_url: str, model: str, token: str = "",
+                 ca: ssl.SSLContext | bool = True):
         self.instance_id = instance_id
         self.token = token  # the fleet secret, sent to the sidecar as a bearer token
+        self.ca = ca  # what an https sidecar is verified with
         self.model = model
         self.proc = proc
         self.url = proc.url
@@ -67,7 +70,15 @@ class Engine:
 
     def sidecar(self, path: str) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.get(self.sidecar_url + path, headers=headers, timeout=10)
+        return httpx.get(self.sidecar_url + path, headers=headers, timeout=10, verify=self.ca)
+
+    def complete_from_store(self, prompt, max_tokens: int = 6) -> tuple[dict, float]:
+        """Reset the engine's own prefix cache (so only the connector's store can help), send
+        ``prompt``; the response and the rise of its external prefix-cache hits."""
+        self.http.post("/reset_prefix_cache").raise_for_status()
+        before = self.metric(HITS)
+        out = self.complete(prompt, max_tokens=max_tokens)
+        return out, self.metric(HITS) - before
 
     def chunk_bytes(self, key: str) -> bytes | None:
         """A chunk's bytes from the engine's sidecar (``key`` in hex), or None if not held."""

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -98,8 +99,9 @@ class LocalCluster:
         argv = [self.python, "-m", "sidecar.controller", "--host", address, "--port", str(port),
                 "--monitor-ports", json.dumps({"pull": pull_port, "reply": reply_port}),
                 *(extra_args or [])]
+        scheme = "https" if "--tls-cert" in argv else "http"
         return self._spawn(f"controller-{port}", host.wrap(argv) if host else argv,
-                           {**os.environ}, f"http://{address}:{port}")
+                           {**os.environ}, f"{scheme}://{address}:{port}")
 
     def start_engine(self, instance_id: str, port: int, *, config_file: str | Path | None = None,
                      extra_config: dict[str, Any] | None = None, cpu: int | None = None,
@@ -149,18 +151,21 @@ class LocalCluster:
         env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         address = config.get("sidecar_host", "127.0.0.1")
+        scheme = "https" if config.get("tls_cert") else "http"
         return self._spawn(f"sidecar-{config['instance_id']}", host.wrap(argv) if host else argv,
-                           env, f"http://{address}:{config['sidecar_port']}")
+                           env, f"{scheme}://{address}:{config['sidecar_port']}")
 
     @staticmethod
-    def wait_ready(proc: Proc, path: str = "/health", timeout: float = 240.0) -> float:
-        """Poll ``proc.url + path`` until 200; return seconds waited. Raises RuntimeError."""
+    def wait_ready(proc: Proc, path: str = "/health", timeout: float = 240.0,
+                   verify: ssl.SSLContext | bool = True) -> float:
+        """Poll ``proc.url + path`` until 200 (an https one verified with ``verify``); return
+        seconds waited. Raises RuntimeError."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
             try:
-                if httpx.get(proc.url + path, timeout=2).status_code == 200:
+                if httpx.get(proc.url + path, timeout=2, verify=verify).status_code == 200:
                     return time.monotonic() - t0
             except httpx.HTTPError:
                 pass

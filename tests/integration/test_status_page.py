@@ -4,7 +4,7 @@ A real controller process and real in-process sidecars (the ``fleet`` fixture), 
 chromium driven by Playwright: the page must list the instances, and show a move started over
 HTTP appear and finish with the job's own byte count, refreshed by the page's polling alone.
 
-Needs ``scripts/setup-browser.sh`` (Debian's chromium + the ``playwright`` package). Without
+Needs ``scripts/setup-debian.sh`` (Debian's chromium + the ``playwright`` package). Without
 them these tests fail, on purpose: CI runs the setup, so a missing browser is a broken set-up.
 """
 
@@ -30,7 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-SETUP_HINT = ("run `bash scripts/setup-browser.sh` (installs Debian's chromium and the Python "
+SETUP_HINT = ("run `bash scripts/setup-debian.sh` (installs Debian's chromium and the Python "
               "package playwright into .venv; never `playwright install`)")
 WAIT_MS = 10_000
 

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.harness.api import kill_mid_move, lookup, wait_lookup
-from tests.harness.engines import HITS, Engine, model_dir
+from tests.harness.engines import Engine, model_dir
 from tests.harness.processes import LocalCluster, free_port
 
 N = 1100
@@ -73,15 +73,6 @@ class BigKVCluster:
         return {i["instance_id"] for i in self.http.get("/instances").json()["instances"] if i["up"]}
 
 
-def complete_uncached(engine: Engine, tokens: list[int]) -> tuple[dict, float]:
-    """Reset the engine's own prefix cache, send ``tokens``; the response and the rise of the
-    engine's external prefix-cache hits."""
-    engine.http.post("/reset_prefix_cache").raise_for_status()
-    before = engine.metric(HITS)
-    out = engine.complete(tokens, max_tokens=6)
-    return out, engine.metric(HITS) - before
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     c = BigKVCluster(tmp_path_factory.mktemp("promise3-engines"))
@@ -116,7 +107,7 @@ def test_engines_destination_then_source_die_mid_move(big):
     assert wait_lookup(big.http, tokens, {src.instance_id: N}, timeout=0) == {src.instance_id: N}
     store = src.sidecar("/store").json()
     assert store["num_chunks"] == len(keys) and store["held_chunks"] == 0, store
-    out, hits = complete_uncached(src, tokens)
+    out, hits = src.complete_from_store(tokens)
     assert hits == N - 1, f"source served {hits} of {N - 1} tokens from the store"
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == N - 1
     assert out["choices"][0]["text"] == reference["choices"][0]["text"]
@@ -138,7 +129,7 @@ def test_engines_destination_then_source_die_mid_move(big):
         assert dst2.sidecar(f"/chunks/{k}").content == source_bytes[k]
     # ...and its engine is served from exactly the prefix those chunks cover.
     prefix = lookup(big.http, tokens).get(dst2.instance_id, 0)
-    out, hits = complete_uncached(dst2, tokens)
+    out, hits = dst2.complete_from_store(tokens)
     assert hits == min(prefix, N - 1)
     assert out["choices"][0]["text"] == reference["choices"][0]["text"]
     print(f"[promise 3, engines] new destination kept {len(shown)} whole chunks "

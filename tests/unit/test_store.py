@@ -284,3 +284,4 @@ def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
             want["writing"], want["chunks"], want["tokens"], want["held"], want["pinned"],
             want["evictable"]), (step, op)
     assert st.evictions > 0  # the run went through evictions too
+
