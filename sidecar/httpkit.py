@@ -306,6 +306,9 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUEST_TIMEOUT_S = 15.0
 # An idle keep-alive connection is closed after this long.
 KEEPALIVE_TIMEOUT_S = 5
+# A stopping server waits this long for open connections (a long poll, a TLS close a client
+# never answers: asyncio waits 30 s for its close_notify) before it cancels what is left.
+SHUTDOWN_TIMEOUT_S = 3
 
 
 def server_config(app: Any, host: str, port: int, *, max_connections: int,
@@ -313,13 +316,15 @@ def server_config(app: Any, host: str, port: int, *, max_connections: int,
                   tls_key: str = "") -> uvicorn.Config:
     """The uvicorn configuration every app of the control plane is served with: HTTP/1.1
     (h11) with the request timeout, the keep-alive timeout and a cap of ``max_connections``
-    open connections (beyond it a new one is closed at once); HTTPS when ``tls_cert`` and
-    ``tls_key`` (PEM files) are given."""
+    open connections (beyond it a new one is closed at once); a bounded stop
+    (:data:`SHUTDOWN_TIMEOUT_S`); HTTPS when ``tls_cert`` and ``tls_key`` (PEM files) are
+    given."""
     protocol = type("BoundedH11Protocol", (_BoundedH11Protocol,),
                     {"max_connections": max_connections})
     return uvicorn.Config(app, host=host, port=port, http=protocol, log_level=log_level,
                           access_log=False, lifespan=lifespan,
                           timeout_keep_alive=KEEPALIVE_TIMEOUT_S,
+                          timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
                           ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None)
 
 

@@ -360,6 +360,7 @@ class MoveRequest(msgspec.Struct, forbid_unknown_fields=False):
         copy: keep the source's chunks (default: move, deleting them once the destination
             holds them).
         should_copy: LMCache's name for ``copy``.
+        max_bytes_per_s: this job's bandwidth cap (default: none but the controller's).
     """
 
     old_position: tuple[str, str]
@@ -368,6 +369,7 @@ class MoveRequest(msgspec.Struct, forbid_unknown_fields=False):
     prompt: str | None = None
     copy: bool | None = None
     should_copy: bool | None = None
+    max_bytes_per_s: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] | None = None
 
 
 class MoveResponse(msgspec.Struct):
@@ -434,6 +436,7 @@ class JobStatusBody(msgspec.Struct):
         elapsed_s: seconds since creation (until the end, once final).
         error: cause, when failed (or what a cancelled job had moved).
         error_kind: the cause's kind (a key of the HTTP error map, e.g. ``store_full``).
+        max_bytes_per_s: the job's own bandwidth cap, if it was given one.
     """
 
     event_id: str
@@ -448,6 +451,7 @@ class JobStatusBody(msgspec.Struct):
     elapsed_s: float
     error: str | None = None
     error_kind: str | None = None
+    max_bytes_per_s: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ async def move(request: Request) -> Response:
     dst = _position(ctl, *body.new_position, "new_position")
     tokens = await ctl.tokens_of(body.tokens, body.prompt, src)
     copy = bool(body.copy if body.copy is not None else body.should_copy)
-    job = ctl.create_move(src, dst, tokens, copy)
+    job = ctl.create_move(src, dst, tokens, copy, body.max_bytes_per_s)
     if wait is None:
         return json_response(protocol.MoveResponse(job.num_tokens, job.event_id))
     return json_response(await job.wait(wait))

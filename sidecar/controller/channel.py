@@ -22,8 +22,9 @@ Contract
   from a random origin), sends, and awaits the :class:`~sidecar.protocol.Reply` carrying it
   *from the connection of the instance it was sent to*; any number may be in flight to one
   sidecar. It never raises for a peer's fault: a timeout, an instance that is not registered
-  or that stops heartbeating while a command is in flight (the watchdog notices within
-  0.25 s) all come back as a failed Reply with a kind (``timeout``, ``unavailable``).
+  or that stops heartbeating while a command is in flight — the one commanded, or another the
+  command depends on (a fetch's source) — (the watchdog notices within 0.25 s) all come back
+  as a failed Reply with a kind (``timeout``, ``unavailable``).
 * Sends never wait (see :mod:`sidecar.zmqio`); a message to a peer that is away is dropped.
 """
 
@@ -75,8 +76,9 @@ class SidecarChannel:
         self.controller_id = controller_id
         self.metrics = metrics
         self.security = FleetSecurity(settings.api_token)
-        # In-flight commands: req_id -> (instance_id, future of its Reply).
-        self._pending: dict[int, tuple[str, asyncio.Future]] = {}
+        # In-flight commands: req_id -> (instance_id, future of its Reply, the instances it
+        # depends on besides).
+        self._pending: dict[int, tuple[str, asyncio.Future, tuple[str, ...]]] = {}
         # A random origin: a reply to a previous controller's command never matches ours.
         self._req_ids = itertools.count(secrets.randbits(52) + 1)
         self._router: LoopSocket | None = None
@@ -120,10 +122,17 @@ class SidecarChannel:
                 s.close()
 
     # -- commands --------------------------------------------------------------------------
-    async def command(self, instance_id: str, msg: Any,
-                      timeout: float | None = None) -> protocol.Reply:
+    async def command(self, instance_id: str, msg: Any, timeout: float | None = None,
+                      depends_on: tuple[str, ...] = ()) -> protocol.Reply:
         """Send one command (its ``req_id`` is set here) and await the reply.
 
+        Args:
+            instance_id: the sidecar commanded.
+            msg: the command.
+            timeout: longest wait (default: the settings' ``command_timeout_s``).
+            depends_on: other instances the command needs alive (a fetch's source): if one
+                stops heartbeating, the command fails at once rather than when the commanded
+                sidecar's own transport notices.
         Returns:
             The sidecar's Reply, or a failed Reply of kind ``timeout`` or ``unavailable``.
         """
@@ -133,7 +142,7 @@ class SidecarChannel:
                                   error=f"instance {instance_id} is not registered")
         msg.req_id = next(self._req_ids)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[msg.req_id] = (instance_id, fut)
+        self._pending[msg.req_id] = (instance_id, fut, depends_on)
         self._send(inst.identity, msg)
         timeout = self.settings.command_timeout_s if timeout is None else timeout
         try:
@@ -239,10 +248,17 @@ class SidecarChannel:
         job waiting on a dead peer ends within the heartbeat timeout, not the command's."""
         while True:
             await asyncio.sleep(_WATCHDOG_S)
-            down = self.registry.down_ids()
-            for req_id, (iid, fut) in list(self._pending.items()):
-                if (iid in down or self.registry.get(iid) is None) and not fut.done():
-                    fut.set_result(protocol.Reply(
-                        req_id=req_id, ok=False, error_kind="unavailable",
-                        error=f"instance {iid} stopped heartbeating "
-                              f"({self.settings.heartbeat_timeout_s} s)"))
+            self.fail_commands_on_the_down()
+
+    def fail_commands_on_the_down(self) -> None:
+        """Fail every command in flight to an instance that is down or gone, or that depends on
+        one (the watchdog's pass)."""
+        down = self.registry.down_ids()
+        for req_id, (iid, fut, depends_on) in list(self._pending.items()):
+            gone = next((i for i in (iid, *depends_on)
+                         if i in down or self.registry.get(i) is None), None)
+            if gone is not None and not fut.done():
+                fut.set_result(protocol.Reply(
+                    req_id=req_id, ok=False, error_kind="unavailable",
+                    error=f"instance {gone} stopped heartbeating "
+                          f"({self.settings.heartbeat_timeout_s} s)"))

@@ -18,7 +18,8 @@ Contract
   invariants — together, a move never leaves a chunk held nowhere:
     - the source holds every chunk (a lease) from before the first byte is read until the
       destination settled every batch it was sent (committed whole, or aborted);
-    - batches go two at a time (one copies while the other verifies); after a failed batch
+    - batches go two at a time (one copies while the other verifies), each no sooner than
+      the bandwidth caps allow (:mod:`~sidecar.controller.pacing`); after a failed batch
       or a cancel no new batch starts, and the ones already sent are waited for, not
       abandoned;
     - the source deletes its chunks (a move) only after the destination holds every one —
@@ -40,6 +41,7 @@ from typing import Any, Awaitable, Callable
 
 from sidecar import protocol
 from sidecar.controller.metrics import ControllerMetrics
+from sidecar.controller.pacing import RateLimit, grant_bytes
 from sidecar.httpkit import ApiError
 
 logger = logging.getLogger("vllm_kvmove.controller")
@@ -47,9 +49,10 @@ logger = logging.getLogger("vllm_kvmove.controller")
 # Fetch commands of one job in flight at once: one copies while the other verifies checksums.
 FETCHES_IN_FLIGHT = 2
 
-# How a job talks to a sidecar: ``await command(instance_id, msg)`` → its Reply (a failed Reply
-# for timeouts and dead peers; never raises for a peer's fault).
-Command = Callable[[str, Any], Awaitable[protocol.Reply]]
+# How a job talks to a sidecar: ``await command(instance_id, msg, depends_on=(...))`` → its
+# Reply (a failed Reply for timeouts and dead peers, the commanded one or one it depends on;
+# never raises for a peer's fault).
+Command = Callable[..., Awaitable[protocol.Reply]]
 
 
 class JobFailed(Exception):
@@ -89,6 +92,8 @@ class Job:
     finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     # Set by request_cancel(): no further fetch batch starts.
     cancel_requested: bool = False
+    # A move's or copy's own bandwidth cap (POST /move's max_bytes_per_s), if any.
+    max_bytes_per_s: int | None = None
 
     def begin(self) -> None:
         self.status = "running"
@@ -133,7 +138,7 @@ class Job:
             event_id=self.event_id, status=self.status, kind=self.kind, source=self.source,
             destination=self.destination, num_tokens=self.num_tokens, num_chunks=self.num_chunks,
             bytes=self.bytes, total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
-            error=self.error, error_kind=self.error_kind)
+            error=self.error, error_kind=self.error_kind, max_bytes_per_s=self.max_bytes_per_s)
 
 
 class JobTable:
@@ -192,9 +197,10 @@ class JobTable:
         return len(self._jobs)
 
 
-async def _step(command: Command, instance_id: str, msg: Any, what: str) -> protocol.Reply:
+async def _step(command: Command, instance_id: str, msg: Any, what: str,
+                depends_on: tuple[str, ...] = ()) -> protocol.Reply:
     """One command of a job; a failed reply ends the job with its kind and cause."""
-    reply = await command(instance_id, msg)
+    reply = await command(instance_id, msg, depends_on=depends_on)
     if not reply.ok:
         raise JobFailed(reply.error_kind or "internal",
                         f"{what} at {instance_id} failed: {reply.error}")
@@ -202,7 +208,8 @@ async def _step(command: Command, instance_id: str, msg: Any, what: str) -> prot
 
 
 async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
-                       fetch_batch_bytes: int, lease_s: float) -> None:
+                       fetch_batch_bytes: int, lease_s: float,
+                       limits: tuple[RateLimit, ...] = ()) -> None:
     """Lease the chunks at the source, fetch them at the destination (batches, two in
     flight), then end the lease — deleting the chunks at the source for a move, and only once
     the destination holds every one of them.
@@ -213,6 +220,8 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
         command: see :data:`Command`.
         fetch_batch_bytes: most bytes per fetch command.
         lease_s: the source's lease, a bound on how long a lost job can hold its chunks.
+        limits: bandwidth caps every batch waits for before it is sent (the job's own, the
+            controller's); batches shrink to a tenth of a second at the slowest cap.
     Raises:
         JobFailed: a step failed (its kind and cause); JobCancelled: a cancel stopped it.
     """
@@ -234,9 +243,15 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
         async with window:
             if failed.is_set() or job.cancel_requested:
                 return False  # an earlier batch failed, or a cancel: do not start this one
+            nbytes = sum(c.nbytes for c in batch)
+            for limit in limits:
+                await limit.take(nbytes)
+            if failed.is_set() or job.cancel_requested:
+                return False  # ...which may have come while it waited for its turn
             cmd = protocol.FetchChunks(source=source, chunks=batch, hold=hold, lease_s=lease_s)
             try:
-                reply = await _step(command, job.destination, cmd, "fetch")
+                reply = await _step(command, job.destination, cmd, "fetch",
+                                    depends_on=(job.source,))
             except BaseException:
                 failed.set()
                 raise
@@ -247,7 +262,8 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
             return True
 
     fetched_all = False
-    tasks = [asyncio.create_task(fetch(b)) for b in batches(lease.chunks, fetch_batch_bytes)]
+    batch_bytes = grant_bytes(list(limits), fetch_batch_bytes)
+    tasks = [asyncio.create_task(fetch(b)) for b in batches(lease.chunks, batch_bytes)]
     try:
         # A fetch already sent is waited for, not cancelled: the job ends only once the
         # destination has settled every batch (committed or aborted its reservations), and

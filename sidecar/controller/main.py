@@ -42,10 +42,15 @@ def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, s
     p.add_argument("--fetch-batch-mib", type=float, default=FETCH_BATCH_BYTES / 2**20,
                    help="a move's fetch is sent in commands of at most this many MiB "
                         f"(default {FETCH_BATCH_BYTES >> 20}); progress advances per command")
+    p.add_argument("--max-mib-per-s", type=float, default=0, metavar="MIB",
+                   help="cap on the bytes of all moves and copies together, MiB per second "
+                        "(default: none); a move may ask for a lower cap of its own")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     if a.fetch_batch_mib <= 0:
         p.error("--fetch-batch-mib must be > 0")
+    if a.max_mib_per_s < 0:
+        p.error("--max-mib-per-s must be >= 0")
     try:
         ports = json.loads(a.monitor_ports)
         pull, reply = int(ports["pull"]), int(ports["reply"])
@@ -54,6 +59,7 @@ def parse_settings(argv: list[str] | None = None) -> tuple[ControllerSettings, s
     settings = ControllerSettings(host=a.host, port=a.port, pull_port=pull, reply_port=reply,
                                   heartbeat_timeout_s=a.heartbeat_timeout, api_token=a.api_token,
                                   fetch_batch_bytes=int(a.fetch_batch_mib * 2**20),
+                                  max_bytes_per_s=int(a.max_mib_per_s * 2**20),
                                   metrics_open=a.metrics_open,
                                   http_max_connections=a.max_connections,
                                   tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca)

@@ -36,6 +36,7 @@ from sidecar.controller.instances import Instance, InstanceRegistry
 from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, run_transfer
 from sidecar.controller.locks import ChunkLocks, Claim
 from sidecar.controller.metrics import ControllerMetrics
+from sidecar.controller.pacing import RateLimit
 from sidecar.controller.settings import ControllerSettings
 from sidecar.httpkit import ApiError, verify_with
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
@@ -64,6 +65,9 @@ class Controller:
         self.metrics = ControllerMetrics(self.registry, self.index)
         self.jobs = JobTable(settings.max_jobs, self.metrics)
         self.locks = ChunkLocks()
+        # Every move's and copy's batches together, when the operator capped them.
+        self.bandwidth = (RateLimit(settings.max_bytes_per_s)
+                          if settings.max_bytes_per_s else None)
         self.channel = SidecarChannel(settings, self.registry, self.controller_id, self.metrics)
         self._job_tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
@@ -165,9 +169,10 @@ class Controller:
         return chunk_spans(tokens, inst.reg.chunk_size, inst.reg.fingerprint)
 
     # -- jobs ------------------------------------------------------------------------------
-    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool) -> Job:
-        """Validate a move (or copy) and start its job. Raises ApiError; changes nothing on
-        error."""
+    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool,
+                    max_bytes_per_s: int | None = None) -> Job:
+        """Validate a move (or copy) and start its job, paced at ``max_bytes_per_s`` (and the
+        controller's cap). Raises ApiError; changes nothing on error."""
         if src.instance_id == dst.instance_id:
             raise ApiError("bad_request", "source and destination are the same instance")
         self.registry.require_up(src, "source instance")
@@ -197,6 +202,7 @@ class Controller:
             raise
         job = self.jobs.new(kind, src.instance_id, dst.instance_id, [s.key for s in spans],
                             spans[-1].end, event_id=holder.split()[1])
+        job.max_bytes_per_s = max_bytes_per_s
         task = asyncio.create_task(self._run_transfer_job(job, holder))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
@@ -212,8 +218,11 @@ class Controller:
                 raise JobFailed("unavailable", "an instance unregistered before the job started")
             source = protocol.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url,
                                        src.reg.incarnation, src.reg.shared_pool)
+            limits = tuple(lim for lim in (
+                RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
+                self.bandwidth) if lim is not None)
             await run_transfer(job, source, self.channel.command, self.settings.fetch_batch_bytes,
-                               lease_s=2 * self.settings.command_timeout_s)
+                               lease_s=2 * self.settings.command_timeout_s, limits=limits)
         except JobCancelled as e:
             error, cancelled = str(e), True
         except JobFailed as e:

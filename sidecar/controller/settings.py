@@ -25,6 +25,8 @@ class ControllerSettings:
             so its progress (bytes moved) advances while it runs and a failure wastes at most
             two batches; each command is still one transfer of many chunks. Smaller batches
             cost a round trip each.
+        max_bytes_per_s: a cap on all moves' and copies' bytes together (0: none), so that
+            moving KV leaves the links to serving; each job may ask for a lower one of its own.
         api_token: the fleet's shared secret (default: env KVMOVE_API_TOKEN; at least 16
             characters). When set, every HTTP endpoint but ``GET /health`` (and the static
             status page) needs ``Authorization: Bearer <token>``, and both ZMQ sockets run
@@ -46,6 +48,7 @@ class ControllerSettings:
     tokenize_timeout_s: float = 10.0
     max_jobs: int = 10000
     fetch_batch_bytes: int = FETCH_BATCH_BYTES
+    max_bytes_per_s: int = 0
     api_token: str = field(default="", repr=False)
     metrics_open: bool = False
     http_max_connections: int = 1024

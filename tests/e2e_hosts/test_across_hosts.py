@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.harness.api import lookup, wait_job, wait_lookup
+from tests.harness.api import lookup, wait_job, wait_lookup, wait_settled
 from tests.harness.engines import chunk_keys
 
 LOC = "LocalCPUBackend"
@@ -86,10 +86,7 @@ def test_a_link_cut_mid_move_fails_it_cleanly_and_loses_nothing(cross, hosts):
     # only whole chunks, byte-identical to the source's.
     # Its fetch may complete once the cable is back; the lease the controller ended meanwhile
     # is then released at once (nothing stays held), and no half-written chunk is left.
-    deadline = time.monotonic() + 30
-    while (store := e2.sidecar("/store").json())["writing_chunks"] or store["held_chunks"]:
-        assert time.monotonic() < deadline, store
-        time.sleep(0.2)
+    wait_settled(lambda: e2.sidecar("/store").json(), timeout=30)
     shown = [c["key"] for c in e2.sidecar("/chunks?limit=1000").json()["chunks"] if c["key"] in before]
     for k in shown:
         assert e2.chunk_bytes(k) == before[k]

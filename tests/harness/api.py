@@ -49,14 +49,17 @@ def wait_lookup(http, tokens: list[int], expect: dict[str, int], timeout: float 
         time.sleep(0.02)
 
 
-def kill_mid_move(http, src: str, dst: str, tokens: list[int], kill, copy: bool) -> tuple[dict, float]:
-    """Start a move (or copy) of ``tokens`` from ``src`` to ``dst``, call ``kill()`` once some
-    bytes moved while the job still runs, and wait for the job's end.
+def kill_mid_move(http, src: str, dst: str, tokens: list[int], kill, copy: bool,
+                  max_bytes_per_s: int) -> tuple[dict, float]:
+    """Start a move (or copy) of ``tokens`` from ``src`` to ``dst`` capped at
+    ``max_bytes_per_s`` (so that it lasts long enough to be interrupted whatever the machine's
+    speed), call ``kill()`` once some bytes moved while the job still runs, and wait for the
+    job's end.
 
     Returns the job's final status and the seconds from the kill to the end. Fails the test
     if the job ends before it could be interrupted or is not mid-transfer at the kill.
     """
-    r = post_move(http, src, dst, tokens=tokens, copy=copy)
+    r = post_move(http, src, dst, tokens=tokens, copy=copy, max_bytes_per_s=max_bytes_per_s)
     assert r.status_code == 200, r.text
     eid = r.json()["event_id"]
     deadline = time.monotonic() + 30
@@ -72,3 +75,17 @@ def kill_mid_move(http, src: str, dst: str, tokens: list[int], kill, copy: bool)
     killed = time.monotonic()
     final = wait_job(http, eid, timeout=30)
     return final, time.monotonic() - killed
+
+
+def wait_settled(store_info, timeout: float) -> dict:
+    """Poll ``store_info()`` (a sidecar's ``/store`` answer) until nothing is being written or
+    held there — every interrupted fetch settled (committed whole, or dropped) and every lease
+    ended; returns it. Raises AssertionError after ``timeout`` seconds, with the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store = store_info()
+        if store["writing_chunks"] == 0 and store["held_chunks"] == 0:
+            return store
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the store did not settle in {timeout} s: {store}")
+        time.sleep(0.2)

@@ -176,10 +176,11 @@ class LocalCluster:
         """SIGINT by PID; SIGKILL the process group if it has not exited within ``timeout``."""
         if proc.alive():
             try:
-                os.kill(proc.pid, signal.SIGINT)
+                os.kill(_signal_target(proc.pid), signal.SIGINT)
                 proc.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                pass
+                print(f"[harness] {proc.name} did not exit within {timeout:.0f} s of SIGINT: killed",
+                      file=sys.stderr)
             except ProcessLookupError:
                 pass
         try:
@@ -209,6 +210,20 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _signal_target(pid: int) -> int:
+    """The process that should get a stop signal for ``pid``: itself, or for a test host's
+    wrapper (``unshare --fork``, which ignores SIGINT and SIGTERM) the program it runs."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() != "unshare":
+                return pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return pid
+    return int(children[0]) if children else pid
 
 
 _next_port = [20000 + (os.getpid() * 37) % 8000]

@@ -60,7 +60,8 @@ def test_check_finish_lmcache_style(fleet, pair):
     st = fleet.http.post("/check_finish", json={"event_id": eid}).json()
     assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
     assert set(st) == {"event_id", "status", "kind", "source", "destination", "num_tokens",
-                       "num_chunks", "bytes", "total_bytes", "elapsed_s", "error", "error_kind"}
+                       "num_chunks", "bytes", "total_bytes", "elapsed_s", "error", "error_kind",
+                       "max_bytes_per_s"}
 
 
 def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):

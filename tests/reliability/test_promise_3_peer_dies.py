@@ -16,7 +16,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.harness.api import LOC, kill_mid_move
+from tests.harness.api import LOC, kill_mid_move, wait_settled
 from tests.harness.stores import BIG_LAYOUT as LAYOUT
 from tests.harness.stores import GIB_TOKENS as TOKENS
 from tests.harness.stores import synthetic_chunk
@@ -36,7 +36,8 @@ def start_and_interrupt(fleet, prefix: str, kill: str):
     held = {f"{prefix}-src": len(TOKENS)}
     assert fleet.wait_lookup(TOKENS, held, timeout=10) == held
     final, took = kill_mid_move(fleet.http, f"{prefix}-src", f"{prefix}-dst", TOKENS,
-                                lambda: fleet.cluster.kill(procs[kill]), copy=True)
+                                lambda: fleet.cluster.kill(procs[kill]), copy=True,
+                                max_bytes_per_s=256 << 20)  # 1 GiB: 4 s
     assert final["status"] == "failed" and final["error"], final
     assert took < 10, f"failure reported {took:.1f} s after the kill"
     print(f"\n[promise 3] {kill} killed: job failed {took:.2f} s later: {final['error']}")
@@ -52,7 +53,9 @@ def visible_chunks_are_whole(sidecar_url: str) -> int:
         i, span = by_key[c["key"]]
         got = httpx.get(f"{sidecar_url}/chunks/{c['key']}", timeout=30).content
         assert got == synthetic_chunk(LAYOUT, span.num_tokens, SEED + i).numpy().tobytes()
-    assert httpx.get(sidecar_url + "/store", timeout=10).json()["writing_chunks"] == 0
+    # An interrupted read settles within the fleet's command_timeout_s (5 s): nothing is left
+    # half-written or held.
+    wait_settled(lambda: httpx.get(sidecar_url + "/store", timeout=10).json(), timeout=5 + 5)
     return len(chunks)
 
 

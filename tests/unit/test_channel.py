@@ -43,7 +43,7 @@ def test_a_reply_counts_only_from_the_connection_of_the_instance_commanded():
         w.receive(b"conn-b", register("b"))
         assert [type(m).__name__ for _, m in w.sent] == ["RegisterAck", "RegisterAck"]
         fut = asyncio.get_running_loop().create_future()
-        w.channel._pending[77] = ("a", fut)
+        w.channel._pending[77] = ("a", fut, ())
         for stranger in (b"conn-b", b"conn-nobody"):  # another instance, or no instance at all
             w.receive(stranger, protocol.Reply(req_id=77, ok=True, bytes=1 << 30))
             assert not fut.done()
@@ -97,3 +97,25 @@ def test_bad_messages_are_dropped_and_counted_and_the_loop_goes_on():
     assert isinstance(w.sent[-1][1], protocol.RegisterRefused)  # the invalid one is told why
     w.receive(b"conn-a", register("a"))  # and the channel still works
     assert isinstance(w.sent[-1][1], protocol.RegisterAck)
+
+
+def test_a_command_fails_when_its_instance_or_one_it_depends_on_goes_down():
+    async def main():
+        w = Wire()
+        for iid in ("src", "dst", "other"):
+            w.receive(f"conn-{iid}".encode(), register(iid))
+        loop = asyncio.get_running_loop()
+        fetch, plain = loop.create_future(), loop.create_future()
+        w.channel._pending[1] = ("dst", fetch, ("src",))  # a fetch at dst, reading from src
+        w.channel._pending[2] = ("dst", plain, ())
+        w.channel.fail_commands_on_the_down()
+        assert not fetch.done() and not plain.done()  # everyone heartbeats
+        w.registry.get("src").last_heartbeat -= 60  # the source goes silent
+        w.channel.fail_commands_on_the_down()
+        assert fetch.done() and "instance src stopped heartbeating" in fetch.result().error
+        assert fetch.result().error_kind == "unavailable" and not plain.done()
+        w.registry.get("dst").last_heartbeat -= 60
+        w.channel.fail_commands_on_the_down()
+        assert "instance dst" in plain.result().error
+
+    asyncio.run(main())

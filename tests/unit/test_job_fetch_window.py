@@ -31,7 +31,7 @@ class FakeSidecars:
         self.req_ids = iter(range(1000, 2000))
         self.held: set[int] = set()
 
-    async def command(self, instance_id: str, msg, timeout=None) -> protocol.Reply:
+    async def command(self, instance_id: str, msg, timeout=None, depends_on=()) -> protocol.Reply:
         now = lambda: time.monotonic() - self.t0  # noqa: E731
         msg.req_id = next(self.req_ids)
         if isinstance(msg, protocol.LeaseChunks):

@@ -1,0 +1,64 @@
+"""Bandwidth caps: a move's own (``max_bytes_per_s`` in ``POST /move``) and the controller's for
+all jobs together (``--max-mib-per-s``), so that moving KV does not starve the engines' serving
+traffic on the same links.
+
+Contract
+--------
+* A :class:`RateLimit` paces *starts*: ``await take(n)`` returns when ``n`` more bytes may be
+  sent. It keeps a virtual clock — the time by which everything already granted would have
+  gone at the cap — and a caller waits until that clock, then advances it by ``n / rate``.
+  Grants are first come, first served; an idle limit does not bank credit beyond ``burst_s``.
+* Only the controller's event loop calls it (no locking). Cancelling a waiting ``take`` gives
+  back nothing it did not take.
+* Accuracy follows from the grant size: over any window of W seconds, at most
+  ``rate * (W + burst_s) + largest grant`` bytes start. :func:`grant_bytes` picks a batch size
+  that keeps a 1 s window within 10 % of the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class RateLimit:
+    """A pacer of byte grants at ``bytes_per_s``.
+
+    Args:
+        bytes_per_s: the cap (> 0).
+        burst_s: seconds of unused cap an idle limit may bank (0: none).
+        clock: monotonic time source (tests inject one).
+    """
+
+    def __init__(self, bytes_per_s: float, burst_s: float = 0.0, clock=time.monotonic):
+        if bytes_per_s <= 0:
+            raise ValueError("bytes_per_s must be > 0")
+        self.bytes_per_s = float(bytes_per_s)
+        self.burst_s = burst_s
+        self._clock = clock
+        self._next = clock()
+
+    async def take(self, nbytes: int) -> float:
+        """Wait until ``nbytes`` may start; returns the seconds waited."""
+        now = self._clock()
+        start = max(self._next, now - self.burst_s)
+        self._next = start + nbytes / self.bytes_per_s
+        delay = start - now
+        if delay > 0:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                # Not sent: later callers need not wait for it (the clock is rolled back only
+                # when nobody took a grant after this one).
+                if self._next == start + nbytes / self.bytes_per_s:
+                    self._next = start
+                raise
+        return max(delay, 0.0)
+
+
+def grant_bytes(limits: list[RateLimit], batch_bytes: int) -> int:
+    """The largest batch to send under ``limits``: ``batch_bytes``, or a tenth of a second at
+    the slowest cap if smaller (so any 1 s window stays within 10 % of it)."""
+    if not limits:
+        return batch_bytes
+    return max(1, min(batch_bytes, int(min(lim.bytes_per_s for lim in limits) / 10)))

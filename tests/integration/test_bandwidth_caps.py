@@ -1,0 +1,117 @@
+"""Bandwidth caps, measured from outside: a copy capped by its own ``max_bytes_per_s`` and two
+uncapped copies at once under the controller's ``--max-mib-per-s`` move at most 10 % more
+than the cap in any 1 s window (sampled from the job's progress), and take at least the time
+the cap implies; a cap below 1 MiB/s is refused with the error envelope and starts nothing.
+
+Real sidecar processes reading 512 MiB of synthetic KV over NIXL (16 MiB chunks); the
+controller's cap is 256 MiB/s, a copy's own 128 MiB/s."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.harness.api import LOC
+from tests.harness.fleet import Fleet
+from tests.harness.stores import BIG_LAYOUT as LAYOUT
+
+MiB = 1 << 20
+TOKENS = list(range(1, 1 + 32 * LAYOUT.chunk_size))  # 512 MiB
+TOTAL = 32 * LAYOUT.chunk_bytes
+GLOBAL_CAP = 256 * MiB
+JOB_CAP = 128 * MiB
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("caps"), controller_args=("--max-mib-per-s", "256"))
+    procs = [f.spawn_sidecar("cap-src", LAYOUT, 34, fill=[f"5:1:{len(TOKENS)}"], same_host_copy=False),
+             f.spawn_sidecar("cap-d1", LAYOUT, 34, same_host_copy=False),
+             f.spawn_sidecar("cap-d2", LAYOUT, 34, same_host_copy=False)]
+    try:
+        assert f.wait_lookup(TOKENS, {"cap-src": len(TOKENS)}, timeout=30)
+        yield f
+    finally:
+        for p in procs:
+            f.cluster.stop(p)
+        f.close()
+
+
+def progress(fleet, event_ids: list[str]) -> list[tuple[float, int]]:
+    """(time, bytes moved by all the jobs together), every 20 ms until every job ended."""
+    samples = []
+    while True:
+        states = [fleet.http.get(f"/events/{e}").json() for e in event_ids]
+        samples.append((time.monotonic(), sum(s["bytes"] for s in states)))
+        if all(s["status"] not in ("pending", "running") for s in states):
+            assert all(s["status"] == "done" for s in states), states
+            return samples
+        time.sleep(0.02)
+
+
+def busiest_second(samples: list[tuple[float, int]]) -> int:
+    """The most bytes moved within any 1 s between two samples."""
+    best = 0
+    for i, (t0, b0) in enumerate(samples):
+        for t1, b1 in samples[i:]:
+            if t1 - t0 > 1.0:
+                break
+            best = max(best, b1 - b0)
+    return best
+
+
+def copy(fleet, dst: str, **body) -> str:
+    r = fleet.http.post("/move", json={"old_position": ["cap-src", LOC], "new_position": [dst, LOC],
+                                       "tokens": TOKENS, "copy": True, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["event_id"]
+
+
+def clear(fleet, *instances: str) -> None:
+    for i in instances:
+        r = fleet.http.post("/clear", json={"instance_id": i, "location": LOC})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.timeout(120)
+def test_a_copys_own_cap_holds_over_every_second(fleet):
+    t0 = time.monotonic()
+    eid = copy(fleet, "cap-d1", max_bytes_per_s=JOB_CAP)
+    samples = progress(fleet, [eid])
+    took = time.monotonic() - t0
+    peak = busiest_second(samples)
+    st = fleet.http.get(f"/events/{eid}").json()
+    print(f"\n[caps] one copy capped at 128 MiB/s: {TOTAL / MiB:.0f} MiB in {took:.2f} s "
+          f"({TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
+          f"({peak / JOB_CAP:.3f}× the cap)")
+    assert st["max_bytes_per_s"] == JOB_CAP and st["bytes"] == TOTAL
+    assert peak <= 1.1 * JOB_CAP
+    assert took >= 0.9 * (TOTAL - JOB_CAP / 10) / JOB_CAP  # the first tenth of a second is free
+    clear(fleet, "cap-d1")
+
+
+@pytest.mark.timeout(120)
+def test_two_copies_together_keep_to_the_controllers_cap(fleet):
+    t0 = time.monotonic()
+    eids = [copy(fleet, "cap-d1"), copy(fleet, "cap-d2")]
+    samples = progress(fleet, eids)
+    took = time.monotonic() - t0
+    peak = busiest_second(samples)
+    print(f"\n[caps] two copies under the controller's 256 MiB/s: {2 * TOTAL / MiB:.0f} MiB in "
+          f"{took:.2f} s ({2 * TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
+          f"({peak / GLOBAL_CAP:.3f}× the cap)")
+    assert peak <= 1.1 * GLOBAL_CAP
+    assert took >= 0.9 * (2 * TOTAL - GLOBAL_CAP / 10) / GLOBAL_CAP
+    clear(fleet, "cap-d1", "cap-d2")
+
+
+@pytest.mark.parametrize("cap", [0, MiB - 1, "fast", 1 << 51])
+def test_a_bad_cap_is_refused_and_starts_nothing(fleet, cap):
+    before = len(fleet.http.get("/events?limit=1000").json()["events"])
+    r = fleet.http.post("/move", json={"old_position": ["cap-src", LOC], "new_position": ["cap-d1", LOC],
+                                       "tokens": TOKENS, "max_bytes_per_s": cap})
+    assert r.status_code == 400 and r.json()["error"]["kind"] == "bad_request", r.text
+    assert "max_bytes_per_s" in r.json()["error"]["message"]
+    assert len(fleet.http.get("/events?limit=1000").json()["events"]) == before
