@@ -91,8 +91,9 @@ def table(results: list[Result]) -> str:
     for r in results:
         base = ", ".join(f"{k} {v:.4g}" for k, v in r.baseline.items()) or "—"
         ratio = f"{r.ratio:.3g}" if r.ratio is not None else "—"
+        met = "—" if r.goal == "—" else "yes" if r.met else "NO"  # "—": a cost, no goal
         lines.append(f"| {r.id} | {r.measure} | {r.value:.4g} {r.unit} | {base} | {ratio} | {r.goal} | "
-                     f"{'yes' if r.met else 'NO'} |")
+                     f"{met} |")
     return "\n".join(lines)
 
 

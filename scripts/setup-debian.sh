@@ -3,6 +3,7 @@
 #   chromium (+ a font)  the status-page test (tests/integration/test_status_page.py), driven
 #                        by the Python package playwright in .venv
 #   tcpdump              the wire-capture test across hosts (tests/e2e_hosts)
+#   iperf3               the link baseline of benchmark P7 (benchmarks/p7_hosts.py)
 #
 # Never run `playwright install`: browser downloads are blocked on these machines. The test
 # launches Debian's /usr/bin/chromium through playwright's executable_path instead.
@@ -14,6 +15,7 @@ CHROMIUM=/usr/bin/chromium  # Debian's; the test launches exactly this one
 missing=()
 [ -x "$CHROMIUM" ] || missing+=(chromium fonts-dejavu-core)
 command -v tcpdump >/dev/null || missing+=(tcpdump)
+command -v iperf3 >/dev/null || missing+=(iperf3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup-debian] installing ${missing[*]} (about a minute)"
   export DEBIAN_FRONTEND=noninteractive
