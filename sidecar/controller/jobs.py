@@ -221,7 +221,7 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
         fetch_batch_bytes: most bytes per fetch command.
         lease_s: the source's lease, a bound on how long a lost job can hold its chunks.
         limits: bandwidth caps every batch waits for before it is sent (the job's own, the
-            controller's); batches shrink to a tenth of a second at the slowest cap.
+            controller's); batches shrink to 1/20 s at the slowest cap.
     Raises:
         JobFailed: a step failed (its kind and cause); JobCancelled: a cancel stopped it.
     """

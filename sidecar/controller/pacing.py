@@ -11,8 +11,10 @@ Contract
 * Only the controller's event loop calls it (no locking). Cancelling a waiting ``take`` gives
   back nothing it did not take.
 * Accuracy follows from the grant size: over any window of W seconds, at most
-  ``rate * (W + burst_s) + largest grant`` bytes start. :func:`grant_bytes` picks a batch size
-  that keeps a 1 s window within 10 % of the cap.
+  ``rate * (W + burst_s) + largest grant`` bytes start; bytes *completing* in a window may
+  exceed that by one more grant (transfer times vary). :func:`grant_bytes` picks a batch size
+  of a twentieth of a second at the cap, so that a 1 s window stays within 10 % of it — as long
+  as a chunk (the smallest batch) is no larger than that.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class RateLimit:
 
 
 def grant_bytes(limits: list[RateLimit], batch_bytes: int) -> int:
-    """The largest batch to send under ``limits``: ``batch_bytes``, or a tenth of a second at
-    the slowest cap if smaller (so any 1 s window stays within 10 % of it)."""
+    """The largest batch to send under ``limits``: ``batch_bytes``, or a twentieth of a second
+    at the slowest cap if smaller (so any 1 s window stays within 10 % of it)."""
     if not limits:
         return batch_bytes
-    return max(1, min(batch_bytes, int(min(lim.bytes_per_s for lim in limits) / 10)))
+    return max(1, min(batch_bytes, int(min(lim.bytes_per_s for lim in limits) / 20)))

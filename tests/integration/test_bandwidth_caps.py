@@ -3,8 +3,10 @@ uncapped copies at once under the controller's ``--max-mib-per-s`` move at most 
 than the cap in any 1 s window (sampled from the job's progress), and take at least the time
 the cap implies; a cap below 1 MiB/s is refused with the error envelope and starts nothing.
 
-Real sidecar processes reading 512 MiB of synthetic KV over NIXL (16 MiB chunks); the
-controller's cap is 256 MiB/s, a copy's own 128 MiB/s."""
+Real sidecar processes reading 512 MiB of synthetic KV over NIXL in 4 MiB chunks (16 KiB of
+KV per token): the caps' batches are a twentieth of a second (6.4 MiB at 128 MiB/s, one chunk),
+the granularity that keeps a 1 s window within 10 %. The controller's cap is 256 MiB/s, a
+copy's own 128 MiB/s."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import pytest
 
 from tests.harness.api import LOC
 from tests.harness.fleet import Fleet
-from tests.harness.stores import BIG_LAYOUT as LAYOUT
+from tests.harness.stores import tiny_layout
 
 MiB = 1 << 20
-TOKENS = list(range(1, 1 + 32 * LAYOUT.chunk_size))  # 512 MiB
-TOTAL = 32 * LAYOUT.chunk_bytes
+LAYOUT = tiny_layout(model="caps", num_layers=4, num_kv_heads=8, head_size=128, block_size=128,
+                     chunk_size=256)
+TOKENS = list(range(1, 1 + 128 * LAYOUT.chunk_size))  # 128 chunks of 4 MiB
+TOTAL = 128 * LAYOUT.chunk_bytes
 GLOBAL_CAP = 256 * MiB
 JOB_CAP = 128 * MiB
 
@@ -27,9 +31,9 @@ JOB_CAP = 128 * MiB
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("caps"), controller_args=("--max-mib-per-s", "256"))
-    procs = [f.spawn_sidecar("cap-src", LAYOUT, 34, fill=[f"5:1:{len(TOKENS)}"], same_host_copy=False),
-             f.spawn_sidecar("cap-d1", LAYOUT, 34, same_host_copy=False),
-             f.spawn_sidecar("cap-d2", LAYOUT, 34, same_host_copy=False)]
+    procs = [f.spawn_sidecar("cap-src", LAYOUT, 132, fill=[f"5:1:{len(TOKENS)}"], same_host_copy=False),
+             f.spawn_sidecar("cap-d1", LAYOUT, 132, same_host_copy=False),
+             f.spawn_sidecar("cap-d2", LAYOUT, 132, same_host_copy=False)]
     try:
         assert f.wait_lookup(TOKENS, {"cap-src": len(TOKENS)}, timeout=30)
         yield f

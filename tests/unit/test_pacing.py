@@ -63,9 +63,9 @@ def test_a_cancelled_wait_gives_its_turn_back():
     asyncio.run(main())
 
 
-def test_batches_shrink_to_a_tenth_of_a_second_at_the_slowest_cap():
+def test_batches_shrink_to_a_twentieth_of_a_second_at_the_slowest_cap():
     assert grant_bytes([], 256 * MiB) == 256 * MiB
-    assert grant_bytes([RateLimit(100 * MiB), RateLimit(20 * MiB)], 256 * MiB) == 2 * MiB
+    assert grant_bytes([RateLimit(100 * MiB), RateLimit(40 * MiB)], 256 * MiB) == 2 * MiB
     assert grant_bytes([RateLimit(100 * MiB)], MiB) == MiB
     with pytest.raises(ValueError):
         RateLimit(0)
@@ -73,12 +73,13 @@ def test_batches_shrink_to_a_tenth_of_a_second_at_the_slowest_cap():
 
 def test_a_capped_job_sends_its_batches_paced_and_a_cancel_stops_the_waiting_ones():
     async def main():
-        # Eight 1 MiB batches at 10 MiB/s: one every 0.1 s, the whole job ~0.7 s.
+        # Eight 1 MiB batches at 10 MiB/s (grants of 0.5 MiB: one chunk each): one every
+        # 0.1 s, the whole job ~0.7 s.
         job, fake = new_job(8, "copy"), FakeSidecars([0.0] * 8, failing=set())
         await run_transfer(job, SOURCE, fake.command, fetch_batch_bytes=64 * MiB, lease_s=60,
                            limits=(RateLimit(10 * MiB),))
         sent = [t for what, t, _ in fake.log if what == "fetch sent"]
-        assert len(sent) == 8 and job.bytes == 8 * MiB  # shrunk from 64 MiB to one chunk each
+        assert len(sent) == 8 and job.bytes == 8 * MiB  # from 64 MiB down to one chunk each
         gaps = [b - a for a, b in zip(sent, sent[1:])]
         assert min(gaps) > 0.08 and sent[-1] - sent[0] > 0.65, gaps
 
