@@ -26,8 +26,9 @@ Contract
   changes the store (the caller reserves, verifies and commits or aborts).
 * Process-wide changes, at the agent's creation: ``UCX_TLS`` is set to ``cma,tcp``,
   ``UCX_NET_DEVICES`` to the interface that holds ``host`` (so UCX's own listener binds only
-  there) and ``UCX_TCP_PORT_RANGE`` to ``data_ports`` when given, each unless the operator
-  set it; and NIXL's agent constructor is wrapped (under a
+  there), ``UCX_TCP_PORT_RANGE`` to ``data_ports`` when given and UCX's tcp segment sizes to
+  :data:`TCP_SEGMENT` (both, unless the operator set either), each unless the operator set
+  it; and NIXL's agent constructor is wrapped (under a
   lock, for that call only) to set the progress thread's poll delay (:func:`_make_agent`).
 """
 
@@ -55,6 +56,8 @@ _MD_REQUEST = b"kvmove-md/2"
 # the peer's connection inside ZMQ, before any of it reaches us.
 _MD_MAX_MESSAGE = 4096
 _agent_lock = threading.Lock()
+# UCX_TCP_TX_SEG_SIZE and UCX_TCP_RX_SEG_SIZE unless the operator set them (see _make_agent).
+TCP_SEGMENT = "256k"
 
 
 class TransferError(Exception):
@@ -93,6 +96,14 @@ def _make_agent(name: str, progress_delay_us: int, host: str, data_ports: str = 
         os.environ.setdefault("UCX_NET_DEVICES", device)
     if data_ports:  # UCX's tcp listener picks its port in this range (for firewalls)
         os.environ.setdefault("UCX_TCP_PORT_RANGE", data_ports)
+    # UCX's tcp transport moves a large READ in segments of 8 KiB by default: between two
+    # test hosts that reached 0.42x iperf3; 128 KiB-512 KiB segments reach 0.86-1.1x
+    # (benchmarks/README.md, P7). Only tcp reads use them (cma does not). Both or neither:
+    # UCX refuses to create a worker whose tx segment is larger than its rx one.
+    segments = ("UCX_TCP_TX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE")
+    if not any(var in os.environ for var in segments):
+        for var in segments:
+            os.environ[var] = TCP_SEGMENT
     bindings = api.nixlBind
     real_ctor = bindings.nixlAgent
 

@@ -37,7 +37,8 @@ Contract
   a sidecar that hears nothing from it for :data:`ACK_TIMEOUT_INTERVALS` heartbeat intervals
   registers again.
 * Process-wide changes it makes: :func:`start_sidecar` lowers ``sys.setswitchinterval`` to
-  0.2 ms; the NIXL agent's creation sets ``UCX_TLS`` and ``UCX_NET_DEVICES`` (if unset) and
+  0.2 ms; the NIXL agent's creation sets ``UCX_TLS``, ``UCX_NET_DEVICES`` and UCX's tcp
+  segment sizes (each if unset) and
   wraps NIXL's agent constructor for the call (:mod:`vllm_kvmove.transfer`).
 """
 
