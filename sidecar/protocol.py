@@ -70,7 +70,9 @@ ChunkTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_TOKENS)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Url = Annotated[str, msgspec.Meta(max_length=512)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
-LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+# The longest lease a sidecar accepts (a day).
+MAX_LEASE_S = 86400.0
+LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
 
 
 class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):

@@ -221,8 +221,17 @@ class Controller:
             limits = tuple(lim for lim in (
                 RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
                 self.bandwidth) if lim is not None)
+            # The source's lease bounds how long a lost job holds its chunks; a capped job
+            # needs it to last at least as long as the cap makes it (twice over: the
+            # controller's cap is shared). Past it a read may fail its checksum — the job then
+            # fails, and nothing is lost — so the margin is generous.
+            lease_s = 2 * self.settings.command_timeout_s
+            if limits:
+                slowest = min(lim.bytes_per_s for lim in limits)
+                lease_s = min(lease_s + 2 * len(job.keys) * src.reg.slot_bytes / slowest,
+                              protocol.MAX_LEASE_S)
             await run_transfer(job, source, self.channel.command, self.settings.fetch_batch_bytes,
-                               lease_s=2 * self.settings.command_timeout_s, limits=limits)
+                               lease_s=lease_s, limits=limits)
         except JobCancelled as e:
             error, cancelled = str(e), True
         except JobFailed as e:
