@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from sidecar.controller.jobs import JobCancelled
+from sidecar.controller.jobs import JobCancelled, run_transfer
 from sidecar.controller.pacing import RateLimit, grant_bytes
-from tests.unit.test_job_fetch_window import MiB, FakeSidecars, SOURCE, new_job
-from sidecar.controller.jobs import run_transfer
+from tests.unit.test_job_fetch_window import SOURCE, FakeSidecars, MiB, new_job
 
 
 class FakeClock:
