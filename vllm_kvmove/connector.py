@@ -65,7 +65,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from sidecar.agent import Sidecar, start_sidecar
 from vllm_kvmove.config import load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
-from vllm_kvmove.layout import block_index, check_kv_caches, copy_blocks, layer_order, layout_from_vllm
+from vllm_kvmove.layout import (block_bytes, block_index, check_kv_caches, copy_blocks, layer_order,
+                                layout_from_vllm)
 from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path
 from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
@@ -208,8 +209,9 @@ class KVMoveConnector(KVConnectorBase_V1):
         """
         layers = [kv_caches[name] for name in layer_order(self._kv_cache_config)]
         check_kv_caches(self.layout, layers)
-        # Byte views [num_blocks, block_slab_bytes]: chunk copies are dtype-agnostic memcpys.
-        self._layers = [t.view(torch.uint8).view(t.shape[0], -1) for t in layers]
+        # Byte views [num_blocks, block_slab_bytes] over each layer's physical blocks: chunk
+        # copies are dtype-agnostic memcpys.
+        self._layers = [block_bytes(t) for t in layers]
         self.store = ChunkStore(self.layout, self.config.capacity_bytes,
                                 shared=self.config.same_host_copy)
         self._lookup_server = LookupServer(self.store, self._endpoint)

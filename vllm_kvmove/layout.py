@@ -13,8 +13,10 @@ one descriptor. Byte-for-byte slabs make save and load plain memcpys, but only e
 identical layout can share them; the fingerprint therefore covers every field here, and
 chunk keys are salted with it (:mod:`vllm_kvmove.hashing`).
 
-:func:`block_index` and :func:`copy_blocks` move block slabs between the paged cache and a
-chunk with one copy of the bytes (the connector's save and load). Nothing here touches vLLM
+:func:`block_bytes` views each layer's blocks as byte rows over their physical memory (any
+order of the dims inside a block, any step between blocks), and :func:`block_index` and
+:func:`copy_blocks` move those rows between the paged cache and a chunk with one copy of the
+bytes (the connector's save and load) — on whatever device the cache lives. Nothing here touches vLLM
 at import time; :func:`layout_from_vllm` imports it lazily.
 """
 
@@ -153,15 +155,53 @@ def layer_order(kv_cache_config: Any) -> list[str]:
 
 
 def check_kv_caches(layout: KVLayout, kv_caches: Sequence["torch.Tensor"]) -> None:
-    """Raise ValueError unless every per-layer tensor has the shape the layout assumes."""
+    """Raise ValueError unless every per-layer tensor has the block slab size the layout
+    assumes, with each block's bytes one contiguous range (:func:`block_bytes`)."""
     if len(kv_caches) != layout.num_layers:
         raise ValueError(f"expected {layout.num_layers} KV layers, got {len(kv_caches)}")
     for t in kv_caches:
         slab = t[0].numel() * t.element_size()
-        if slab != layout.block_slab_bytes or not t.is_contiguous():
+        if slab != layout.block_slab_bytes:
             raise ValueError(
                 f"KV cache tensor {tuple(t.shape)} {t.dtype} does not match the layout "
-                f"({layout.block_slab_bytes} bytes per block slab, contiguous)")
+                f"({layout.block_slab_bytes} bytes per block slab)")
+        block_bytes(t)  # raises if a block's bytes are not one range
+
+
+def _dense(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether elements of this shape and these strides fill one gap-free range (in some
+    order of the dims)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(strides, shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def block_bytes(t: "torch.Tensor") -> "torch.Tensor":
+    """A per-layer KV tensor (dim 0: blocks) as ``uint8[num_blocks, slab_bytes]`` over the
+    same memory, on the same device — whatever the order of the dims inside a block (vLLM's
+    LBHNC or LBNHC: the view's dims may be permuted) and whatever the step between blocks
+    (``stride(0)``: layers may share one buffer and step over each other's slabs). A chunk
+    copy of these rows moves each block's physical bytes as they are.
+
+    Raises:
+        ValueError: a block's bytes are not one contiguous range, a stride is negative, or
+            blocks overlap.
+    """
+    import torch
+
+    es = t.element_size()
+    inner_shape, inner_strides = t.shape[1:], t.stride()[1:]
+    slab = t[0].numel() * es
+    if any(st < 0 for st in t.stride()) or not _dense(inner_shape, inner_strides):
+        raise ValueError(f"KV cache tensor {tuple(t.shape)} strides {t.stride()}: a block's "
+                         f"bytes are not one contiguous range")
+    if t.shape[0] > 1 and t.stride(0) * es < slab:
+        raise ValueError(f"KV cache tensor {tuple(t.shape)} strides {t.stride()}: blocks overlap")
+    raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    return raw.as_strided((t.shape[0], slab), (t.stride(0) * es, 1), t.storage_offset() * es)
 
 
 def block_index(ids: list[int]) -> slice | torch.Tensor:

@@ -53,3 +53,22 @@ def test_block_copies_match_plain_indexing_for_consecutive_and_scattered_ids():
             want = torch.zeros(9, 5, dtype=torch.uint8)
             want[torch.tensor(dst_ids)] = src[torch.tensor(src_ids)]
             assert torch.equal(dst, want), (dst_ids, src_ids)
+
+
+def test_block_bytes_are_each_blocks_physical_bytes_and_refuse_what_is_not_one_range():
+    from vllm_kvmove.layout import block_bytes
+
+    # LBNHC memory under an LBHNC-shaped view: rows are the blocks' bytes in memory order.
+    mem = torch.arange(4 * 16 * 2 * 8, dtype=torch.int16).view(4, 16, 2, 8)
+    rows = block_bytes(mem.permute(0, 2, 1, 3))
+    assert rows.shape == (4, 16 * 2 * 8 * 2)
+    assert rows[2].numpy().tobytes() == mem[2].numpy().tobytes()
+    rows[1].zero_()  # writes land in the cache itself
+    assert mem[1].abs().sum() == 0 and mem[0].abs().sum() > 0
+    # Two layers interleaved in one buffer: stride(0) is two slabs.
+    buf = torch.arange(3 * 2 * 32, dtype=torch.int16).view(3, 2, 32)
+    assert block_bytes(buf[:, 1])[2].numpy().tobytes() == buf[2, 1].numpy().tobytes()
+    with pytest.raises(ValueError, match="not one contiguous range"):
+        block_bytes(torch.zeros(4, 16, 8)[:, :, :4])  # a block with gaps
+    with pytest.raises(ValueError, match="overlap"):
+        block_bytes(torch.zeros(200).as_strided((4, 16, 8), (4, 8, 1)))
