@@ -45,14 +45,17 @@ def test_block_copies_match_plain_indexing_for_consecutive_and_scattered_ids():
 
     assert block_index([4, 5, 6]) == slice(4, 7)
     assert torch.equal(block_index([4, 6, 5]), torch.tensor([4, 6, 5]))
-    src = torch.arange(8 * 3 * 5, dtype=torch.uint8).view(8, 3, 5)[:, 1]  # strided, like a layer
-    for dst_ids in ([2, 3, 4], [7, 1, 4]):
-        for src_ids in ([0, 1, 2], [5, 0, 3]):
-            dst = torch.zeros(9, 5, dtype=torch.uint8)
-            copy_blocks(dst, block_index(dst_ids), src, block_index(src_ids))
-            want = torch.zeros(9, 5, dtype=torch.uint8)
-            want[torch.tensor(dst_ids)] = src[torch.tensor(src_ids)]
-            assert torch.equal(dst, want), (dst_ids, src_ids)
+    # Rows of 5 bytes (copied as bytes) and of 40 (copied as 8-byte words), strided like a
+    # chunk's layer; into a plain tensor and into a strided slice, in place.
+    for width in (5, 40):
+        src = (torch.arange(8 * 3 * width) % 251).to(torch.uint8).view(8, 3, width)[:, 1]
+        for dst_ids in ([2, 3, 4], [7, 1, 4]):
+            for src_ids in ([0, 1, 2], [5, 0, 3]):
+                dst = torch.zeros(9, 2, width, dtype=torch.uint8)
+                copy_blocks(dst[:, 1], block_index(dst_ids), src, block_index(src_ids))
+                want = torch.zeros(9, 2, width, dtype=torch.uint8)
+                want[torch.tensor(dst_ids), 1] = src[torch.tensor(src_ids)]
+                assert torch.equal(dst, want), (width, dst_ids, src_ids)
 
 
 def test_block_bytes_are_each_blocks_physical_bytes_and_refuse_what_is_not_one_range():
