@@ -153,6 +153,15 @@ class KVMoveConnector(KVConnectorBase_V1):
 
     _cache_hit_source = CacheHitSource.HOST
 
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> str | None:
+        """The physical order of the paged cache this connector asks vLLM for: ``"LBHNC"``
+        (per layer: blocks, then heads, then tokens) — the CPU backend's only one, and what
+        vLLM's own offloading and NIXL connectors ask GPU backends for, so that a block's
+        heads are contiguous (a head range is one byte range, for splitting heads across
+        ranks). The copies themselves work on any order (:func:`~vllm_kvmove.layout.block_bytes`)."""
+        return "LBHNC"
+
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig"):
         """Built by vLLM once per role: in the worker process (WORKER), then in EngineCore
