@@ -100,6 +100,19 @@ class KVMoveConfig:
     def capacity_bytes(self) -> int:
         return round(self.max_local_cpu_size * (1 << 30))
 
+    @property
+    def uses_controller(self) -> bool:
+        return bool(self.controller_pull_url or self.controller_reply_url)
+
+    def for_rank(self, rank: int) -> "KVMoveConfig":
+        """The config of tensor-parallel ``rank``'s store and sidecar: the same, with the
+        sidecar's HTTP port and the NIXL metadata port each ``+ rank`` (rank 0 keeps the
+        configured ones; leave ``world_size - 1`` ports free above each)."""
+        if rank == 0:
+            return self
+        return dataclasses.replace(self, sidecar_port=self.sidecar_port + rank,
+                                   p2p_init_port=self.p2p_init_port + rank)
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(KVMoveConfig) if f.name != "notes"}
 

@@ -29,10 +29,13 @@ vLLM builds this class twice per engine (each hook's docstring says more):
 Chunks are ``chunk_size`` tokens (a multiple of the block size); the last chunk of a prompt may
 be partial and is stored too, so even a 12-token prompt is saved and can be moved.
 
-What it supports today: one engine = one worker process. Tensor, pipeline or data parallelism
-above 1 is refused at construction (each rank would start a sidecar on the same ports);
-models with more than one KV cache group (hybrid attention) are refused by
-:func:`~vllm_kvmove.layout.layout_from_vllm`.
+What it supports today: tensor parallelism with the host store alone — each rank's worker
+has a store of its own (its shard of every chunk: the same keys, its own heads), a lookup
+server and a sidecar on the configured ports + rank; the scheduler's lookup asks every rank
+and counts a prefix only where every rank holds it. With a controller configured, a
+tensor-parallel engine is refused at construction (moves do not know ranks yet), as are
+pipeline and data parallelism above 1 and models with more than one KV cache group (hybrid
+attention: :func:`~vllm_kvmove.layout.layout_from_vllm`).
 
 Process-wide changes, all in the worker process unless noted:
 
@@ -63,11 +66,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sidecar.agent import Sidecar, start_sidecar
-from vllm_kvmove.config import load_config
+from vllm_kvmove.config import KVMoveConfig, load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import (block_bytes, block_index, check_kv_caches, copy_blocks, layer_order,
                                 layout_from_vllm)
-from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path
+from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path, match_prefix_everywhere
 from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
 if TYPE_CHECKING:
@@ -81,16 +84,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm_kvmove.connector")
 
 
-def _refuse_parallelism(vllm_config: "VllmConfig") -> None:
-    """Raise ValueError for an engine with tensor, pipeline or data parallelism above 1."""
+def _refuse_parallelism(vllm_config: "VllmConfig", config: KVMoveConfig) -> None:
+    """Raise ValueError for an engine with pipeline or data parallelism above 1, or with
+    tensor parallelism above 1 and a controller: each rank has a store of its own (its
+    shard of every chunk), which serves that engine alone, but moves between engines do not
+    know ranks yet."""
     pc = vllm_config.parallel_config
-    sizes = {"tensor_parallel_size": pc.tensor_parallel_size,
-             "pipeline_parallel_size": pc.pipeline_parallel_size,
+    sizes = {"pipeline_parallel_size": pc.pipeline_parallel_size,
              "data_parallel_size": pc.data_parallel_size}
     over = {k: v for k, v in sizes.items() if v > 1}
     if over:
-        raise ValueError(f"KVMoveConnector supports one worker per engine today; this engine "
-                         f"has {', '.join(f'{k}={v}' for k, v in over.items())}")
+        raise ValueError(f"KVMoveConnector does not support "
+                         f"{', '.join(f'{k}={v}' for k, v in over.items())}")
+    if pc.tensor_parallel_size > 1 and config.uses_controller:
+        raise ValueError(
+            f"KVMoveConnector with tensor_parallel_size={pc.tensor_parallel_size} runs its "
+            f"host store without a controller only (moves between tensor-parallel engines "
+            f"are not supported yet): set controller_pull_url and controller_reply_url to \"\"")
+
+
+def _tensor_parallel_rank() -> int:
+    """This worker's tensor-parallel rank (vLLM's model-parallel groups exist by the time the
+    KV caches are registered)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
 
 
 def _log_like_vllm() -> None:
@@ -175,16 +193,16 @@ class KVMoveConnector(KVConnectorBase_V1):
         """
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         _log_like_vllm()
-        _refuse_parallelism(vllm_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = load_config(extra)
+        _refuse_parallelism(vllm_config, self.config)
+        self._world_size = vllm_config.parallel_config.tensor_parallel_size
         self.layout = layout_from_vllm(vllm_config, kv_cache_config, self.config.chunk_size,
                                        self.config.hash_seed)
         self.fingerprint = self.layout.fingerprint()
         self._block_size = self.layout.block_size
-        self._endpoint = lookup_path(self.config.instance_id)
         # scheduler-side state
-        self._lookup: LookupClient | None = None
+        self._lookups: list[LookupClient] = []  # one per tensor-parallel rank
         self._spans: dict[str, list[ChunkSpan]] = {}
         self._query: dict[str, tuple[int, int]] = {}
         self._pending_loads: list[ChunkLoad] = []
@@ -196,7 +214,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._sidecar: Sidecar | None = None
         self._load_errors: set[int] = set()
         if role == KVConnectorRole.SCHEDULER:
-            self._lookup = LookupClient(self._endpoint)
+            self._lookups = [LookupClient(lookup_path(self.config.instance_id, rank))
+                             for rank in range(self._world_size)]
         logger.info("KVMoveConnector %s role=%s layout=%s fingerprint=%s", self.config.instance_id,
                     role.name, self.layout, self.fingerprint)
         if role == KVConnectorRole.WORKER:  # once per engine, not once per process
@@ -223,11 +242,14 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._layers = [block_bytes(t) for t in layers]
         self.store = ChunkStore(self.layout, self.config.capacity_bytes,
                                 shared=self.config.same_host_copy)
-        self._lookup_server = LookupServer(self.store, self._endpoint)
-        logger.info("kvmove store: %d slots of %d bytes (%d tokens each)", self.store.num_slots,
-                    self.store.slot_bytes, self.layout.chunk_size)
-        self._sidecar = start_sidecar(self.config, self.store, self.layout)  # the one tie to
-        # the control plane: from here on, calls flow from the sidecar into the store
+        rank = _tensor_parallel_rank() if self._world_size > 1 else 0
+        self._lookup_server = LookupServer(self.store, lookup_path(self.config.instance_id, rank))
+        logger.info("kvmove store (rank %d of %d): %d slots of %d bytes (%d tokens each)", rank,
+                    self._world_size, self.store.num_slots, self.store.slot_bytes,
+                    self.layout.chunk_size)
+        # The one tie to the control plane: from here on, calls flow from the sidecar into the
+        # store. Rank r's sidecar listens on the configured ports + r.
+        self._sidecar = start_sidecar(self.config.for_rank(rank), self.store, self.layout)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Worker, forward thread, before the step's forward: copy this step's planned loads
@@ -314,8 +336,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         if self._lookup_server is not None:
             self._lookup_server.close()
             self._lookup_server = None
-        if self._lookup is not None:
-            self._lookup.close()
+        for client in self._lookups:
+            client.close()
 
     # ======================================================================================
     # Scheduler side
@@ -333,16 +355,17 @@ class KVMoveConnector(KVConnectorBase_V1):
         prompt tokens beyond ``num_computed_tokens`` the store can supply (at most
         ``prompt_len - 1``), and ``False`` (loads are synchronous, in the next step).
 
-        Blocks the scheduler on one IPC round trip to the worker's lookup server (tens of
-        microseconds when the worker is idle; up to the client's 1 s timeout if the worker
-        does not answer, which then counts as a miss). Side-effect free in the store; it only
+        Blocks the scheduler on one IPC round trip to the workers' lookup servers (every
+        tensor-parallel rank at once; the shortest answer counts: tens of microseconds when
+        the workers are idle; up to the client's 1 s timeout if one does not answer, which
+        then counts as a miss). Side-effect free in the store; it only
         remembers its answer for :meth:`update_state_after_alloc`.
         """
         tokens = request.prompt_token_ids
-        if not tokens or len(tokens) < 2 or self._lookup is None:
+        if not tokens or len(tokens) < 2 or not self._lookups:
             return 0, False
         spans = self._spans_for(request.request_id, list(tokens))
-        held = self._lookup.match_prefix([s.key for s in spans])
+        held = match_prefix_everywhere(self._lookups, [s.key for s in spans])
         matched = spans[held - 1].end if held else 0
         external = min(matched, len(tokens) - 1) - num_computed_tokens
         if external <= 0:

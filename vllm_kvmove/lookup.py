@@ -5,8 +5,9 @@ the worker process. The worker runs a :class:`LookupServer` (a ZMQ REP socket on
 derived from the instance id) and the scheduler a :class:`LookupClient`.
 
 Contract: a request is a msgpack list of chunk keys; the reply is the number of leading keys
-held and ready. The server only reads the store (side-effect free, as vLLM requires). The
-client never blocks the scheduler for longer than its timeout: on timeout it answers 0 (a
+held and ready. A tensor-parallel engine has one server per rank (one store each); the
+scheduler asks them all at once and uses the shortest answer. The server only reads the
+store (side-effect free, as vLLM requires). The client never blocks the scheduler for longer than its timeout: on timeout it answers 0 (a
 cache miss, never a wrong hit) and reconnects.
 """
 
@@ -26,10 +27,12 @@ from vllm_kvmove.store import ChunkStore
 logger = logging.getLogger(__name__)
 
 
-def lookup_path(instance_id: str) -> str:
-    """IPC endpoint shared by the scheduler and worker of one engine."""
+def lookup_path(instance_id: str, rank: int = 0) -> str:
+    """IPC endpoint shared by the scheduler and the worker of tensor-parallel ``rank`` of one
+    engine."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance_id)
-    return f"ipc://{os.path.join(tempfile.gettempdir(), f'kvmove-{safe}-lookup.ipc')}"
+    suffix = f"-rank{rank}" if rank else ""
+    return f"ipc://{os.path.join(tempfile.gettempdir(), f'kvmove-{safe}{suffix}-lookup.ipc')}"
 
 
 class LookupServer:
@@ -99,19 +102,42 @@ class LookupClient:
 
     def match_prefix(self, keys: Sequence[bytes]) -> int:
         """Number of leading ``keys`` the worker's store holds; 0 on timeout or error."""
-        if not keys:
-            return 0
-        sock = self._socket()
+        return match_prefix_everywhere([self], keys)
+
+    def _send(self, keys: Sequence[bytes]) -> bool:
         try:
-            sock.send(self._enc.encode(list(keys)))
-            return self._dec.decode(sock.recv())
+            self._socket().send(self._enc.encode(list(keys)))
+            return True
         except zmq.ZMQError as e:
-            logger.warning("kvmove lookup to %s failed (%s); treating as a miss", self._endpoint, e)
-            sock.close()
-            self._sock = None  # a REQ socket is stuck after a timeout: start afresh
+            self._failed(e)
+            return False
+
+    def _receive(self) -> int:
+        try:
+            return self._dec.decode(self._socket().recv())
+        except zmq.ZMQError as e:
+            self._failed(e)
             return 0
+
+    def _failed(self, e: Exception) -> None:
+        logger.warning("kvmove lookup to %s failed (%s); treating as a miss", self._endpoint, e)
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None  # a REQ socket is stuck after a timeout: start afresh
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def match_prefix_everywhere(clients: Sequence[LookupClient], keys: Sequence[bytes]) -> int:
+    """Leading ``keys`` that every client's store holds (a tensor-parallel engine's ranks:
+    a prefix is usable only where every rank holds its shard). The requests go out together
+    and the answers are awaited together, so N ranks cost one round trip, not N; a rank that
+    fails or times out counts as holding nothing."""
+    if not keys:
+        return 0
+    sent = [c._send(keys) for c in clients]
+    held = [c._receive() if ok else 0 for c, ok in zip(clients, sent)]
+    return min(held)
