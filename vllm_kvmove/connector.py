@@ -292,7 +292,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         """Worker, forward thread, after the step's forward: copy every prompt chunk this step
         completed into the store (reserve, memcpy, commit; the commit makes it visible and
         emits its store event). A full store skips the chunk with a warning, and a chunk
-        another writer is writing (a fetch) is skipped; the request is unaffected. Blocks for the copies only (no I/O, no checksums)."""
+        another writer is writing (a fetch) is skipped; the request is unaffected. Blocks for
+        the copies only (no I/O, no checksums)."""
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()

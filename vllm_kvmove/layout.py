@@ -16,8 +16,8 @@ chunk keys are salted with it (:mod:`vllm_kvmove.hashing`).
 :func:`block_bytes` views each layer's blocks as byte rows over their physical memory (any
 order of the dims inside a block, any step between blocks), and :func:`block_index` and
 :func:`copy_blocks` move those rows between the paged cache and a chunk with one copy of the
-bytes (the connector's save and load) — on whatever device the cache lives. Nothing here touches vLLM
-at import time; :func:`layout_from_vllm` imports it lazily.
+bytes (the connector's save and load) — on whatever device the cache lives. Nothing here
+touches vLLM at import time; :func:`layout_from_vllm` imports it lazily.
 """
 
 from __future__ import annotations
