@@ -18,9 +18,7 @@ Needs root (namespaces) and ``iperf3`` (``scripts/setup-debian.sh`` installs it)
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import time
 
 import httpx
@@ -28,7 +26,7 @@ import httpx
 from common import WORK, Result, median, percentile
 from sidecar.httpkit import verify_with
 from sidecar.protocol import LOCATION as LOC
-from tests.harness.hosts import HostsUnavailable, TestHosts
+from tests.harness.hosts import HostsUnavailable, TestHosts, iperf3_bits_per_s
 from tests.harness.processes import LocalCluster
 from tests.harness.stores import BIG_LAYOUT, GIB_TOKENS
 from tests.harness.tls import make_certs
@@ -41,16 +39,7 @@ LOOKUPS = 300
 def iperf3_gbits(hosts: TestHosts) -> float:
     """One TCP stream host 1 → host 2 for 3 s: Gbit/s received."""
     h1, h2 = hosts.hosts[:2]
-    server = subprocess.Popen(["ip", "netns", "exec", h2.namespace, "iperf3", "-s", "-1",
-                               "-B", h2.address], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    try:
-        out = subprocess.run(["ip", "netns", "exec", h1.namespace, "iperf3", "-c", h2.address,
-                              "-t", "3", "-J"], capture_output=True, text=True, check=True).stdout
-    finally:
-        server.wait(10)
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    return iperf3_bits_per_s(h1, h2, h2.address, 3) / 1e9
 
 
 def sidecar_config(iid: str, host, controller, port: int) -> dict:

@@ -8,9 +8,7 @@ impaired link in the same run."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import time
 
 import httpx
@@ -18,6 +16,7 @@ import pytest
 
 from tests.e2e_hosts.conftest import SECRET
 from tests.harness.api import LOC, wait_job, wait_lookup
+from tests.harness.hosts import iperf3_bits_per_s
 from tests.harness.stores import BIG_LAYOUT, synthetic_chunk
 from tests.harness.wire import ImpairedLink
 from vllm_kvmove.hashing import chunk_spans
@@ -63,17 +62,7 @@ def iperf3_mbytes(hosts, link: ImpairedLink) -> float | None:
     iperf3)."""
     if shutil.which("iperf3") is None:
         return None
-    h3, h4 = hosts.hosts[2], hosts.hosts[3]
-    server = subprocess.Popen(["ip", "netns", "exec", h4.namespace, "iperf3", "-s", "-1",
-                               "-B", link.address_b], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    try:
-        out = subprocess.run(["ip", "netns", "exec", h3.namespace, "iperf3", "-c", link.address_b,
-                              "-t", "4", "-J"], capture_output=True, text=True, timeout=60).stdout
-    finally:
-        server.wait(10)
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8 / MiB
+    return iperf3_bits_per_s(hosts.hosts[2], hosts.hosts[3], link.address_b, 4) / 8 / MiB
 
 
 @pytest.mark.timeout(600)

@@ -18,9 +18,11 @@ All traffic stays inside the namespaces made here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 
@@ -59,6 +61,30 @@ class Host:
     def link(self, up: bool) -> None:
         """Plug this host's network cable in (``up``) or pull it."""
         self.ip("link", "set", self.device, "up" if up else "down")
+
+
+def iperf3_bits_per_s(client: Host, server: Host, address: str, seconds: float) -> float:
+    """One TCP stream from ``client`` to ``server`` (its iperf3 bound to ``address``, one of
+    its addresses) for ``seconds``: bits per second received. Needs ``iperf3`` on this machine.
+
+    Raises:
+        subprocess.CalledProcessError, subprocess.TimeoutExpired: iperf3 failed.
+    """
+    listener = subprocess.Popen(["ip", "netns", "exec", server.namespace, "iperf3", "-s", "-1",
+                                 "-B", address], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        out = subprocess.run(["ip", "netns", "exec", client.namespace, "iperf3", "-c", address,
+                              "-t", f"{seconds:g}", "-J"], capture_output=True, text=True,
+                             check=True, timeout=seconds + 60).stdout
+    finally:
+        try:
+            listener.wait(10)
+        except subprocess.TimeoutExpired:
+            listener.kill()
+            listener.wait()
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"]
 
 
 class TestHosts:
