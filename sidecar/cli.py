@@ -163,10 +163,20 @@ def cmd_instances(ctl: ControllerClient, args: argparse.Namespace) -> int:
         print("no instances registered")
         return 0
     print_table(["INSTANCE", "STATE", "CHUNKS", "USED / CAPACITY", "ENGINE", "LAST HEARTBEAT"], [
-        [i["instance_id"], "up" if i["up"] else "down", i["num_chunks"],
+        [i["instance_id"], _state(i), i["num_chunks"],
          f"{human_bytes(i['used_bytes'])} / {human_bytes(i['capacity_bytes'])}",
          i["engine_url"], f"{i['last_heartbeat_s_ago']:.1f} s ago"] for i in instances])
     return 0
+
+
+def _state(instance: dict) -> str:
+    """"up", "down", or for a tensor-parallel engine "up (TP 2)" / "down (1/2 ranks)"."""
+    world = instance.get("world_size", 1)
+    if world == 1:
+        return "up" if instance["up"] else "down"
+    if instance["up"]:
+        return f"up (TP {world})"
+    return f"down ({sum(r['up'] for r in instance.get('ranks', []))}/{world} ranks)"
 
 
 def cmd_lookup(ctl: ControllerClient, args: argparse.Namespace) -> int:

@@ -40,9 +40,10 @@ import msgspec
 
 from vllm_kvmove.shm import PoolHandle
 
-# Version 2: the transfer lease and the operator's pin got names of their own (LeaseChunks /
-# EndLease, SetPinned); a sidecar and a controller of different versions refuse each other.
-PROTOCOL_VERSION = 2
+# Version 3: a sidecar registers as one rank of a tensor-parallel engine (Register's rank and
+# world_size, EventBatch's rank). Version 2: the transfer lease and the operator's pin got names
+# of their own. A sidecar and a controller of different versions refuse each other.
+PROTOCOL_VERSION = 3
 # The one store location there is (LMCache's name for host memory).
 LOCATION = "LocalCPUBackend"
 
@@ -73,6 +74,10 @@ Text = Annotated[str, msgspec.Meta(max_length=4096)]
 # The longest lease a sidecar accepts (a day).
 MAX_LEASE_S = 86400.0
 LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
+# Tensor-parallel degrees a registration may claim, and the ranks within them.
+MAX_WORLD_SIZE = 1024
+WorldSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
+Rank = Annotated[int, msgspec.Meta(ge=0, lt=MAX_WORLD_SIZE)]
 
 
 class _Tagged(msgspec.Struct, tag=True, omit_defaults=False):
@@ -96,6 +101,13 @@ class _Command(_Tagged, kw_only=True):
 class Register(_Tagged):
     """A sidecar announces itself (on start, and whenever the controller asks to resync).
 
+    An engine with tensor parallelism ``N`` has ``N`` sidecars, one per rank, each with a store
+    of its own holding that rank's shard of every chunk; each registers with the engine's
+    ``instance_id`` and its ``rank``. The controller groups them into one instance, up only
+    while all ``world_size`` ranks are; the fields that describe the engine rather than the
+    rank (model, fingerprint, layout, chunk size, slot size, engine URL, world size) must agree
+    across ranks (a rank that disagrees with live ones is refused).
+
     Attributes:
         instance_id: the engine's name, unique in the fleet.
         engine_url: base URL of the engine's OpenAI server (for ``/tokenize``).
@@ -115,6 +127,8 @@ class Register(_Tagged):
         shared_pool: the store pool, when it is in shared memory: what a peer on the same
             host needs to map it (:class:`vllm_kvmove.shm.PoolHandle`: boot id, pid
             namespace, pid, memfd descriptor and inode, size, base address).
+        rank: this sidecar's tensor-parallel rank, in ``[0, world_size)``.
+        world_size: the engine's tensor-parallel degree.
     """
 
     instance_id: Name
@@ -134,6 +148,8 @@ class Register(_Tagged):
     pid: Count
     protocol: int = PROTOCOL_VERSION
     shared_pool: PoolHandle | None = None
+    rank: Rank = 0
+    world_size: WorldSize = 1
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
@@ -341,11 +357,13 @@ class StoreEventMsg(msgspec.Struct, array_like=True):
 
 class EventBatch(_Tagged):
     """Store events in ``seq`` order, from the sidecar start named by ``incarnation`` (a
-    batch from another start than the registered one is dropped)."""
+    batch from another start than the registered one is dropped) of tensor-parallel ``rank``
+    (each rank's store numbers its own events)."""
 
     instance_id: Name
     incarnation: Name
     events: list[StoreEventMsg]
+    rank: Rank = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +426,8 @@ class StoreOpRequest(msgspec.Struct):
 
 
 class InstanceRequest(msgspec.Struct):
-    """LMCache's ``POST /health`` and ``POST /query_worker_info``: one instance
-    (``worker_ids`` is accepted and ignored: one worker per instance here)."""
+    """LMCache's ``POST /health`` and ``POST /query_worker_info``: one instance, and the
+    workers (tensor-parallel ranks) to report (default: all of the engine's)."""
 
     instance_id: str
     worker_ids: list[int] | None = None
@@ -496,12 +514,43 @@ class ControllerHealth(msgspec.Struct):
     chunks_indexed: int
 
 
-class InstanceInfo(msgspec.Struct):
-    """One registered engine, as the controller knows it (``GET /instances``).
+class RankInfo(msgspec.Struct):
+    """One tensor-parallel rank's sidecar and store, as the controller knows it.
 
     Attributes:
+        rank: the rank.
+        up: it heartbeats.
+        sidecar_url, p2p_url: where its sidecar's HTTP app and NIXL metadata socket listen.
+        num_chunks, used_bytes, capacity_bytes, available_bytes: its store, as of its last
+            heartbeat (``available_bytes``: free or evictable).
+        last_heartbeat_s_ago: seconds since its last heartbeat.
+    """
+
+    rank: int
+    up: bool
+    sidecar_url: str
+    p2p_url: str
+    num_chunks: int
+    used_bytes: int
+    capacity_bytes: int
+    available_bytes: int
+    last_heartbeat_s_ago: float
+
+
+class InstanceInfo(msgspec.Struct):
+    """One registered engine, as the controller knows it (``GET /instances``): one entry per
+    engine, whatever its tensor parallelism.
+
+    Attributes:
+        up: every rank is registered and heartbeats.
+        sidecar_url, p2p_url: rank 0's (each rank's are in ``ranks``).
+        num_chunks: chunks every rank holds (the ones the engine can load).
+        used_bytes, capacity_bytes: summed over the ranks.
+        available_bytes: free or evictable at the rank with the least (what a move into the
+            engine can use: each rank needs a slot per chunk for its shard).
         same_host_copy: its pool is shared: destinations on its host copy from it directly.
-        available_bytes: free or evictable, as of its last heartbeat.
+        last_heartbeat_s_ago: of the rank heard from longest ago.
+        world_size: tensor-parallel degree; ``ranks``: the ranks registered so far.
     """
 
     instance_id: str
@@ -519,6 +568,8 @@ class InstanceInfo(msgspec.Struct):
     available_bytes: int
     same_host_copy: bool
     last_heartbeat_s_ago: float
+    world_size: int = 1
+    ranks: list[RankInfo] = []
 
 
 class InstanceList(msgspec.Struct):
@@ -528,14 +579,16 @@ class InstanceList(msgspec.Struct):
 
 
 class InstanceHealth(msgspec.Struct):
-    """LMCache's ``POST /health``: per worker, 0 if up, 1 if down."""
+    """LMCache's ``POST /health``: per worker (tensor-parallel rank), 0 if up, 1 if down or
+    not registered."""
 
     event_id: str
     error_codes: dict[str, int]
 
 
 class WorkerInfo(msgspec.Struct):
-    """LMCache's worker description (one worker, the sidecar, per instance)."""
+    """LMCache's worker description: one per tensor-parallel rank (its sidecar), ``worker_id``
+    being the rank."""
 
     instance_id: str
     worker_id: int

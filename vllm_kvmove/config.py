@@ -100,10 +100,6 @@ class KVMoveConfig:
     def capacity_bytes(self) -> int:
         return round(self.max_local_cpu_size * (1 << 30))
 
-    @property
-    def uses_controller(self) -> bool:
-        return bool(self.controller_pull_url or self.controller_reply_url)
-
     def for_rank(self, rank: int) -> "KVMoveConfig":
         """The config of tensor-parallel ``rank``'s store and sidecar: the same, with the
         sidecar's HTTP port and the NIXL metadata port each ``+ rank`` (rank 0 keeps the

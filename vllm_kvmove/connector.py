@@ -29,13 +29,13 @@ vLLM builds this class twice per engine (each hook's docstring says more):
 Chunks are ``chunk_size`` tokens (a multiple of the block size); the last chunk of a prompt may
 be partial and is stored too, so even a 12-token prompt is saved and can be moved.
 
-What it supports today: tensor parallelism with the host store alone — each rank's worker
-has a store of its own (its shard of every chunk: the same keys, its own heads), a lookup
-server and a sidecar on the configured ports + rank; the scheduler's lookup asks every rank
-and counts a prefix only where every rank holds it. With a controller configured, a
-tensor-parallel engine is refused at construction (moves do not know ranks yet), as are
-pipeline and data parallelism above 1 and models with more than one KV cache group (hybrid
-attention: :func:`~vllm_kvmove.layout.layout_from_vllm`).
+Tensor parallelism: each rank's worker has a store of its own (its shard of every chunk: the
+same keys, its own heads), a lookup server and a sidecar on the configured ports + rank
+(:meth:`~vllm_kvmove.config.KVMoveConfig.for_rank`), which registers with the controller as
+that rank of the instance; the scheduler's lookup asks every rank and counts a prefix only
+where every rank holds it. Refused at construction: pipeline and data parallelism above 1, and
+models with more than one KV cache group (hybrid attention:
+:func:`~vllm_kvmove.layout.layout_from_vllm`).
 
 Process-wide changes, all in the worker process unless noted:
 
@@ -84,11 +84,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm_kvmove.connector")
 
 
-def _refuse_parallelism(vllm_config: "VllmConfig", config: KVMoveConfig) -> None:
-    """Raise ValueError for an engine with pipeline or data parallelism above 1, or with
-    tensor parallelism above 1 and a controller: each rank has a store of its own (its
-    shard of every chunk), which serves that engine alone, but moves between engines do not
-    know ranks yet."""
+def _refuse_parallelism(vllm_config: "VllmConfig") -> None:
+    """Raise ValueError for an engine with pipeline or data parallelism above 1 (tensor
+    parallelism is supported: each rank has a store and a sidecar of its own, holding its
+    shard of every chunk)."""
     pc = vllm_config.parallel_config
     sizes = {"pipeline_parallel_size": pc.pipeline_parallel_size,
              "data_parallel_size": pc.data_parallel_size}
@@ -96,11 +95,6 @@ def _refuse_parallelism(vllm_config: "VllmConfig", config: KVMoveConfig) -> None
     if over:
         raise ValueError(f"KVMoveConnector does not support "
                          f"{', '.join(f'{k}={v}' for k, v in over.items())}")
-    if pc.tensor_parallel_size > 1 and config.uses_controller:
-        raise ValueError(
-            f"KVMoveConnector with tensor_parallel_size={pc.tensor_parallel_size} runs its "
-            f"host store without a controller only (moves between tensor-parallel engines "
-            f"are not supported yet): set controller_pull_url and controller_reply_url to \"\"")
 
 
 def _tensor_parallel_rank() -> int:
@@ -195,7 +189,7 @@ class KVMoveConnector(KVConnectorBase_V1):
         _log_like_vllm()
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = load_config(extra)
-        _refuse_parallelism(vllm_config, self.config)
+        _refuse_parallelism(vllm_config)
         self._world_size = vllm_config.parallel_config.tensor_parallel_size
         self.layout = layout_from_vllm(vllm_config, kv_cache_config, self.config.chunk_size,
                                        self.config.hash_seed)
@@ -249,7 +243,8 @@ class KVMoveConnector(KVConnectorBase_V1):
                     self.layout.chunk_size)
         # The one tie to the control plane: from here on, calls flow from the sidecar into the
         # store. Rank r's sidecar listens on the configured ports + r.
-        self._sidecar = start_sidecar(self.config.for_rank(rank), self.store, self.layout)
+        self._sidecar = start_sidecar(self.config.for_rank(rank), self.store, self.layout,
+                                      rank=rank, world_size=self._world_size)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Worker, forward thread, before the step's forward: copy this step's planned loads

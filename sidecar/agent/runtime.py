@@ -96,9 +96,11 @@ class Sidecar:
     """One engine's sidecar. See the module docstring.
 
     Args:
-        config: the engine's kvmove config.
-        store: the engine's chunk store.
-        layout: the engine's KV layout.
+        config: the engine's kvmove config (its rank's: :meth:`KVMoveConfig.for_rank`).
+        store: the engine's chunk store (its rank's).
+        layout: the engine's KV layout (per rank).
+        rank, world_size: its tensor-parallel rank and degree (registered with the controller,
+            which groups an engine's ranks into one instance).
 
     Attributes (read by the HTTP app, metrics and tests; written only on the sidecar's thread):
         counters: transfer counters since start.
@@ -108,10 +110,12 @@ class Sidecar:
         dropped: messages dropped by a receive loop, by reason.
     """
 
-    def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout):
+    def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
+                 rank: int = 0, world_size: int = 1):
         self.config = config
         self.store = store
         self.layout = layout
+        self.rank, self.world_size = rank, world_size
         self.fingerprint = layout.fingerprint()
         self.transfer: NixlTransfer | None = None
         self.commands: CommandExecutor | None = None
@@ -254,7 +258,8 @@ class Sidecar:
             model=self.layout.model, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
             chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
             slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
-            shared_pool=store.shared_pool if cfg.same_host_copy else None)
+            shared_pool=store.shared_pool if cfg.same_host_copy else None, rank=self.rank,
+            world_size=self.world_size)
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
             store.drain_events()  # covered by the snapshot
@@ -280,7 +285,8 @@ class Sidecar:
             if events:
                 await self._send(self._push, protocol.EventBatch(
                     self.config.instance_id, self.incarnation,
-                    [protocol.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events]))
+                    [protocol.StoreEventMsg(e.seq, e.kind, e.key, e.num_tokens) for e in events],
+                    self.rank))
 
     async def _event_loop(self) -> None:
         """Push store events when the store signals them (no polling: an idle engine's sidecar
@@ -421,8 +427,10 @@ def _allowed_cpus() -> set[int]:
 
 
 def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
-                  timeout: float = 30.0) -> Sidecar:
-    """Start the sidecar of this engine on its own thread and wait until it serves.
+                  timeout: float = 30.0, rank: int = 0, world_size: int = 1) -> Sidecar:
+    """Start the sidecar of this engine (of its tensor-parallel ``rank`` of ``world_size``:
+    ``config`` is :meth:`~vllm_kvmove.config.KVMoveConfig.for_rank`'s) on its own thread and
+    wait until it serves.
 
     Process-wide side effect: lowers the interpreter's GIL switch interval to 0.2 ms (see
     below).
@@ -435,6 +443,6 @@ def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
     # another thread may run; a command waiting that long would dwarf a small move.
     # 0.2 ms bounds the wait at the price of a few more (cheap) handoffs while the sidecar is busy.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    sidecar = Sidecar(config, store, layout).start()
+    sidecar = Sidecar(config, store, layout, rank, world_size).start()
     sidecar.wait_ready(timeout)
     return sidecar

@@ -127,15 +127,24 @@ async def lookup(request: Request) -> Response:
 async def instances(request: Request) -> Response:
     ctl = _ctl(request)
     now = time.monotonic()
-    return json_response(protocol.InstanceList([protocol.InstanceInfo(
-        instance_id=i.instance_id, up=ctl.registry.is_up(i), engine_url=i.reg.engine_url,
-        sidecar_url=i.reg.sidecar_url, p2p_url=i.reg.p2p_url, model=i.reg.model,
-        fingerprint=i.reg.fingerprint, layout=i.reg.layout, chunk_size=i.reg.chunk_size,
-        num_chunks=ctl.index.count(i.instance_id), used_bytes=i.used_bytes,
-        capacity_bytes=i.reg.capacity_bytes, available_bytes=i.available_bytes,
-        same_host_copy=i.reg.shared_pool is not None,
-        last_heartbeat_s_ago=round(now - i.last_heartbeat, 3))
-        for i in ctl.registry.instances.values()]))
+    out = []
+    for i in ctl.registry.instances.values():
+        reg = i.reg
+        ranks = [protocol.RankInfo(
+            rank=m.rank, up=ctl.registry.member_up(m), sidecar_url=m.reg.sidecar_url,
+            p2p_url=m.reg.p2p_url, num_chunks=m.num_chunks, used_bytes=m.used_bytes,
+            capacity_bytes=m.reg.capacity_bytes, available_bytes=m.available_bytes,
+            last_heartbeat_s_ago=round(now - m.last_heartbeat, 3)) for m in i.ranked()]
+        out.append(protocol.InstanceInfo(
+            instance_id=i.instance_id, up=ctl.registry.is_up(i), engine_url=reg.engine_url,
+            sidecar_url=reg.sidecar_url, p2p_url=reg.p2p_url, model=reg.model,
+            fingerprint=reg.fingerprint, layout=reg.layout, chunk_size=reg.chunk_size,
+            num_chunks=ctl.registry.count_chunks(i), used_bytes=i.used_bytes,
+            capacity_bytes=i.capacity_bytes, available_bytes=i.available_bytes,
+            same_host_copy=reg.shared_pool is not None,
+            last_heartbeat_s_ago=round(now - i.last_heartbeat, 3), world_size=i.world_size,
+            ranks=ranks))
+    return json_response(protocol.InstanceList(out))
 
 
 async def health(request: Request) -> Response:
@@ -144,26 +153,47 @@ async def health(request: Request) -> Response:
         "ok", ctl.controller_id, len(ctl.registry), ctl.registry.count_up(), len(ctl.index)))
 
 
-async def instance_health(request: Request) -> Response:
-    """LMCache's ``POST /health {"instance_id"}``: per-worker error codes (0 up, 1 down)."""
-    ctl = _ctl(request)
-    body = await read_json(request, protocol.InstanceRequest)
+def _workers(ctl: Controller, body: protocol.InstanceRequest) -> tuple[Instance, list[int]]:
+    """The instance of an LMCache worker request, and the workers (ranks) it names (default:
+    all of the engine's); 400 for a rank outside the engine."""
     inst = ctl.registry.require(body.instance_id)
-    return json_response(protocol.InstanceHealth(
-        uuid.uuid4().hex, {"0": 0 if ctl.registry.is_up(inst) else 1}))
+    ranks = list(range(inst.world_size)) if body.worker_ids is None else body.worker_ids
+    bad = [r for r in ranks if not 0 <= r < inst.world_size]
+    if bad:
+        raise ApiError("bad_request", f"worker_ids {bad}: {inst.instance_id} has workers "
+                                      f"(tensor-parallel ranks) 0..{inst.world_size - 1}")
+    return inst, ranks
+
+
+async def instance_health(request: Request) -> Response:
+    """LMCache's ``POST /health {"instance_id", "worker_ids"?}``: per-worker (rank) error codes
+    (0 up, 1 down or not registered)."""
+    ctl = _ctl(request)
+    inst, ranks = _workers(ctl, await read_json(request, protocol.InstanceRequest))
+    codes = {}
+    for r in ranks:
+        m = inst.members.get(r)
+        codes[str(r)] = 0 if m is not None and ctl.registry.member_up(m) else 1
+    return json_response(protocol.InstanceHealth(uuid.uuid4().hex, codes))
 
 
 async def query_worker_info(request: Request) -> Response:
-    """LMCache's worker listing: one worker (the sidecar) per instance."""
+    """LMCache's worker listing: one worker per registered tensor-parallel rank (its sidecar)."""
     ctl = _ctl(request)
-    body = await read_json(request, protocol.InstanceRequest)
-    inst = ctl.registry.require(body.instance_id)
-    host, _, port = inst.reg.sidecar_url.removeprefix("http://").rpartition(":")
+    inst, ranks = _workers(ctl, await read_json(request, protocol.InstanceRequest))
     wall = time.time() - time.monotonic()  # monotonic -> epoch seconds
-    return json_response(protocol.WorkerInfoList(uuid.uuid4().hex, [protocol.WorkerInfo(
-        instance_id=inst.instance_id, worker_id=0, ip=host, port=int(port),
-        peer_init_url=inst.reg.p2p_url, registration_time=inst.registered_at + wall,
-        last_heartbeat_time=inst.last_heartbeat + wall)]))
+    infos = []
+    for r in ranks:
+        m = inst.members.get(r)
+        if m is None:
+            continue
+        url = m.reg.sidecar_url
+        host, _, port = url.removeprefix("https://").removeprefix("http://").rpartition(":")
+        infos.append(protocol.WorkerInfo(
+            instance_id=inst.instance_id, worker_id=r, ip=host, port=int(port),
+            peer_init_url=m.reg.p2p_url, registration_time=m.registered_at + wall,
+            last_heartbeat_time=m.last_heartbeat + wall))
+    return json_response(protocol.WorkerInfoList(uuid.uuid4().hex, infos))
 
 
 # -- documents ---------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ Contract
   commands on it — and a PULL on the pull port (store events). With the fleet secret both are
   CURVE servers admitting fleet members only (:class:`~vllm_kvmove.zmqauth.FleetSecurity`);
   without it they bind to loopback only.
-* Identity: ROUTER routing ids are the ones ZMQ assigns per connection (no handover): an
-  instance is bound to the connection its accepted registration came on
+* Identity: ROUTER routing ids are the ones ZMQ assigns per connection (no handover): a
+  sidecar (one rank of an instance, a :class:`~sidecar.controller.instances.Member`) is bound to
+  the connection its accepted registration came on
   (:class:`~sidecar.controller.instances.InstanceRegistry`), and only that connection speaks
-  for it. A message from a connection bound to no instance gets a
-  :class:`~sidecar.protocol.Resync` (a reconnected sidecar then registers again), unless it is
-  a reply, which is dropped.
+  for it. Commands address sidecars by their holder name
+  (:func:`~sidecar.controller.instances.holder_name`: the instance id for rank 0). A message
+  from a connection bound to no sidecar gets a :class:`~sidecar.protocol.Resync` (a
+  reconnected sidecar then registers again), unless it is a reply, which is dropped.
 * Every receive loop survives any input: a message with the wrong number of frames, one that
   does not decode, or one that breaks a bound (oversized: ZMQ drops the connection at
   ``MAXMSGSIZE``) is dropped, counted in ``kvmove_dropped_messages_total{socket,reason}`` and
@@ -20,8 +22,8 @@ Contract
   (:class:`~sidecar.protocol.RegisterRefused`). Every heartbeat is acknowledged.
 * Commands: :meth:`SidecarChannel.command` assigns a ``req_id`` (unique per controller start,
   from a random origin), sends, and awaits the :class:`~sidecar.protocol.Reply` carrying it
-  *from the connection of the instance it was sent to*; any number may be in flight to one
-  sidecar. It never raises for a peer's fault: a timeout, an instance that is not registered
+  *from the connection of the sidecar it was sent to*; any number may be in flight to one
+  sidecar. It never raises for a peer's fault: a timeout, a sidecar that is not registered
   or that stops heartbeating while a command is in flight — the one commanded, or another the
   command depends on (a fetch's source) — (the watchdog notices within 0.25 s) all come back
   as a failed Reply with a kind (``timeout``, ``unavailable``).
@@ -42,7 +44,8 @@ import msgspec
 import zmq
 
 from sidecar import protocol
-from sidecar.controller.instances import Instance, InstanceRegistry
+from sidecar.controller.instances import (InstanceRegistry, Member, describe_holder,
+                                         holder_name)
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.settings import ControllerSettings
 from sidecar.zmqio import LoopSocket, serve_forever
@@ -76,8 +79,8 @@ class SidecarChannel:
         self.controller_id = controller_id
         self.metrics = metrics
         self.security = FleetSecurity(settings.api_token)
-        # In-flight commands: req_id -> (instance_id, future of its Reply, the instances it
-        # depends on besides).
+        # In-flight commands: req_id -> (holder, future of its Reply, the holders it depends
+        # on besides).
         self._pending: dict[int, tuple[str, asyncio.Future, tuple[str, ...]]] = {}
         # A random origin: a reply to a previous controller's command never matches ours.
         self._req_ids = itertools.count(secrets.randbits(52) + 1)
@@ -122,35 +125,36 @@ class SidecarChannel:
                 s.close()
 
     # -- commands --------------------------------------------------------------------------
-    async def command(self, instance_id: str, msg: Any, timeout: float | None = None,
+    async def command(self, holder: str, msg: Any, timeout: float | None = None,
                       depends_on: tuple[str, ...] = ()) -> protocol.Reply:
         """Send one command (its ``req_id`` is set here) and await the reply.
 
         Args:
-            instance_id: the sidecar commanded.
+            holder: the sidecar commanded (:func:`~sidecar.controller.instances.holder_name`:
+                the instance id for rank 0).
             msg: the command.
             timeout: longest wait (default: the settings' ``command_timeout_s``).
-            depends_on: other instances the command needs alive (a fetch's source): if one
+            depends_on: other sidecars the command needs alive (a fetch's source): if one
                 stops heartbeating, the command fails at once rather than when the commanded
                 sidecar's own transport notices.
         Returns:
             The sidecar's Reply, or a failed Reply of kind ``timeout`` or ``unavailable``.
         """
-        inst = self.registry.get(instance_id)
-        if inst is None:
+        member = self.registry.member(holder)
+        if member is None:
             return protocol.Reply(req_id=0, ok=False, error_kind="unavailable",
-                                  error=f"instance {instance_id} is not registered")
+                                  error=f"instance {describe_holder(holder)} is not registered")
         msg.req_id = next(self._req_ids)
         fut = asyncio.get_running_loop().create_future()
-        self._pending[msg.req_id] = (instance_id, fut, depends_on)
-        self._send(inst.identity, msg)
+        self._pending[msg.req_id] = (holder, fut, depends_on)
+        self._send(member.identity, msg)
         timeout = self.settings.command_timeout_s if timeout is None else timeout
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="timeout",
-                                  error=f"{type(msg).__name__} to {instance_id}: no answer in "
-                                        f"{timeout} s")
+                                  error=f"{type(msg).__name__} to {member.describe()}: no "
+                                        f"answer in {timeout} s")
         finally:
             self._pending.pop(msg.req_id, None)
 
@@ -195,33 +199,33 @@ class SidecarChannel:
                 self._drop("router", "refused_registration", f"{msg.instance_id}: {reason}")
                 self._send(identity, protocol.RegisterRefused(reason))
             return
-        inst = registry.bound(identity)
+        member = registry.bound(identity)
         if isinstance(msg, protocol.Reply):
             pending = self._pending.get(msg.req_id)
-            if pending is None or inst is None or pending[0] != inst.instance_id:
-                # Not an answer to a command in flight to this connection's instance.
+            if pending is None or member is None or pending[0] != member.holder:
+                # Not an answer to a command in flight to this connection's sidecar.
                 self._drop("router", "unexpected_reply", f"req_id {msg.req_id}")
                 return
             if msg.heartbeat is not None:
-                self._heartbeat(inst, msg.heartbeat, now)
+                self._heartbeat(member, msg.heartbeat, now)
             del self._pending[msg.req_id]
             if not pending[1].done():
                 pending[1].set_result(msg)
             return
-        if inst is None:
+        if member is None:
             self._send(identity, protocol.Resync("unknown sender: register first"))
         elif isinstance(msg, protocol.Goodbye):
-            registry.goodbye(inst)
+            registry.goodbye(member)
         elif isinstance(msg, protocol.Snapshot):
-            registry.apply_snapshot(inst, msg)
+            registry.apply_snapshot(member, msg)
         elif isinstance(msg, protocol.Heartbeat):
             self._send(identity, protocol.HeartbeatAck(self.controller_id))
-            self._heartbeat(inst, msg, now)
+            self._heartbeat(member, msg, now)
 
-    def _heartbeat(self, inst: Instance, hb: protocol.Heartbeat, now: float) -> None:
-        reason = self.registry.apply_heartbeat(inst, hb, now)
+    def _heartbeat(self, member: Member, hb: protocol.Heartbeat, now: float) -> None:
+        reason = self.registry.apply_heartbeat(member, hb, now)
         if reason is not None:
-            self._send(inst.identity, protocol.Resync(reason))
+            self._send(member.identity, protocol.Resync(reason))
 
     def _on_event_batch(self, frames: list[bytes]) -> None:
         if len(frames) != 1:
@@ -232,16 +236,16 @@ class SidecarChannel:
         except msgspec.DecodeError as e:
             self._drop("pull", "undecodable", str(e))
             return
-        inst = self.registry.get(batch.instance_id)
-        if inst is None:
+        member = self.registry.member(holder_name(batch.instance_id, batch.rank))
+        if member is None:
             return  # not registered yet: its snapshot will cover these
-        if batch.incarnation != inst.reg.incarnation:
-            self._drop("pull", "stale_incarnation", f"a batch of {batch.instance_id} from "
+        if batch.incarnation != member.reg.incarnation:
+            self._drop("pull", "stale_incarnation", f"a batch of {member.describe()} from "
                        f"another start ({batch.incarnation}) than the registered one")
             return
-        reason = self.registry.apply_events(inst, batch.events)
+        reason = self.registry.apply_events(member, batch.events)
         if reason is not None:
-            self._send(inst.identity, protocol.Resync(reason))
+            self._send(member.identity, protocol.Resync(reason))
 
     async def _watchdog_loop(self) -> None:
         """Fail the commands in flight to an instance as soon as it stops heartbeating, so a
@@ -251,14 +255,14 @@ class SidecarChannel:
             self.fail_commands_on_the_down()
 
     def fail_commands_on_the_down(self) -> None:
-        """Fail every command in flight to an instance that is down or gone, or that depends on
+        """Fail every command in flight to a sidecar that is down or gone, or that depends on
         one (the watchdog's pass)."""
-        down = self.registry.down_ids()
-        for req_id, (iid, fut, depends_on) in list(self._pending.items()):
-            gone = next((i for i in (iid, *depends_on)
-                         if i in down or self.registry.get(i) is None), None)
+        down = self.registry.down_holders()
+        for req_id, (holder, fut, depends_on) in list(self._pending.items()):
+            gone = next((h for h in (holder, *depends_on)
+                         if h in down or self.registry.member(h) is None), None)
             if gone is not None and not fut.done():
                 fut.set_result(protocol.Reply(
                     req_id=req_id, ok=False, error_kind="unavailable",
-                    error=f"instance {gone} stopped heartbeating "
+                    error=f"instance {describe_holder(gone)} stopped heartbeating "
                           f"({self.settings.heartbeat_timeout_s} s)"))

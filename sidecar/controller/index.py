@@ -1,5 +1,9 @@
-"""ChunkIndex: which instance holds which chunk — the controller's one picture of the fleet's
+"""ChunkIndex: which sidecar holds which chunk — the controller's one picture of the fleet's
 holdings, from which ``/lookup`` answers without asking any sidecar.
+
+Holders are named by :func:`~sidecar.controller.instances.holder_name`: the instance id of an
+engine without tensor parallelism, one name per rank otherwise (the registry combines a
+tensor-parallel engine's ranks; this index does not know about ranks).
 
 Contract: a plain data structure, used only on the controller's event loop (not thread-safe).
 It is fed by :mod:`sidecar.controller.instances` from sidecar snapshots and sequence-numbered
@@ -71,6 +75,10 @@ class ChunkIndex:
                 break
             out.update(dict.fromkeys(alive, n))
         return out
+
+    def keys_of(self, instance_id: str) -> Iterable[bytes]:
+        """The keys ``instance_id`` holds (a live view: do not change the index meanwhile)."""
+        return self._by_instance.get(instance_id, ())
 
     def holds(self, instance_id: str, key: bytes) -> bool:
         return instance_id in self._holders.get(key, ())

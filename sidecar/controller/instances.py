@@ -2,23 +2,31 @@
 
 Contract
 --------
-* :class:`InstanceRegistry` owns every :class:`Instance` and feeds the
-  :class:`~sidecar.controller.index.ChunkIndex` from their snapshots and sequence-numbered
-  events. It knows nothing of sockets: :mod:`sidecar.controller.channel` decodes messages and
+* :class:`InstanceRegistry` owns every :class:`Instance` — one engine — and its
+  :class:`Member` sidecars, one per tensor-parallel rank, each with a store holding that rank's
+  shard of every chunk. It feeds the :class:`~sidecar.controller.index.ChunkIndex` from the
+  members' snapshots and sequence-numbered events, under each member's :attr:`Member.holder`
+  name. It knows nothing of sockets: :mod:`sidecar.controller.channel` decodes messages and
   hands them here; each method returns what must be answered (an ack, a resync reason), and the
   channel sends it.
-* Sequence numbers: an event batch that starts past ``applied_seq + 1`` is a gap (resync); a
-  heartbeat showing a ``seq`` ahead of what was applied for longer than :data:`RESYNC_GRACE_S`
-  means events were lost (resync); one behind it means the store restarted its numbering
-  (resync).
-* Liveness: an instance is *up* while its last heartbeat (alone, or inside a command's reply)
-  is at most ``heartbeat_timeout_s`` old.
-* Identity: an instance is bound to the connection (ROUTER routing id) its accepted
-  registration came on; :meth:`InstanceRegistry.bound` is the only way to find the instance
-  a message speaks for. A registration is validated like HTTP input (bounds by the decoder,
-  coherence here) and refused with a reason. A second start claiming a live instance's id
-  (another incarnation, while the first still heartbeats) is refused and displaces nothing;
-  the same start on a new connection (it reconnected) is rebound.
+* An engine speaks as a whole: it is *up* only while all ``world_size`` ranks are registered
+  and heartbeat, and it holds a chunk only where every rank holds its shard
+  (:meth:`InstanceRegistry.held_prefix`, :meth:`InstanceRegistry.holds`). A rank that
+  stops heartbeating makes the engine down.
+* Sequence numbers (per member: each rank's store numbers its own): an event batch that starts
+  past ``applied_seq + 1`` is a gap (resync); a heartbeat showing a ``seq`` ahead of what was
+  applied for longer than :data:`RESYNC_GRACE_S` means events were lost (resync); one behind it
+  means the store restarted its numbering (resync).
+* Liveness: a member is *up* while its last heartbeat (alone, or inside a command's reply) is
+  at most ``heartbeat_timeout_s`` old.
+* Identity: a member is bound to the connection (ROUTER routing id) its accepted registration
+  came on; :meth:`InstanceRegistry.bound` is the only way to find the member a message speaks
+  for. A registration is validated like HTTP input (bounds by the decoder, coherence here) and
+  refused with a reason. A second start claiming a live member's (instance, rank) (another
+  incarnation, while the first still heartbeats) is refused and displaces nothing; the same
+  start on a new connection (it reconnected) is rebound. A rank whose engine-wide fields
+  (world size, fingerprint, ...) disagree with a live rank of the same instance is refused;
+  ranks that disagree but are down are forgotten (the engine restarted with another set-up).
 * Used only on the controller's event loop (not thread-safe).
 """
 
@@ -26,21 +34,39 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 from sidecar import protocol
 from sidecar.controller.index import ChunkIndex
 from sidecar.httpkit import ApiError
+from vllm_kvmove.hashing import ChunkSpan
 
 logger = logging.getLogger("vllm_kvmove.controller")
 
 # How long a heartbeat may show events we never received before we ask for a snapshot.
 RESYNC_GRACE_S = 1.0
 
+# The Register fields that describe the engine, not one rank: every rank must agree on them.
+ENGINE_FIELDS = ("world_size", "fingerprint", "model", "chunk_size", "slot_bytes", "engine_url")
+
+
+def holder_name(instance_id: str, rank: int) -> str:
+    """The index's and the channel's name of one rank's sidecar: the instance id for rank 0
+    (so an engine without tensor parallelism is named as before), ``"<id>\\x00<rank>"`` for the
+    others (instance ids have no control characters, so no two names collide)."""
+    return instance_id if rank == 0 else f"{instance_id}\x00{rank}"
+
+
+def describe_holder(holder: str) -> str:
+    """A holder name as a person reads it: ``"e1"``, ``"e1 rank 1"``."""
+    instance_id, _, rank = holder.partition("\x00")
+    return f"{instance_id} rank {rank}" if rank else instance_id
+
 
 @dataclass
-class Instance:
-    """What the controller knows of one engine (from its Register and heartbeats)."""
+class Member:
+    """One rank's sidecar (from its Register and heartbeats)."""
 
     reg: protocol.Register
     identity: bytes
@@ -56,6 +82,64 @@ class Instance:
     def instance_id(self) -> str:
         return self.reg.instance_id
 
+    @property
+    def rank(self) -> int:
+        return self.reg.rank
+
+    @property
+    def holder(self) -> str:
+        """This sidecar's name in the index and the channel (:func:`holder_name`)."""
+        return holder_name(self.reg.instance_id, self.reg.rank)
+
+    def describe(self) -> str:
+        return describe_holder(self.holder)
+
+
+@dataclass
+class Instance:
+    """One engine: its ranks' sidecars, by rank (some may not have registered yet)."""
+
+    instance_id: str
+    world_size: int
+    members: dict[int, Member] = field(default_factory=dict)
+
+    @property
+    def reg(self) -> protocol.Register:
+        """The lowest registered rank's registration: its engine-wide fields
+        (:data:`ENGINE_FIELDS`) are every rank's."""
+        return self.members[min(self.members)].reg
+
+    @property
+    def complete(self) -> bool:
+        return len(self.members) == self.world_size
+
+    @property
+    def holders(self) -> list[str]:
+        """Every rank's :attr:`Member.holder` name (registered or not), in rank order."""
+        return [holder_name(self.instance_id, r) for r in range(self.world_size)]
+
+    def ranked(self) -> list[Member]:
+        """The registered members, in rank order."""
+        return [self.members[r] for r in sorted(self.members)]
+
+    @property
+    def available_bytes(self) -> int:
+        """Free or evictable bytes at the rank with the least (each rank stores a shard)."""
+        return min((m.available_bytes for m in self.members.values()), default=0)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(m.used_bytes for m in self.members.values())
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(m.reg.capacity_bytes for m in self.members.values())
+
+    @property
+    def last_heartbeat(self) -> float:
+        """The oldest last heartbeat among the registered ranks."""
+        return min(m.last_heartbeat for m in self.members.values())
+
 
 class InstanceRegistry:
     """Every registered instance, by id.
@@ -69,19 +153,27 @@ class InstanceRegistry:
         self.index = index
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.instances: dict[str, Instance] = {}
-        self._by_identity: dict[bytes, str] = {}  # routing id -> the instance bound to it
+        self._by_identity: dict[bytes, Member] = {}  # routing id -> the member bound to it
+        self._by_holder: dict[str, Member] = {}
 
     # -- queries ---------------------------------------------------------------------------
+    def member_up(self, member: Member) -> bool:
+        return time.monotonic() - member.last_heartbeat <= self.heartbeat_timeout_s
+
     def is_up(self, inst: Instance) -> bool:
-        return time.monotonic() - inst.last_heartbeat <= self.heartbeat_timeout_s
+        """Every rank registered and heartbeating."""
+        return inst.complete and all(self.member_up(m) for m in inst.members.values())
 
     def get(self, instance_id: str) -> Instance | None:
         return self.instances.get(instance_id)
 
-    def bound(self, identity: bytes) -> Instance | None:
-        """The instance whose accepted registration came on the connection ``identity``."""
-        iid = self._by_identity.get(identity)
-        return None if iid is None else self.instances.get(iid)
+    def member(self, holder: str) -> Member | None:
+        """The registered sidecar named ``holder`` (:func:`holder_name`), or None."""
+        return self._by_holder.get(holder)
+
+    def bound(self, identity: bytes) -> Member | None:
+        """The member whose accepted registration came on the connection ``identity``."""
+        return self._by_identity.get(identity)
 
     def require(self, instance_id: str) -> Instance:
         """The instance, or a ``not_found`` ApiError naming the registered ones."""
@@ -92,10 +184,18 @@ class InstanceRegistry:
         return inst
 
     def require_up(self, inst: Instance, role: str = "instance") -> None:
-        """Raise an ``unavailable`` ApiError if ``inst`` stopped heartbeating."""
-        if not self.is_up(inst):
+        """Raise an ``unavailable`` ApiError if a rank of ``inst`` is missing or stopped
+        heartbeating, naming it."""
+        missing = [r for r in range(inst.world_size) if r not in inst.members]
+        if missing:
+            raise ApiError("unavailable", f"{role} {inst.instance_id} is down (rank(s) "
+                                          f"{missing} of {inst.world_size} not registered)")
+        down = [m for m in inst.ranked() if not self.member_up(m)]
+        if down:
+            which = ("" if inst.world_size == 1
+                     else f": rank(s) {[m.rank for m in down]} of {inst.world_size}")
             raise ApiError("unavailable", f"{role} {inst.instance_id} is down (no heartbeat "
-                                          f"for {self.heartbeat_timeout_s} s)")
+                                          f"for {self.heartbeat_timeout_s} s{which})")
 
     def any_up(self) -> Instance | None:
         return next((i for i in self.instances.values() if self.is_up(i)), None)
@@ -103,83 +203,133 @@ class InstanceRegistry:
     def count_up(self) -> int:
         return sum(1 for i in self.instances.values() if self.is_up(i))
 
-    def down_ids(self) -> set[str]:
-        return {iid for iid, inst in self.instances.items() if not self.is_up(inst)}
+    def down_holders(self) -> set[str]:
+        """The names of registered sidecars that stopped heartbeating."""
+        return {h for h, m in self._by_holder.items() if not self.member_up(m)}
+
+    def held_prefix(self, inst: Instance, spans: Sequence[ChunkSpan]) -> int:
+        """Number of leading ``spans`` every rank of ``inst`` holds."""
+        return min(self.index.held_prefix(h, spans) for h in inst.holders)
+
+    def holds(self, inst: Instance, key: bytes) -> bool:
+        """Every rank of ``inst`` holds ``key``."""
+        return all(self.index.holds(h, key) for h in inst.holders)
+
+    def count_chunks(self, inst: Instance) -> int:
+        """Chunks every rank of ``inst`` holds."""
+        if inst.world_size == 1:
+            return self.index.count(inst.instance_id)
+        first, *rest = inst.holders
+        return sum(1 for k in self.index.keys_of(first)
+                   if all(self.index.holds(h, k) for h in rest))
 
     def __len__(self) -> int:
         return len(self.instances)
 
     # -- what sidecars send ----------------------------------------------------------------
     def register(self, identity: bytes, msg: protocol.Register, now: float) -> str | None:
-        """Accept a registration (binding the instance to ``identity``), or refuse it.
+        """Accept a registration (binding its member to ``identity``), or refuse it.
 
         Returns:
             None if accepted (the channel then acks it), else the reason it was refused.
         """
         reason = _refusal(msg)
-        old = self.instances.get(msg.instance_id)
+        inst = self.instances.get(msg.instance_id)
+        old = None if inst is None else inst.members.get(msg.rank)
         if reason is None and old is not None and old.reg.incarnation != msg.incarnation \
-                and old.identity != identity and self.is_up(old):
-            reason = (f"instance id {msg.instance_id!r} is registered by another live sidecar "
-                      f"(start {old.reg.incarnation}, pid {old.reg.pid}); two engines with one "
+                and old.identity != identity and self.member_up(old):
+            reason = (f"{old.describe()} is registered by another live sidecar (start "
+                      f"{old.reg.incarnation}, pid {old.reg.pid}); two engines with one "
                       f"instance_id?")
+        if reason is None and inst is not None:
+            for other in inst.ranked():
+                if other.rank == msg.rank:
+                    continue
+                diffs = [f"{f}: {getattr(msg, f)!r} != {getattr(other.reg, f)!r}"
+                         for f in ENGINE_FIELDS if getattr(msg, f) != getattr(other.reg, f)]
+                if diffs and self.member_up(other):
+                    reason = (f"rank {msg.rank} of {msg.instance_id!r} disagrees with its live "
+                              f"rank {other.rank}: {'; '.join(diffs)}")
+                    break
         if reason is not None:
-            logger.warning("refusing the registration of %r: %s", msg.instance_id, reason)
+            logger.warning("refusing the registration of %r rank %d: %s", msg.instance_id,
+                           msg.rank, reason)
             return reason
-        if old is not None:
+        if inst is not None and any(getattr(msg, f) != getattr(m.reg, f)
+                                    for m in inst.members.values() for f in ENGINE_FIELDS):
+            # Every rank that disagrees is down (checked above): the engine restarted with
+            # another set-up; its old ranks are gone.
+            for m in inst.ranked():
+                self._forget(inst, m)
+            inst = None
+        if inst is None:
+            inst = self.instances[msg.instance_id] = Instance(msg.instance_id, msg.world_size)
+        if old is not None and old.rank in inst.members:
             self._by_identity.pop(old.identity, None)
             if old.reg.incarnation != msg.incarnation:
-                self.index.drop_instance(msg.instance_id)
-        self.instances[msg.instance_id] = Instance(msg, identity, now, now,
-                                                   available_bytes=msg.capacity_bytes)
-        self._by_identity[identity] = msg.instance_id
-        logger.info("instance %s registered (engine %s, sidecar %s)", msg.instance_id,
+                self.index.drop_instance(old.holder)
+        member = Member(msg, identity, now, now, available_bytes=msg.capacity_bytes)
+        inst.members[msg.rank] = member
+        self._by_identity[identity] = member
+        self._by_holder[member.holder] = member
+        logger.info("instance %s registered (engine %s, sidecar %s)", member.describe(),
                     msg.engine_url, msg.sidecar_url)
         return None
 
-    def goodbye(self, inst: Instance) -> None:
-        """The instance's engine is shutting down: forget it and its chunks."""
-        self.index.drop_instance(inst.instance_id)
-        del self.instances[inst.instance_id]
-        self._by_identity.pop(inst.identity, None)
-        logger.info("instance %s left (its engine is shutting down)", inst.instance_id)
+    def _forget(self, inst: Instance, member: Member) -> None:
+        self.index.drop_instance(member.holder)
+        inst.members.pop(member.rank, None)
+        self._by_identity.pop(member.identity, None)
+        self._by_holder.pop(member.holder, None)
 
-    def apply_snapshot(self, inst: Instance, snap: protocol.Snapshot) -> None:
-        self.index.replace(inst.instance_id, ((c.key, c.num_tokens) for c in snap.chunks))
-        inst.applied_seq, inst.behind_since = snap.seq, None
-        inst.num_chunks = len(snap.chunks)
+    def goodbye(self, member: Member) -> None:
+        """A rank's engine is shutting down: forget that rank and its chunks (and the
+        instance, once no rank is left)."""
+        inst = self.instances.get(member.instance_id)
+        if inst is None or inst.members.get(member.rank) is not member:
+            return
+        self._forget(inst, member)
+        if not inst.members:
+            del self.instances[inst.instance_id]
+        logger.info("instance %s left (its engine is shutting down)", member.describe())
 
-    def apply_heartbeat(self, inst: Instance, hb: protocol.Heartbeat, now: float) -> str | None:
+    def apply_snapshot(self, member: Member, snap: protocol.Snapshot) -> None:
+        self.index.replace(member.holder, ((c.key, c.num_tokens) for c in snap.chunks))
+        member.applied_seq, member.behind_since = snap.seq, None
+        member.num_chunks = len(snap.chunks)
+
+    def apply_heartbeat(self, member: Member, hb: protocol.Heartbeat, now: float) -> str | None:
         """Liveness and store summary; returns a resync reason if the store's events stay
         ahead of what was applied (or went backwards), else None."""
-        inst.last_heartbeat = now
-        inst.num_chunks, inst.used_bytes = hb.num_chunks, hb.used_bytes
-        inst.available_bytes = hb.available_bytes
-        if hb.seq == inst.applied_seq:
-            inst.behind_since = None
-        elif hb.seq < inst.applied_seq:
+        member.last_heartbeat = now
+        member.num_chunks, member.used_bytes = hb.num_chunks, hb.used_bytes
+        member.available_bytes = hb.available_bytes
+        if hb.seq == member.applied_seq:
+            member.behind_since = None
+        elif hb.seq < member.applied_seq:
             return "store sequence went backwards"
-        elif inst.behind_since is None:
-            inst.behind_since = now  # events may still be in flight on the other socket
-        elif now - inst.behind_since > RESYNC_GRACE_S:
-            inst.behind_since = None
+        elif member.behind_since is None:
+            member.behind_since = now  # events may still be in flight on the other socket
+        elif now - member.behind_since > RESYNC_GRACE_S:
+            member.behind_since = None
             return "missed store events"
         return None
 
-    def apply_events(self, inst: Instance, events: list[protocol.StoreEventMsg]) -> str | None:
+    def apply_events(self, member: Member, events: list[protocol.StoreEventMsg]) -> str | None:
         """Apply a batch of store events in order; returns a resync reason at a gap."""
+        holder = member.holder
         for ev in events:
-            if ev.seq <= inst.applied_seq:
+            if ev.seq <= member.applied_seq:
                 continue  # already covered by a snapshot
-            if ev.seq != inst.applied_seq + 1:
+            if ev.seq != member.applied_seq + 1:
                 logger.warning("instance %s: event gap (%d after %d); resyncing",
-                               inst.instance_id, ev.seq, inst.applied_seq)
+                               member.describe(), ev.seq, member.applied_seq)
                 return "event gap"
             if ev.kind == "admit":
-                self.index.add(inst.instance_id, ev.key, ev.num_tokens)
+                self.index.add(holder, ev.key, ev.num_tokens)
             else:
-                self.index.remove(inst.instance_id, ev.key)
-            inst.applied_seq = ev.seq
+                self.index.remove(holder, ev.key)
+            member.applied_seq = ev.seq
         return None
 
 
@@ -199,6 +349,8 @@ def _refusal(msg: protocol.Register) -> str | None:
         return f"p2p_url must be host:port, got {msg.p2p_url!r}"
     if msg.capacity_bytes < msg.slot_bytes:
         return f"capacity_bytes {msg.capacity_bytes} holds no slot of {msg.slot_bytes} bytes"
+    if msg.rank >= msg.world_size:
+        return f"rank {msg.rank} is not below world_size {msg.world_size}"
     if msg.layout.get("chunk_size", msg.chunk_size) != msg.chunk_size:
         return f"chunk_size {msg.chunk_size} differs from the layout's {msg.layout['chunk_size']}"
     return None

@@ -15,7 +15,9 @@ Contract
   forgotten first) and counts them in the metrics.
 * :func:`run_transfer` is a move's or copy's steps. It talks to sidecars only through the
   ``command`` callable it is given (the channel's, or a test's fake), and keeps these
-  invariants — together, a move never leaves a chunk held nowhere:
+  invariants — together, a move never leaves a chunk held nowhere. A tensor-parallel engine's
+  ranks each have a lane (:class:`Lane`), rank r to rank r, and "the source" below is every
+  rank of it, "the destination" every rank of the other:
     - the source holds every chunk (a lease) from before the first byte is read until the
       destination settled every batch it was sent (committed whole, or aborted);
     - batches go two at a time (one copies while the other verifies), each no sooner than
@@ -32,6 +34,7 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from sidecar import protocol
+from sidecar.controller.instances import describe_holder
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.pacing import RateLimit, grant_bytes
 from sidecar.httpkit import ApiError
@@ -49,7 +53,7 @@ logger = logging.getLogger("vllm_kvmove.controller")
 # Fetch commands of one job in flight at once: one copies while the other verifies checksums.
 FETCHES_IN_FLIGHT = 2
 
-# How a job talks to a sidecar: ``await command(instance_id, msg, depends_on=(...))`` → its
+# How a job talks to a sidecar: ``await command(holder, msg, depends_on=(...))`` → its
 # Reply (a failed Reply for timeouts and dead peers, the commanded one or one it depends on;
 # never raises for a peer's fault).
 Command = Callable[..., Awaitable[protocol.Reply]]
@@ -197,29 +201,42 @@ class JobTable:
         return len(self._jobs)
 
 
-async def _step(command: Command, instance_id: str, msg: Any, what: str,
+async def _step(command: Command, holder: str, msg: Any, what: str,
                 depends_on: tuple[str, ...] = ()) -> protocol.Reply:
     """One command of a job; a failed reply ends the job with its kind and cause."""
-    reply = await command(instance_id, msg, depends_on=depends_on)
+    reply = await command(holder, msg, depends_on=depends_on)
     if not reply.ok:
         raise JobFailed(reply.error_kind or "internal",
-                        f"{what} at {instance_id} failed: {reply.error}")
+                        f"{what} at {describe_holder(holder)} failed: {reply.error}")
     return reply
 
 
-async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
+@dataclass(frozen=True)
+class Lane:
+    """One tensor-parallel rank's part of a move or copy: its shard of every chunk goes from
+    the sidecar ``source`` to the sidecar ``destination`` (holder names,
+    :func:`~sidecar.controller.instances.holder_name`), the destination reading from ``peer``
+    (the source's pool). An engine without tensor parallelism has one lane."""
+
+    source: str
+    destination: str
+    peer: protocol.PeerInfo
+
+
+async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                        fetch_batch_bytes: int, lease_s: float,
                        limits: tuple[RateLimit, ...] = ()) -> None:
-    """Lease the chunks at the source, fetch them at the destination (batches, two in
-    flight), then end the lease — deleting the chunks at the source for a move, and only once
-    the destination holds every one of them.
+    """Lease the chunks at every lane's source, fetch them at its destination (batches, two
+    in flight per lane), then end the leases — deleting the chunks at the sources for a move,
+    and only once every lane's destination holds every one of them (a tensor-parallel engine
+    holds a chunk only when every rank holds its shard).
 
     Args:
         job: a move or copy; its ``bytes`` and ``total_bytes`` advance as batches settle.
-        source: how the destination reaches the source's pool.
+        lanes: one per rank pair, in rank order.
         command: see :data:`Command`.
         fetch_batch_bytes: most bytes per fetch command.
-        lease_s: the source's lease, a bound on how long a lost job can hold its chunks.
+        lease_s: the sources' lease, a bound on how long a lost job can hold its chunks.
         limits: bandwidth caps every batch waits for before it is sent (the job's own, the
             controller's); batches shrink to 1/20 s at the slowest cap.
     Raises:
@@ -227,19 +244,30 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
     """
     if job.cancel_requested:
         raise JobCancelled("cancelled before it started")
-    lease_cmd = protocol.LeaseChunks(keys=job.keys, lease_s=lease_s)
     t0 = time.perf_counter()
-    lease = await _step(command, job.source, lease_cmd, "lease")
+    lease_cmds = [protocol.LeaseChunks(keys=job.keys, lease_s=lease_s) for _ in lanes]
+    replies = await asyncio.gather(*(command(lane.source, cmd)
+                                     for lane, cmd in zip(lanes, lease_cmds)))
+    failed_lease = next((i for i, r in enumerate(replies) if not r.ok), None)
+    if failed_lease is not None:
+        # All or none: the ranks that did lease let go at once, with nothing deleted.
+        await asyncio.gather(*(command(lane.source, protocol.EndLease(lease_id=cmd.req_id))
+                               for lane, cmd, r in zip(lanes, lease_cmds, replies) if r.ok))
+        r = replies[failed_lease]
+        raise JobFailed(r.error_kind or "internal",
+                        f"lease at {describe_holder(lanes[failed_lease].source)} failed: {r.error}")
     t_lease = time.perf_counter()
-    job.total_bytes = sum(c.nbytes for c in lease.chunks)
-    window = asyncio.Semaphore(FETCHES_IN_FLIGHT)
+    job.total_bytes = sum(c.nbytes for r in replies for c in r.chunks)
     failed = asyncio.Event()
     hold = job.kind == "move"  # the destination keeps its copy held until the source deleted
-    # Lease ids of the fetches that may hold chunks there: all that were sent (one that failed
-    # here — a timeout, a dead link — may still complete there; its end then waits for it).
-    held_at_destination: list[int] = []
+    # (destination, lease id) of the fetches that may hold chunks there: all that were sent
+    # (one that failed here — a timeout, a dead link — may still complete there; its end then
+    # waits for it).
+    held_at_destination: list[tuple[str, int]] = []
+    lane_bytes = dict.fromkeys((lane.source for lane in lanes), 0)  # what each source gave
 
-    async def fetch(batch: list[protocol.ChunkDesc]) -> bool:
+    async def fetch(lane: Lane, window: asyncio.Semaphore,
+                    batch: list[protocol.ChunkDesc]) -> bool:
         async with window:
             if failed.is_set() or job.cancel_requested:
                 return False  # an earlier batch failed, or a cancel: do not start this one
@@ -248,26 +276,32 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
                 await limit.take(nbytes)
             if failed.is_set() or job.cancel_requested:
                 return False  # ...which may have come while it waited for its turn
-            cmd = protocol.FetchChunks(source=source, chunks=batch, hold=hold, lease_s=lease_s)
+            cmd = protocol.FetchChunks(source=lane.peer, chunks=batch, hold=hold, lease_s=lease_s)
             try:
-                reply = await _step(command, job.destination, cmd, "fetch",
-                                    depends_on=(job.source,))
+                reply = await _step(command, lane.destination, cmd, "fetch",
+                                    depends_on=(lane.source,))
             except BaseException:
                 failed.set()
                 raise
             finally:
                 if hold and cmd.req_id:
-                    held_at_destination.append(cmd.req_id)
+                    held_at_destination.append((lane.destination, cmd.req_id))
             job.bytes += reply.bytes
+            lane_bytes[lane.source] += reply.bytes
             return True
 
     fetched_all = False
     batch_bytes = grant_bytes(list(limits), fetch_batch_bytes)
-    tasks = [asyncio.create_task(fetch(b)) for b in batches(lease.chunks, batch_bytes)]
+    per_lane = [[(lane, window, b) for b in batches(r.chunks, batch_bytes)]
+                for lane, window, r in zip(lanes, [asyncio.Semaphore(FETCHES_IN_FLIGHT)
+                                                   for _ in lanes], replies)]
+    # Lanes interleaved, so a shared cap serves the ranks in turn.
+    order = [item for group in itertools.zip_longest(*per_lane) for item in group if item]
+    tasks = [asyncio.create_task(fetch(*item)) for item in order]
     try:
         # A fetch already sent is waited for, not cancelled: the job ends only once the
-        # destination has settled every batch (committed or aborted its reservations), and
-        # the source keeps its lease until then. Each command ends within its timeout.
+        # destinations have settled every batch (committed or aborted their reservations),
+        # and the sources keep their leases until then. Each command ends within its timeout.
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -281,27 +315,31 @@ async def run_transfer(job: Job, source: protocol.PeerInfo, command: Command,
         t_fetch = time.perf_counter()
     finally:
         delete = fetched_all and job.kind == "move"
-        end = await command(job.source, protocol.EndLease(
-            lease_id=lease_cmd.req_id, delete=delete, transferred_bytes=job.bytes))
+        ends = await asyncio.gather(*(
+            command(lane.source, protocol.EndLease(lease_id=cmd.req_id, delete=delete,
+                                                   transferred_bytes=lane_bytes[lane.source]))
+            for lane, cmd in zip(lanes, lease_cmds)))
         if held_at_destination:
-            # The source's delete is done (or did not happen): the destination may let go.
+            # The sources' deletes are done (or did not happen): the destination may let go.
             # Not awaited: the job's outcome does not depend on it, and a lost one expires.
             _in_background(asyncio.gather(*(
-                command(job.destination, protocol.EndLease(lease_id=lease_id))
-                for lease_id in held_at_destination)))
+                command(dest, protocol.EndLease(lease_id=lease_id))
+                for dest, lease_id in held_at_destination)))
         if fetched_all:
             logger.debug("job %s: lease %.2f ms, fetch %.2f ms, end of lease %.2f ms",
                          job.event_id, (t_lease - t0) * 1e3, (t_fetch - t_lease) * 1e3,
                          (time.perf_counter() - t_fetch) * 1e3)
-        if not end.ok:
+        for lane, end in zip(lanes, ends):
+            if end.ok:
+                continue
             # The sidecar's lease expiry releases the holds regardless; only a move's delete
             # is lost, and the destination holds the KV: say so, do not hide it.
-            logger.warning("end of lease at %s failed after job %s: %s", job.source,
-                           job.event_id, end.error)
+            logger.warning("end of lease at %s failed after job %s: %s",
+                           describe_holder(lane.source), job.event_id, end.error)
             if delete:
                 raise JobFailed(end.error_kind or "internal",
                                 f"the destination holds the KV, but the source "
-                                f"{job.source} did not delete it: {end.error}")
+                                f"{describe_holder(lane.source)} did not delete it: {end.error}")
 
 
 _BACKGROUND: set[asyncio.Future] = set()

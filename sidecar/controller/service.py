@@ -28,12 +28,13 @@ import uuid
 from typing import Any
 
 import httpx
+import msgspec
 
 from sidecar import protocol
 from sidecar.controller.channel import SidecarChannel
 from sidecar.controller.index import ChunkIndex
 from sidecar.controller.instances import Instance, InstanceRegistry
-from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, run_transfer
+from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, Lane, run_transfer
 from sidecar.controller.locks import ChunkLocks, Claim
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.pacing import RateLimit
@@ -131,33 +132,37 @@ class Controller:
 
     def lookup(self, tokens: list[int]) -> dict[str, int]:
         """Matched prefix tokens per live instance that holds at least one chunk of ``tokens``
-        (an instance that stopped heartbeating is left out: it cannot serve them now)."""
+        on every rank (an instance that stopped heartbeating is left out: it cannot serve them
+        now)."""
         # Per (fingerprint, chunk_size) group with a live instance: its spans, hashed once, and
         # the leading spans each holder holds, from one walk of the index over them.
         groups: dict[tuple[str, int], tuple[list[ChunkSpan], dict[str, int]]] = {}
         out: dict[str, int] = {}
         is_up = self.registry.is_up
         for iid, inst in self.registry.instances.items():
+            if not is_up(inst):
+                continue
             reg = inst.reg
             fp = (reg.fingerprint, reg.chunk_size)
             group = groups.get(fp)
             if group is None:
-                if not is_up(inst):
-                    continue
                 spans = chunk_spans(tokens, reg.chunk_size, reg.fingerprint)
                 group = groups[fp] = (spans, self.index.prefix_holders(spans))
-            n = group[1].get(iid)
-            if n and is_up(inst):
+            held = group[1]
+            n = held.get(iid, 0) if inst.world_size == 1 else \
+                min(held.get(h, 0) for h in inst.holders)
+            if n:
                 out[iid] = group[0][n - 1].end
         return out
 
     def held_prefix(self, inst: Instance, spans: list[ChunkSpan]) -> list[ChunkSpan]:
-        """The leading ``spans`` (a prompt's, at ``inst``) that ``inst`` holds (at least one).
+        """The leading ``spans`` (a prompt's, at ``inst``) that every rank of ``inst`` holds
+        (at least one).
 
         Raises:
             ApiError: ``not_found`` if it holds none.
         """
-        n = self.index.held_prefix(inst.instance_id, spans)
+        n = self.registry.held_prefix(inst, spans)
         if n == 0:
             raise ApiError("not_found", f"{inst.instance_id} holds no KV for a prefix of these "
                                         f"{spans[-1].end} tokens")
@@ -177,6 +182,11 @@ class Controller:
             raise ApiError("bad_request", "source and destination are the same instance")
         self.registry.require_up(src, "source instance")
         self.registry.require_up(dst, "destination instance")
+        if src.world_size != dst.world_size:
+            raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
+                                           f"compatible: tensor_parallel_size: {src.world_size} != "
+                                           f"{dst.world_size} (moves between engines of different "
+                                           f"tensor parallelism are not supported yet)")
         if src.reg.fingerprint != dst.reg.fingerprint:
             diffs = layout_mismatch(src.reg.layout, dst.reg.layout)
             raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
@@ -191,12 +201,13 @@ class Controller:
                                     Claim(dst.instance_id, every, exclusive=True)])
         try:
             spans = self.held_prefix(src, spans)
-            missing = sum(1 for s in spans if not self.index.holds(dst.instance_id, s.key))
-            needed = missing * dst.reg.slot_bytes
+            missing = sum(1 for s in spans if not self.registry.holds(dst, s.key))
+            needed = missing * dst.reg.slot_bytes  # at each rank: its shard of every chunk
             if needed > dst.available_bytes:
+                where = "" if dst.world_size == 1 else " (at its fullest rank)"
                 raise ApiError("store_full", f"{dst.instance_id} can free {dst.available_bytes} "
-                                             f"bytes (the rest is held, pinned or in use); the "
-                                             f"move needs {needed}")
+                                             f"bytes{where} (the rest is held, pinned or in use); "
+                                             f"the move needs {needed}")
         except ApiError:
             self.locks.release(holder)
             raise
@@ -214,10 +225,12 @@ class Controller:
         error = kind = None
         try:
             src = self.registry.get(job.source)
-            if src is None or self.registry.get(job.destination) is None:
+            dst = self.registry.get(job.destination)
+            if src is None or dst is None or not (src.complete and dst.complete):
                 raise JobFailed("unavailable", "an instance unregistered before the job started")
-            source = protocol.PeerInfo(job.source, src.reg.agent_name, src.reg.p2p_url,
-                                       src.reg.incarnation, src.reg.shared_pool)
+            lanes = [Lane(s.holder, d.holder, protocol.PeerInfo(
+                job.source, s.reg.agent_name, s.reg.p2p_url, s.reg.incarnation,
+                s.reg.shared_pool)) for s, d in zip(src.ranked(), dst.ranked())]
             limits = tuple(lim for lim in (
                 RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
                 self.bandwidth) if lim is not None)
@@ -230,7 +243,7 @@ class Controller:
                 slowest = min(lim.bytes_per_s for lim in limits)
                 lease_s = min(lease_s + 2 * len(job.keys) * src.reg.slot_bytes / slowest,
                               protocol.MAX_LEASE_S)
-            await run_transfer(job, source, self.channel.command, self.settings.fetch_batch_bytes,
+            await run_transfer(job, lanes, self.channel.command, self.settings.fetch_batch_bytes,
                                lease_s=lease_s, limits=limits)
         except JobCancelled as e:
             error, cancelled = str(e), True
@@ -275,13 +288,19 @@ class Controller:
             msg = protocol.ClearChunks(keys=keys)
         else:
             msg = protocol.SetPinned(keys=keys or [], pinned=(kind == "pin"))
-        try:
-            reply = await self.channel.command(inst.instance_id, msg)
+        try:  # every rank at once (a command object per rank: each gets its own req_id)
+            replies = await asyncio.gather(*(
+                self.channel.command(m.holder, msgspec.structs.replace(msg))
+                for m in inst.ranked()))
         finally:
             self.locks.release(holder)
-        if reply.ok:
-            job.num_chunks = reply.count  # for a whole-store clear, what was there (num_tokens: 0)
-        self.jobs.finish(job, None if reply.ok else reply.error, reply.error_kind)
-        if not reply.ok:
-            raise ApiError(reply.error_kind or "internal", f"{kind} at {inst.instance_id}: {reply.error}")
+        failed = next((r for r in replies if not r.ok), None)
+        if failed is None:
+            # For a whole-store clear, what was there (num_tokens: 0) at the rank with most.
+            job.num_chunks = max(r.count for r in replies)
+        self.jobs.finish(job, None if failed is None else failed.error,
+                         None if failed is None else failed.error_kind)
+        if failed is not None:
+            raise ApiError(failed.error_kind or "internal",
+                           f"{kind} at {inst.instance_id}: {failed.error}")
         return job

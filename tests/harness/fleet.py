@@ -80,31 +80,37 @@ class Fleet:
 
     def add_sidecar(self, instance_id: str, slots: int = 64, wait: bool = True,
                     api_token: str | None = None, engine_url: str = "http://127.0.0.1:9",
-                    config: dict | None = None, **layout_over) -> Sidecar:
+                    config: dict | None = None, rank: int = 0, world_size: int = 1,
+                    **layout_over) -> Sidecar:
         """An in-process sidecar around a fresh store of ``slots`` chunks of
-        ``tiny_layout(**layout_over)``; ``config`` overrides keys of :meth:`sidecar_config`."""
+        ``tiny_layout(**layout_over)``, as tensor-parallel ``rank`` of ``world_size`` (kept in
+        :attr:`sidecars` as ``"<id>/<rank>"`` when ``world_size > 1``); ``config`` overrides
+        keys of :meth:`sidecar_config`. ``wait``: until the instance is listed (with every
+        rank up, for ``world_size > 1``)."""
         layout = tiny_layout(**layout_over)
         cfg = build_config(self.sidecar_config(instance_id, layout, slots, api_token, engine_url)
                            | (config or {}))
         store = ChunkStore(layout, slots * layout.chunk_bytes)
-        sc = Sidecar(cfg, store, layout).start()
+        sc = Sidecar(cfg, store, layout, rank, world_size).start()
         sc.wait_ready(30)
-        self.sidecars[instance_id] = sc
+        self.sidecars[instance_id if world_size == 1 else f"{instance_id}/{rank}"] = sc
         if wait:
-            self.wait_registered(instance_id)
+            self.wait_registered(instance_id, up=world_size > 1)
         return sc
 
-    def wait_registered(self, instance_id: str, timeout: float = 10) -> None:
+    def wait_registered(self, instance_id: str, timeout: float = 10, up: bool = False) -> None:
+        """Until ``/instances`` lists ``instance_id`` (and, with ``up``, says it is up)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             try:
-                ids = {i["instance_id"] for i in self.http.get("/instances").json()["instances"]}
+                listed = {i["instance_id"]: i["up"]
+                          for i in self.http.get("/instances").json()["instances"]}
             except httpx.HTTPError:
-                ids = set()
-            if instance_id in ids:
+                listed = {}
+            if instance_id in listed and (listed[instance_id] or not up):
                 return
             time.sleep(0.05)
-        raise AssertionError(f"{instance_id} never registered")
+        raise AssertionError(f"{instance_id} never registered{' all its ranks' if up else ''}")
 
     def kvmove(self, *args: str) -> int:
         """Run ``kvmove --controller <this fleet's controller> ARGS...`` in this process; its

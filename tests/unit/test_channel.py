@@ -110,11 +110,11 @@ def test_a_command_fails_when_its_instance_or_one_it_depends_on_goes_down():
         w.channel._pending[2] = ("dst", plain, ())
         w.channel.fail_commands_on_the_down()
         assert not fetch.done() and not plain.done()  # everyone heartbeats
-        w.registry.get("src").last_heartbeat -= 60  # the source goes silent
+        w.registry.member("src").last_heartbeat -= 60  # the source goes silent
         w.channel.fail_commands_on_the_down()
         assert fetch.done() and "instance src stopped heartbeating" in fetch.result().error
         assert fetch.result().error_kind == "unavailable" and not plain.done()
-        w.registry.get("dst").last_heartbeat -= 60
+        w.registry.member("dst").last_heartbeat -= 60
         w.channel.fail_commands_on_the_down()
         assert "instance dst" in plain.result().error
 

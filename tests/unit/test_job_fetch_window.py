@@ -12,7 +12,7 @@ import time
 import pytest
 
 from sidecar import protocol
-from sidecar.controller.jobs import Job, JobCancelled, JobFailed, run_transfer
+from sidecar.controller.jobs import Job, JobCancelled, JobFailed, Lane, run_transfer
 from sidecar.httpkit import ApiError
 
 MiB = 1 << 20
@@ -64,13 +64,14 @@ class FakeSidecars:
 
 
 SOURCE = protocol.PeerInfo("src", "agent-src", "127.0.0.1:1", "1")
+LANES = [Lane("src", "dst", SOURCE)]  # an engine without tensor parallelism: one lane
 
 
 async def transfer(job: Job, fake: FakeSidecars) -> Exception | None:
     """Run the job's steps against the fakes, in 1 MiB batches; the exception it ended with
     (after what the job left to the background: the destination's leases)."""
     try:
-        await run_transfer(job, SOURCE, fake.command, fetch_batch_bytes=MiB, lease_s=60)
+        await run_transfer(job, LANES, fake.command, fetch_batch_bytes=MiB, lease_s=60)
     except (JobFailed, JobCancelled) as e:
         return e
     finally:

@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.controller.jobs import JobCancelled, run_transfer
 from sidecar.controller.pacing import RateLimit, grant_bytes
-from tests.unit.test_job_fetch_window import SOURCE, FakeSidecars, MiB, new_job
+from tests.unit.test_job_fetch_window import LANES, FakeSidecars, MiB, new_job
 
 
 class FakeClock:
@@ -75,7 +75,7 @@ def test_a_capped_job_sends_its_batches_paced_and_a_cancel_stops_the_waiting_one
         # Eight 1 MiB batches at 10 MiB/s (grants of 0.5 MiB: one chunk each): one every
         # 0.1 s, the whole job ~0.7 s.
         job, fake = new_job(8, "copy"), FakeSidecars([0.0] * 8, failing=set())
-        await run_transfer(job, SOURCE, fake.command, fetch_batch_bytes=64 * MiB, lease_s=60,
+        await run_transfer(job, LANES, fake.command, fetch_batch_bytes=64 * MiB, lease_s=60,
                            limits=(RateLimit(10 * MiB),))
         sent = [t for what, t, _ in fake.log if what == "fetch sent"]
         assert len(sent) == 8 and job.bytes == 8 * MiB  # from 64 MiB down to one chunk each
@@ -84,7 +84,7 @@ def test_a_capped_job_sends_its_batches_paced_and_a_cancel_stops_the_waiting_one
 
         # A cancel while batches wait for their turn: none of them is sent after it.
         job, fake = new_job(8, "copy"), FakeSidecars([0.0] * 8, failing=set())
-        task = asyncio.create_task(run_transfer(job, SOURCE, fake.command, fetch_batch_bytes=MiB,
+        task = asyncio.create_task(run_transfer(job, LANES, fake.command, fetch_batch_bytes=MiB,
                                                 lease_s=60, limits=(RateLimit(10 * MiB),)))
         await asyncio.sleep(0.25)
         job.request_cancel()

@@ -1,6 +1,6 @@
-"""Which parallel engines the connector accepts: tensor parallelism with the host store alone;
-not with a controller (moves do not know ranks yet), and never pipeline or data parallelism —
-each refusal names the reason. And each rank's sidecar listens on the configured ports + rank."""
+"""Which parallel engines the connector accepts: tensor parallelism (with or without a
+controller), never pipeline or data parallelism — each refusal names the reason. And each
+rank's sidecar listens on the configured ports + rank."""
 
 from __future__ import annotations
 
@@ -21,19 +21,20 @@ def engine(tp=1, pp=1, dp=1):
 ALONE = {"controller_pull_url": "", "controller_reply_url": ""}
 
 
-def test_tensor_parallelism_is_accepted_with_the_store_alone():
-    _refuse_parallelism(engine(tp=2), load_config(ALONE))
-    _refuse_parallelism(engine(), load_config({}))
+def test_tensor_parallelism_is_accepted():
+    _refuse_parallelism(engine(tp=2))
+    _refuse_parallelism(engine(tp=8))
+    _refuse_parallelism(engine())
 
 
-@pytest.mark.parametrize("vllm, config, reason", [
-    (engine(tp=2), {}, "tensor_parallel_size=2 runs its host store without a controller only"),
-    (engine(pp=2), ALONE, "pipeline_parallel_size=2"),
-    (engine(dp=2), ALONE, "data_parallel_size=2"),
+@pytest.mark.parametrize("vllm, reason", [
+    (engine(pp=2), "pipeline_parallel_size=2"),
+    (engine(dp=2), "data_parallel_size=2"),
+    (engine(tp=2, pp=2, dp=4), "pipeline_parallel_size=2, data_parallel_size=4"),
 ])
-def test_other_parallel_engines_are_refused_naming_why(vllm, config, reason):
+def test_other_parallel_engines_are_refused_naming_why(vllm, reason):
     with pytest.raises(ValueError, match=reason):
-        _refuse_parallelism(vllm, load_config(config))
+        _refuse_parallelism(vllm)
 
 
 def test_each_rank_has_its_own_ports_and_lookup_endpoint():

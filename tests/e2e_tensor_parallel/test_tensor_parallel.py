@@ -1,0 +1,144 @@
+"""Two CPU engines with ``--tensor-parallel-size 2`` and the connector, and a controller.
+
+Each rank's worker keeps a store and a sidecar of its own (the configured sidecar port +
+rank), each holding its own shard of every chunk (the same keys, different bytes: its heads),
+and registers with the controller as that rank of its engine. Shown here with the engines'
+own word:
+
+* a prompt served once is served again from the two stores after vLLM's own prefix cache is
+  reset — ``vllm:external_prefix_cache_hits`` up by N-1, ``cached_tokens`` N-1, the same
+  greedy output;
+* the seed flow between the two engines: the controller lists each engine once (two ranks),
+  ``POST /move`` moves every rank's shard to the same rank of the other engine, byte for byte,
+  the source ends without them, and the destination serves the prompt from the moved KV
+  (hits >= N-1, the source's greedy output).
+
+Its own package: its engines start after the e2e package's two engines stopped (memory)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+
+from tests.harness.api import LOC, lookup, wait_lookup
+from tests.harness.engines import Engine, chunk_keys, model_dir
+from tests.harness.processes import LocalCluster, free_port
+
+N = 700
+CHUNK = 256
+
+
+def consecutive_ports() -> int:
+    """A free port whose successor is free too (rank 1's)."""
+    while True:
+        p, q = free_port(), free_port()
+        if q == p + 1:
+            return p
+
+
+class TensorParallelFleet:
+    """A controller and two TP=2 engines, ``tp2a`` and ``tp2b``, sharing the machine's two
+    cores (``VLLM_CPU_OMP_THREADS_BIND="0|1"``: rank r on core r)."""
+
+    def __init__(self, workdir):
+        self.local = LocalCluster(model_dir(), workdir)
+        port, pull, reply = free_port(), free_port(), free_port()
+        self.controller = self.local.start_controller(port, pull, reply)
+        self.engines: dict[str, Engine] = {}
+        self.sidecar_ports: dict[str, int] = {}
+        for iid in ("tp2a", "tp2b"):
+            http, sidecar, p2p = free_port(), consecutive_ports(), consecutive_ports()
+            extra = {"instance_id": iid, "controller_pull_url": f"localhost:{pull}",
+                     "controller_reply_url": f"localhost:{reply}", "sidecar_port": sidecar,
+                     "p2p_init_port": p2p, "chunk_size": CHUNK,
+                     "engine_url": f"http://127.0.0.1:{http}", "max_local_cpu_size": 0.25}
+            proc = self.local.start_engine(iid, http, cpu="0|1", extra_config=extra,
+                                           extra_args=["--tensor-parallel-size", "2"],
+                                           env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
+            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}",
+                                       str(self.local.model_dir))
+            self.sidecar_ports[iid] = sidecar
+        self.local.wait_ready(self.controller, timeout=60)
+        for e in self.engines.values():
+            self.local.wait_ready(e.proc, timeout=400)
+        self.http = httpx.Client(base_url=self.controller.url, timeout=60)
+
+    def rank_get(self, iid: str, rank: int, path: str) -> httpx.Response:
+        """GET ``path`` from rank ``rank``'s sidecar of engine ``iid``."""
+        return httpx.get(f"http://127.0.0.1:{self.sidecar_ports[iid] + rank}{path}", timeout=10)
+
+    def instances(self) -> dict[str, dict]:
+        return {i["instance_id"]: i for i in self.http.get("/instances").json()["instances"]}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = TensorParallelFleet(tmp_path_factory.mktemp("tp2"))
+    try:
+        deadline = time.monotonic() + 30
+        while not all(i["up"] for i in f.instances().values()) or len(f.instances()) < 2:
+            assert time.monotonic() < deadline, f.instances()
+            time.sleep(0.2)
+        yield f
+    finally:
+        f.local.stop_all()
+
+
+@pytest.mark.timeout(600)
+def test_each_rank_stores_its_shard_and_the_engine_is_served_from_both(fleet):
+    engine = fleet.engines["tp2a"]
+    tokens = [random.Random(13).randrange(3, 4000) for _ in range(N)]
+    reference = engine.complete(tokens, max_tokens=6)
+    chunks = -(-N // CHUNK)
+    deadline = time.monotonic() + 30
+    while not all(fleet.rank_get("tp2a", r, "/store").json()["num_chunks"] >= chunks
+                  for r in (0, 1)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # The same chunk keys on both ranks, each rank's own heads.
+    keys = chunk_keys(fleet.http, tokens, "tp2a")
+    for key in keys:
+        shards = [fleet.rank_get("tp2a", r, f"/chunks/{key}").content for r in (0, 1)]
+        assert len(shards[0]) == len(shards[1]) > 0 and shards[0] != shards[1]
+    # Served again from the two stores.
+    out, hits = engine.complete_from_store(tokens)
+    print(f"\n[tp2] {N} tokens: {chunks} chunks on each of 2 ranks; after a prefix-cache reset "
+          f"{hits:.0f} external hits, cached_tokens {out['usage']['prompt_tokens_details']['cached_tokens']}")
+    assert hits == N - 1
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == N - 1
+    assert out["choices"][0]["text"] == reference["choices"][0]["text"]
+
+
+@pytest.mark.timeout(600)
+def test_the_seed_flow_between_two_tensor_parallel_engines(fleet):
+    src, dst = fleet.engines["tp2a"], fleet.engines["tp2b"]
+    listed = fleet.instances()
+    assert set(listed) == {"tp2a", "tp2b"}
+    assert [(r["rank"], r["up"]) for r in listed["tp2b"]["ranks"]] == [(0, True), (1, True)]
+    assert listed["tp2a"]["world_size"] == 2
+    tokens = [random.Random(29).randrange(3, 4000) for _ in range(N)]
+    reference = src.complete(tokens)
+    assert wait_lookup(fleet.http, tokens, {"tp2a": N}, timeout=30) == {"tp2a": N}
+    keys = chunk_keys(fleet.http, tokens, "tp2a")
+    before = {(r, k): fleet.rank_get("tp2a", r, f"/chunks/{k}").content
+              for r in (0, 1) for k in keys}
+    t0 = time.perf_counter()
+    r = fleet.http.post("/move", params={"wait": 60}, json={
+        "old_position": ["tp2a", LOC], "new_position": ["tp2b", LOC], "tokens": tokens})
+    wall = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    st = r.json()
+    assert st["status"] == "done", st
+    assert st["bytes"] == sum(len(b) for b in before.values())
+    # Rank r's shard is at rank r of the destination, byte for byte; the source has none left.
+    for (rank, key), data in before.items():
+        assert fleet.rank_get("tp2b", rank, f"/chunks/{key}").content == data
+        assert fleet.rank_get("tp2a", rank, f"/chunks/{key}").status_code == 404
+    assert lookup(fleet.http, tokens) == {"tp2b": N}
+    hits = dst.serve_and_check(tokens, tokens, reference["choices"][0]["text"])
+    print(f"\n[tp2 move] {N} tokens, {len(keys)} chunks x 2 ranks, {st['bytes']} bytes in "
+          f"{st['elapsed_s'] * 1e3:.1f} ms (POST to done {wall * 1e3:.1f} ms); destination hits "
+          f"{hits:.0f}, same output")

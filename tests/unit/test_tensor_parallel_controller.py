@@ -1,0 +1,197 @@
+"""A tensor-parallel engine in the controller, without sockets: its ranks' sidecars register
+as one instance, which is up only while every rank is, holds a chunk only where every rank
+holds its shard, and moves rank by rank (a lane per rank), deleting at the source only once
+every rank of the destination holds every chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from sidecar import protocol
+from sidecar.controller.instances import holder_name
+from sidecar.controller.jobs import Job, JobFailed, Lane, run_transfer
+from sidecar.controller.service import Controller
+from sidecar.controller.settings import ControllerSettings
+from sidecar.httpkit import ApiError
+from tests.unit.test_channel import Wire
+from tests.unit.test_job_fetch_window import MiB
+from vllm_kvmove.hashing import chunk_spans
+
+
+def register(iid: str, rank: int, world_size: int = 2, incarnation: str = "one",
+             fingerprint: str = "0" * 32) -> protocol.Register:
+    return protocol.Register(
+        instance_id=iid, engine_url="http://127.0.0.1:1", sidecar_url=f"http://127.0.0.1:{10 + rank}",
+        p2p_url=f"127.0.0.1:{20 + rank}", agent_name=f"{iid}-{rank}", model="m",
+        fingerprint=fingerprint, layout={}, chunk_size=32, capacity_bytes=1 << 20,
+        slot_bytes=2048, incarnation=f"{incarnation}-{rank}", pid=1, rank=rank,
+        world_size=world_size)
+
+
+def conn(iid: str, rank: int) -> bytes:
+    return f"conn-{iid}-{rank}".encode()
+
+
+def test_ranks_register_as_one_instance_that_is_up_only_with_every_rank():
+    w = Wire()
+    w.receive(conn("e", 0), register("e", 0))
+    inst = w.registry.get("e")
+    assert inst.world_size == 2 and not w.registry.is_up(inst)  # rank 1 still missing
+    with pytest.raises(ApiError, match=r"rank\(s\) \[1\] of 2 not registered"):
+        w.registry.require_up(inst)
+    w.receive(conn("e", 1), register("e", 1))
+    assert [type(m).__name__ for _, m in w.sent] == ["RegisterAck", "RegisterAck"]
+    assert w.registry.is_up(inst) and len(w.registry) == 1
+    assert w.registry.bound(conn("e", 1)).holder == holder_name("e", 1) != "e"
+    # Rank 1 goes silent: the engine is down, and says which rank.
+    inst.members[1].last_heartbeat = time.monotonic() - 60
+    assert not w.registry.is_up(inst)
+    with pytest.raises(ApiError, match=r"rank\(s\) \[1\] of 2"):
+        w.registry.require_up(inst)
+    assert w.registry.down_holders() == {holder_name("e", 1)}
+
+
+def test_a_rank_that_disagrees_with_a_live_rank_is_refused_and_displaces_nothing():
+    w = Wire()
+    w.receive(conn("e", 0), register("e", 0))
+    w.receive(conn("e", 1), register("e", 1, world_size=4, incarnation="other"))
+    assert isinstance(w.sent[-1][1], protocol.RegisterRefused)
+    assert "world_size: 4 != 2" in w.sent[-1][1].reason
+    w.receive(conn("e", 1), register("e", 1, fingerprint="1" * 32))
+    assert isinstance(w.sent[-1][1], protocol.RegisterRefused) and "fingerprint" in w.sent[-1][1].reason
+    w.receive(conn("e", 9), register("e", 2))  # rank outside the world
+    assert isinstance(w.sent[-1][1], protocol.RegisterRefused)
+    assert "rank 2 is not below world_size 2" in w.sent[-1][1].reason
+    assert list(w.registry.get("e").members) == [0]
+    # Once rank 0 is down, an engine restarted with another degree takes the name over.
+    w.registry.get("e").members[0].last_heartbeat = time.monotonic() - 60
+    w.receive(conn("e", 5), register("e", 0, world_size=1, incarnation="new"))
+    assert isinstance(w.sent[-1][1], protocol.RegisterAck)
+    assert w.registry.get("e").world_size == 1 and w.registry.is_up(w.registry.get("e"))
+
+
+def test_a_goodbye_of_one_rank_leaves_the_engine_down_and_its_other_rank_known():
+    w = Wire()
+    for r in (0, 1):
+        w.receive(conn("e", r), register("e", r))
+    w.receive(conn("e", 1), protocol.Goodbye("e"))
+    inst = w.registry.get("e")
+    assert list(inst.members) == [0] and not w.registry.is_up(inst)
+    w.receive(conn("e", 0), protocol.Goodbye("e"))
+    assert w.registry.get("e") is None
+
+
+def snapshot(iid: str, keys: list[bytes]) -> protocol.Snapshot:
+    return protocol.Snapshot(iid, 0, [protocol.ChunkRecord(k, 32) for k in keys])
+
+
+def test_lookup_and_holdings_count_a_chunk_only_where_every_rank_holds_it():
+    ctl = Controller(ControllerSettings())
+    w = Wire()
+    w.registry, w.channel.registry = ctl.registry, ctl.registry  # the controller's registry
+    tokens = list(range(32 * 4))
+    keys = [s.key for s in chunk_spans(tokens, 32, "0" * 32)]
+    for r in (0, 1):
+        w.receive(conn("tp", r), register("tp", r))
+    w.receive(conn("one", 0), register("one", 0, world_size=1))
+    ctl.registry.apply_snapshot(ctl.registry.bound(conn("tp", 0)), snapshot("tp", keys))
+    ctl.registry.apply_snapshot(ctl.registry.bound(conn("tp", 1)), snapshot("tp", keys[:2]))
+    ctl.registry.apply_snapshot(ctl.registry.bound(conn("one", 0)), snapshot("one", keys[:3]))
+    # Rank 0 holds 4 chunks, rank 1 two: the engine can load two.
+    assert ctl.lookup(tokens) == {"tp": 64, "one": 96}
+    tp = ctl.registry.get("tp")
+    assert ctl.registry.count_chunks(tp) == 2 and ctl.registry.holds(tp, keys[1])
+    assert not ctl.registry.holds(tp, keys[2])
+    spans = chunk_spans(tokens, 32, "0" * 32)
+    assert [s.key for s in ctl.held_prefix(tp, spans)] == keys[:2]
+    # A store event at rank 1 completes a third chunk.
+    ctl.registry.apply_events(ctl.registry.bound(conn("tp", 1)),
+                              [protocol.StoreEventMsg(1, "admit", keys[2], 32)])
+    assert ctl.lookup(tokens)["tp"] == 96
+    # An engine with a rank down is left out of lookups, whatever it holds.
+    tp.members[1].last_heartbeat = time.monotonic() - 60
+    assert ctl.lookup(tokens) == {"one": 96}
+
+
+class RankedSidecars:
+    """Fake sidecars of a TP=2 move: sources ``s`` and ``s\\x001`` (two 1 MiB chunks each),
+    destinations ``d`` and ``d\\x001``; fails the fetches at ``fail_fetch_at`` and the lease at
+    ``fail_lease_at``; records every command as (holder, kind, detail)."""
+
+    def __init__(self, fail_fetch_at: str = "", fail_lease_at: str = ""):
+        self.fail_fetch_at, self.fail_lease_at = fail_fetch_at, fail_lease_at
+        self.log: list[tuple[str, str, object]] = []
+        self.req_ids = iter(range(1, 1000))
+
+    async def command(self, holder: str, msg, timeout=None, depends_on=()) -> protocol.Reply:
+        msg.req_id = next(self.req_ids)
+        await asyncio.sleep(0.001)
+        if isinstance(msg, protocol.LeaseChunks):
+            self.log.append((holder, "lease", msg.req_id))
+            if holder == self.fail_lease_at:
+                return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="not_found",
+                                      error="evicted")
+            chunks = [protocol.ChunkDesc(k, 32, i * MiB, MiB, 0) for i, k in enumerate(msg.keys)]
+            return protocol.Reply(req_id=msg.req_id, ok=True, chunks=chunks)
+        if isinstance(msg, protocol.FetchChunks):
+            self.log.append((holder, "fetch", (msg.source.agent_name, depends_on)))
+            if holder == self.fail_fetch_at:
+                return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="transfer",
+                                      error="link down")
+            return protocol.Reply(req_id=msg.req_id, ok=True, bytes=MiB * len(msg.chunks))
+        if isinstance(msg, protocol.EndLease):
+            self.log.append((holder, "end", (msg.delete, msg.transferred_bytes)))
+            return protocol.Reply(req_id=msg.req_id, ok=True)
+        raise AssertionError(msg)
+
+
+LANES = [Lane(holder_name("s", r), holder_name("d", r),
+              protocol.PeerInfo("s", f"s-agent-{r}", f"127.0.0.1:{20 + r}", "x")) for r in (0, 1)]
+
+
+def run(fake: RankedSidecars) -> tuple[Job, Exception | None]:
+    async def main():
+        job = Job("j", "move", "s", "d", [b"a" * 16, b"b" * 16], 64)
+        try:
+            await run_transfer(job, LANES, fake.command, fetch_batch_bytes=MiB, lease_s=60)
+        except JobFailed as e:
+            return job, e
+        finally:
+            await asyncio.sleep(0.02)  # the destinations' leases end in the background
+        return job, None
+
+    return asyncio.run(main())
+
+
+def test_a_move_between_tensor_parallel_engines_goes_rank_to_rank_and_deletes_once_all_hold():
+    fake = RankedSidecars()
+    job, err = run(fake)
+    assert err is None and job.bytes == job.total_bytes == 4 * MiB
+    # Each destination rank read its shard from the same rank of the source, and depends on it.
+    fetches = [(h, d) for h, what, d in fake.log if what == "fetch"]
+    assert sorted(fetches) == sorted(
+        [("d", ("s-agent-0", ("s",)))] * 2 + [("d\x001", ("s-agent-1", ("s\x001",)))] * 2)
+    # Both sources delete, each told its own share, and only after every fetch of both ranks.
+    ends = [(i, h, d) for i, (h, what, d) in enumerate(fake.log) if what == "end" and h[0] == "s"]
+    assert sorted((h, d) for _, h, d in ends) == [("s", (True, 2 * MiB)), ("s\x001", (True, 2 * MiB))]
+    last_fetch = max(i for i, (_, what, _) in enumerate(fake.log) if what == "fetch")
+    assert all(i > last_fetch for i, _, _ in ends)
+
+
+def test_a_failed_rank_deletes_nothing_at_any_source_rank():
+    fake = RankedSidecars(fail_fetch_at="d\x001")
+    job, err = run(fake)
+    assert err is not None and "fetch at d rank 1 failed: link down" in str(err)
+    ends = {h: d for h, what, d in fake.log if what == "end" and h[0] == "s"}
+    assert ends["s"][0] is False and ends["s\x001"][0] is False
+
+
+def test_a_lease_refused_at_one_rank_ends_the_others_and_moves_nothing():
+    fake = RankedSidecars(fail_lease_at="s\x001")
+    job, err = run(fake)
+    assert err is not None and err.kind == "not_found" and "lease at s rank 1" in str(err)
+    assert not [1 for _, what, _ in fake.log if what == "fetch"]
+    assert [(h, d) for h, what, d in fake.log if what == "end"] == [("s", (False, 0))]
