@@ -41,8 +41,9 @@ import msgspec
 from vllm_kvmove.shm import PoolHandle
 
 # Version 3: a sidecar registers as one rank of a tensor-parallel engine (Register's rank and
-# world_size, EventBatch's rank). Version 2: the transfer lease and the operator's pin got names
-# of their own. A sidecar and a controller of different versions refuse each other.
+# world_size, EventBatch's rank); fetches may convert between formats (FetchChunks.convert).
+# Version 2: the transfer lease and the operator's pin got names of their own. A sidecar and a
+# controller of different versions refuse each other.
 PROTOCOL_VERSION = 3
 # The one store location there is (LMCache's name for host memory).
 LOCATION = "LocalCPUBackend"
@@ -74,6 +75,10 @@ Text = Annotated[str, msgspec.Meta(max_length=4096)]
 # The longest lease a sidecar accepts (a day).
 MAX_LEASE_S = 86400.0
 LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_LEASE_S)]
+# Every field of a KVLayout (``KVLayout.to_dict()``).
+LayoutFields = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)],
+                              Annotated[str, msgspec.Meta(max_length=4096)] | int],
+                         msgspec.Meta(max_length=64)]
 # Tensor-parallel degrees a registration may claim, and the ranks within them.
 MAX_WORLD_SIZE = 1024
 WorldSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_WORLD_SIZE)]
@@ -138,9 +143,7 @@ class Register(_Tagged):
     agent_name: Name
     model: Text
     fingerprint: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
-    layout: Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)],
-                           Annotated[str, msgspec.Meta(max_length=4096)] | int],
-                      msgspec.Meta(max_length=64)]
+    layout: LayoutFields
     chunk_size: Annotated[int, msgspec.Meta(ge=MIN_CHUNK_TOKENS, le=MAX_CHUNK_TOKENS)]
     capacity_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 50)]
     slot_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
@@ -323,6 +326,37 @@ class PeerInfo(msgspec.Struct):
     shared_pool: PoolHandle | None = None
 
 
+class ShardRead(msgspec.Struct):
+    """One source rank's shards of a converted fetch's chunks.
+
+    Attributes:
+        source: that rank's sidecar.
+        rank: its tensor-parallel rank.
+        chunks: its leased shards, in the order of the fetch's ``chunks`` (the same keys).
+    """
+
+    source: PeerInfo
+    rank: Rank
+    chunks: list[ChunkDesc]
+
+
+class Conversion(msgspec.Struct):
+    """The source engine's chunks are in another format than this store's (block size,
+    packing, or tensor parallelism; :mod:`vllm_kvmove.convert`): read every shard listed,
+    verify each, and write this rank's shard in this store's format.
+
+    Attributes:
+        layout: every field of the source engine's ``KVLayout`` (per rank).
+        world_size: the source engine's tensor-parallel degree.
+        shards: the source ranks whose heads this rank holds, in rank order; the fetch's
+            ``source`` and ``chunks`` are the first one's.
+    """
+
+    layout: LayoutFields
+    world_size: WorldSize
+    shards: Annotated[list[ShardRead], msgspec.Meta(min_length=1, max_length=MAX_WORLD_SIZE)]
+
+
 class FetchChunks(_Command, kw_only=True):
     """Read leased chunks from ``source`` into this store; verify; then publish them.
 
@@ -330,13 +364,16 @@ class FetchChunks(_Command, kw_only=True):
     fails the fetch (``conflict``): it is not held yet. On any failure nothing is published.
     With ``hold``, every chunk of the batch (fetched or already here) stays held under a
     lease named by this command's ``req_id`` until an :class:`EndLease` (or ``lease_s``):
-    the destination of a move keeps its copy while the source deletes its own.
+    the destination of a move keeps its copy while the source deletes its own. With
+    ``convert``, the chunks are read from every shard it lists and converted
+    (:class:`Conversion`).
     """
 
     source: PeerInfo
     chunks: list[ChunkDesc]
     hold: bool = False
     lease_s: LeaseSeconds = 120.0
+    convert: Conversion | None = None
 
 
 ControllerMessage = Union[RegisterAck, RegisterRefused, HeartbeatAck, Resync, LeaseChunks,

@@ -9,9 +9,15 @@ byte for byte, **block-major**::
 
 Block-major keeps the valid part of a partial chunk (its first ``ceil(n / block_size)``
 blocks) one contiguous byte range, so a transfer of a partial chunk moves only valid bytes in
-one descriptor. Byte-for-byte slabs make save and load plain memcpys, but only engines with an
-identical layout can share them; the fingerprint therefore covers every field here, and
-chunk keys are salted with it (:mod:`vllm_kvmove.hashing`).
+one descriptor. Byte-for-byte slabs make save and load plain memcpys.
+
+Two engines' chunks are *compatible* when what the KV means is the same — model, dtype,
+layers, head size, KV heads in total, chunk size, hash seed: the fingerprint covers exactly
+these (:data:`COMPAT_FIELDS`) and chunk keys are salted with it (:mod:`vllm_kvmove.hashing`),
+so compatible engines name a prefix's chunks alike. Their *format* — block size, the backend's
+packing inside a block, the heads each tensor-parallel rank holds (:data:`FORMAT_FIELDS`) —
+may differ: identical formats share bytes as they are, different ones are converted on the
+way (:mod:`vllm_kvmove.convert`), or refused where no conversion is known.
 
 :func:`block_bytes` views each layer's blocks as byte rows over their physical memory (any
 order of the dims inside a block, any step between blocks), and :func:`block_index` and
@@ -30,23 +36,35 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 if TYPE_CHECKING:
     import torch
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
+                "uint8": 1}
+
+
+# What must match for two engines' chunks to mean the same KV (the fingerprint's fields).
+COMPAT_FIELDS = ("model", "dtype", "num_layers", "head_size", "total_kv_heads", "chunk_size",
+                 "hash_seed")
+# How the bytes are laid out: may differ between compatible engines (then converted).
+FORMAT_FIELDS = ("block_size", "backend", "num_kv_heads")
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """What makes two engines' KV chunks interchangeable.
+    """An engine's KV chunks: what they mean (:data:`COMPAT_FIELDS`) and how their bytes are
+    laid out (:data:`FORMAT_FIELDS`), per tensor-parallel rank.
 
     Attributes:
         model: model identity (vLLM's ``model_config.model``).
         dtype: KV cache element type name, e.g. ``"bfloat16"``.
         num_layers: attention layers holding KV.
-        num_kv_heads: KV heads per layer (per worker).
+        num_kv_heads: KV heads per layer in one rank's store (per worker).
         head_size: elements per head.
         block_size: tokens per paged-cache block.
         chunk_size: tokens per store chunk (a multiple of ``block_size``).
         backend: attention backend and its slab packing, e.g. ``"cpu_attn/vec"``.
         hash_seed: user salt; engines with different seeds never share keys.
+        total_kv_heads: KV heads per layer of the model (all ranks together); 0 (default):
+            ``num_kv_heads`` (no tensor parallelism). A rank of an engine whose degree exceeds
+            the model's KV heads holds a replica of one head.
     """
 
     model: str
@@ -58,12 +76,32 @@ class KVLayout:
     chunk_size: int
     backend: str
     hash_seed: str = ""
+    total_kv_heads: int = 0
 
     def __post_init__(self) -> None:
+        # A layout may come off the wire (a registration, a fetch): every field is checked.
+        for name in ("num_layers", "num_kv_heads", "head_size", "block_size", "chunk_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if type(self.total_kv_heads) is not int or self.total_kv_heads < 0:
+            raise ValueError(f"total_kv_heads must be a non-negative integer, got "
+                             f"{self.total_kv_heads!r}")
+        for name in ("model", "dtype", "backend", "hash_seed"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        if self.dtype not in _DTYPE_BYTES:
+            raise ValueError(f"unknown KV dtype {self.dtype!r} (known: {sorted(_DTYPE_BYTES)})")
         if self.chunk_size % self.block_size:
             raise ValueError(
                 f"chunk_size {self.chunk_size} must be a multiple of the engine's KV block size "
                 f"{self.block_size}")
+        if not self.total_kv_heads:
+            object.__setattr__(self, "total_kv_heads", self.num_kv_heads)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -92,9 +130,14 @@ class KVLayout:
         return self.blocks_for(num_tokens) * self.block_bytes
 
     def fingerprint(self) -> str:
-        """Stable hex digest of every field; equal fingerprints mean shareable chunks."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """Stable hex digest of :data:`COMPAT_FIELDS`: equal fingerprints mean chunks of the
+        same KV under the same keys (their bytes may still need converting between formats)."""
+        blob = json.dumps({k: getattr(self, k) for k in COMPAT_FIELDS}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
+
+    def same_format(self, other: "KVLayout") -> bool:
+        """Whether chunks of ``other`` are byte for byte this layout's (no conversion)."""
+        return all(getattr(self, k) == getattr(other, k) for k in FORMAT_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +184,7 @@ def layout_from_vllm(vllm_config: Any, kv_cache_config: Any, chunk_size: int,
         dtype=dtype_name,
         num_layers=len(groups[0].layer_names),
         num_kv_heads=int(spec.num_kv_heads),
+        total_kv_heads=int(vllm_config.model_config.get_total_num_kv_heads()),
         head_size=int(spec.head_size),
         block_size=int(spec.block_size),
         chunk_size=int(chunk_size),

@@ -295,6 +295,27 @@ class NixlTransfer:
                 logger.debug("release_xfer_handle failed", exc_info=True)
         return sum(r.nbytes for r in ranges)
 
+    def register_local(self, addr: int, nbytes: int) -> object:
+        """Register more of our memory (besides the pool) as a place READs may land — a
+        staging buffer for bytes that cannot go to a slot as they are. Peers never read it
+        (our published metadata covers the pool only). Returns the registration, for
+        :meth:`deregister_local`.
+
+        Raises:
+            TransferError: NIXL refused the registration.
+        """
+        try:
+            return self.agent.register_memory([(addr, nbytes, 0, "")], "DRAM")
+        except Exception as e:  # noqa: BLE001 - nixl raises its own exception types
+            raise TransferError(f"NIXL refused to register {nbytes} bytes: {e}") from None
+
+    def deregister_local(self, registration: object) -> None:
+        """Undo a :meth:`register_local` (no READ may be in flight into it)."""
+        try:
+            self.agent.deregister_memory(registration)
+        except Exception:  # noqa: BLE001
+            logger.debug("deregister_memory failed", exc_info=True)
+
     def close(self) -> None:
         """Stop the metadata server. The agent itself is released with the process."""
         self._stop.set()

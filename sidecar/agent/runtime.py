@@ -187,7 +187,8 @@ class Sidecar:
             data_ports=cfg.p2p_data_ports)
         fetcher = ChunkFetcher(self.store, self.layout, self.transfer, self.peer_pools,
                                cfg.verify_checksums, cfg.command_timeout_s,
-                               thread_init=widen_cpu_affinity)
+                               thread_init=widen_cpu_affinity, rank=self.rank,
+                               world_size=self.world_size)
         self.commands = CommandExecutor(self.store, fetcher, self.counters)
         ctx = zmq.Context.instance()
         if cfg.controller_reply_url:

@@ -21,7 +21,8 @@ Contract
   at most ``heartbeat_timeout_s`` old.
 * Identity: a member is bound to the connection (ROUTER routing id) its accepted registration
   came on; :meth:`InstanceRegistry.bound` is the only way to find the member a message speaks
-  for. A registration is validated like HTTP input (bounds by the decoder, coherence here) and
+  for. A registration is validated like HTTP input (bounds by the decoder, coherence here —
+  its layout must be a :class:`~vllm_kvmove.layout.KVLayout` of its fingerprint) and
   refused with a reason. A second start claiming a live member's (instance, rank) (another
   incarnation, while the first still heartbeats) is refused and displaces nothing; the same
   start on a new connection (it reconnected) is rebound. A rank whose engine-wide fields
@@ -41,6 +42,7 @@ from sidecar import protocol
 from sidecar.controller.index import ChunkIndex
 from sidecar.httpkit import ApiError
 from vllm_kvmove.hashing import ChunkSpan
+from vllm_kvmove.layout import KVLayout
 
 logger = logging.getLogger("vllm_kvmove.controller")
 
@@ -108,6 +110,11 @@ class Instance:
         """The lowest registered rank's registration: its engine-wide fields
         (:data:`ENGINE_FIELDS`) are every rank's."""
         return self.members[min(self.members)].reg
+
+    @property
+    def layout(self) -> KVLayout:
+        """The engine's KV layout (per rank; checked readable at registration)."""
+        return KVLayout(**self.reg.layout)
 
     @property
     def complete(self) -> bool:
@@ -349,6 +356,12 @@ def _refusal(msg: protocol.Register) -> str | None:
         return f"p2p_url must be host:port, got {msg.p2p_url!r}"
     if msg.capacity_bytes < msg.slot_bytes:
         return f"capacity_bytes {msg.capacity_bytes} holds no slot of {msg.slot_bytes} bytes"
+    try:
+        layout = KVLayout(**msg.layout)
+    except (TypeError, ValueError) as e:
+        return f"layout is not a KV layout: {e}"
+    if layout.fingerprint() != msg.fingerprint or layout.model != msg.model:
+        return "fingerprint or model differs from the layout's"
     if msg.rank >= msg.world_size:
         return f"rank {msg.rank} is not below world_size {msg.world_size}"
     if msg.layout.get("chunk_size", msg.chunk_size) != msg.chunk_size:

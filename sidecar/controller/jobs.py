@@ -52,6 +52,11 @@ logger = logging.getLogger("vllm_kvmove.controller")
 
 # Fetch commands of one job in flight at once: one copies while the other verifies checksums.
 FETCHES_IN_FLIGHT = 2
+# Most bytes (of the first source's shards) per fetch of a job that converts: the destination
+# reads each such batch into a staging buffer of its own, so this bounds that memory (times
+# the shards read, times the fetches in flight) and lets one batch convert while the next is
+# read.
+CONVERT_BATCH_BYTES = 64 << 20
 
 # How a job talks to a sidecar: ``await command(holder, msg, depends_on=(...))`` → its
 # Reply (a failed Reply for timeouts and dead peers, the commanded one or one it depends on;
@@ -212,74 +217,107 @@ async def _step(command: Command, holder: str, msg: Any, what: str,
 
 
 @dataclass(frozen=True)
-class Lane:
-    """One tensor-parallel rank's part of a move or copy: its shard of every chunk goes from
-    the sidecar ``source`` to the sidecar ``destination`` (holder names,
-    :func:`~sidecar.controller.instances.holder_name`), the destination reading from ``peer``
-    (the source's pool). An engine without tensor parallelism has one lane."""
+class Source:
+    """One source rank a lane reads from: its sidecar's holder name
+    (:func:`~sidecar.controller.instances.holder_name`), how to reach its pool, its rank."""
 
-    source: str
-    destination: str
+    holder: str
     peer: protocol.PeerInfo
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One destination rank's part of a move or copy: its shard of every chunk, read from
+    ``sources`` — the same rank of the source engine when both engines have one format (an
+    engine without tensor parallelism has one lane of one source), or every source rank
+    whose heads it holds when the job converts (:func:`vllm_kvmove.convert.source_ranks`)."""
+
+    destination: str
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The source engine's format, when it differs from the destination's: every fetch then
+    carries it (:class:`~sidecar.protocol.Conversion`) and the destination converts."""
+
+    layout: dict
+    world_size: int
 
 
 async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                        fetch_batch_bytes: int, lease_s: float,
-                       limits: tuple[RateLimit, ...] = ()) -> None:
-    """Lease the chunks at every lane's source, fetch them at its destination (batches, two
-    in flight per lane), then end the leases — deleting the chunks at the sources for a move,
-    and only once every lane's destination holds every one of them (a tensor-parallel engine
-    holds a chunk only when every rank holds its shard).
+                       limits: tuple[RateLimit, ...] = (),
+                       conversion: Conversion | None = None) -> None:
+    """Lease the chunks at every source rank, fetch them at every destination rank (batches,
+    two in flight per lane), then end the leases — deleting the chunks at the sources for a
+    move, and only once every lane's destination holds every one of them (a tensor-parallel
+    engine holds a chunk only when every rank holds its shard).
 
     Args:
         job: a move or copy; its ``bytes`` and ``total_bytes`` advance as batches settle.
-        lanes: one per rank pair, in rank order.
+        lanes: one per destination rank, in rank order.
         command: see :data:`Command`.
-        fetch_batch_bytes: most bytes per fetch command.
+        fetch_batch_bytes: most bytes per fetch command (of its first source's shards).
         lease_s: the sources' lease, a bound on how long a lost job can hold its chunks.
         limits: bandwidth caps every batch waits for before it is sent (the job's own, the
             controller's); batches shrink to 1/20 s at the slowest cap.
+        conversion: the source's format, when the destination must convert.
     Raises:
         JobFailed: a step failed (its kind and cause); JobCancelled: a cancel stopped it.
     """
     if job.cancel_requested:
         raise JobCancelled("cancelled before it started")
     t0 = time.perf_counter()
-    lease_cmds = [protocol.LeaseChunks(keys=job.keys, lease_s=lease_s) for _ in lanes]
-    replies = await asyncio.gather(*(command(lane.source, cmd)
-                                     for lane, cmd in zip(lanes, lease_cmds)))
-    failed_lease = next((i for i, r in enumerate(replies) if not r.ok), None)
+    # Every source rank any lane reads from, leased once (a split reads one from several).
+    holders = list(dict.fromkeys(s.holder for lane in lanes for s in lane.sources))
+    lease_cmds = {h: protocol.LeaseChunks(keys=job.keys, lease_s=lease_s) for h in holders}
+    replies = dict(zip(holders, await asyncio.gather(*(
+        command(h, cmd) for h, cmd in lease_cmds.items()))))
+    failed_lease = next((h for h in holders if not replies[h].ok), None)
     if failed_lease is not None:
         # All or none: the ranks that did lease let go at once, with nothing deleted.
-        await asyncio.gather(*(command(lane.source, protocol.EndLease(lease_id=cmd.req_id))
-                               for lane, cmd, r in zip(lanes, lease_cmds, replies) if r.ok))
+        await asyncio.gather(*(command(h, protocol.EndLease(lease_id=lease_cmds[h].req_id))
+                               for h in holders if replies[h].ok))
         r = replies[failed_lease]
         raise JobFailed(r.error_kind or "internal",
-                        f"lease at {describe_holder(lanes[failed_lease].source)} failed: {r.error}")
+                        f"lease at {describe_holder(failed_lease)} failed: {r.error}")
     t_lease = time.perf_counter()
-    job.total_bytes = sum(c.nbytes for r in replies for c in r.chunks)
+    leased = {h: replies[h].chunks for h in holders}  # in key order, every key (all or none)
+    job.total_bytes = sum(c.nbytes for lane in lanes for s in lane.sources
+                          for c in leased[s.holder])
     failed = asyncio.Event()
     hold = job.kind == "move"  # the destination keeps its copy held until the source deleted
     # (destination, lease id) of the fetches that may hold chunks there: all that were sent
     # (one that failed here — a timeout, a dead link — may still complete there; its end then
     # waits for it).
     held_at_destination: list[tuple[str, int]] = []
-    lane_bytes = dict.fromkeys((lane.source for lane in lanes), 0)  # what each source gave
+    source_bytes = dict.fromkeys(holders, 0)  # what each source gave
 
-    async def fetch(lane: Lane, window: asyncio.Semaphore,
-                    batch: list[protocol.ChunkDesc]) -> bool:
+    def fetch_command(lane: Lane, picked: list[int]) -> protocol.FetchChunks:
+        first = lane.sources[0]
+        chunks = [leased[first.holder][i] for i in picked]
+        convert = None if conversion is None else protocol.Conversion(
+            conversion.layout, conversion.world_size,
+            [protocol.ShardRead(s.peer, s.rank, [leased[s.holder][i] for i in picked])
+             for s in lane.sources])
+        return protocol.FetchChunks(source=first.peer, chunks=chunks, hold=hold,
+                                    lease_s=lease_s, convert=convert)
+
+    async def fetch(lane: Lane, window: asyncio.Semaphore, picked: list[int]) -> bool:
         async with window:
             if failed.is_set() or job.cancel_requested:
                 return False  # an earlier batch failed, or a cancel: do not start this one
-            nbytes = sum(c.nbytes for c in batch)
+            shares = [sum(leased[s.holder][i].nbytes for i in picked) for s in lane.sources]
             for limit in limits:
-                await limit.take(nbytes)
+                await limit.take(sum(shares))
             if failed.is_set() or job.cancel_requested:
                 return False  # ...which may have come while it waited for its turn
-            cmd = protocol.FetchChunks(source=lane.peer, chunks=batch, hold=hold, lease_s=lease_s)
+            cmd = fetch_command(lane, picked)
             try:
                 reply = await _step(command, lane.destination, cmd, "fetch",
-                                    depends_on=(lane.source,))
+                                    depends_on=tuple(s.holder for s in lane.sources))
             except BaseException:
                 failed.set()
                 raise
@@ -287,14 +325,18 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                 if hold and cmd.req_id:
                     held_at_destination.append((lane.destination, cmd.req_id))
             job.bytes += reply.bytes
-            lane_bytes[lane.source] += reply.bytes
+            for s, share in zip(lane.sources, shares):  # what was read, by source
+                source_bytes[s.holder] += reply.bytes * share // max(1, sum(shares))
             return True
 
     fetched_all = False
     batch_bytes = grant_bytes(list(limits), fetch_batch_bytes)
-    per_lane = [[(lane, window, b) for b in batches(r.chunks, batch_bytes)]
-                for lane, window, r in zip(lanes, [asyncio.Semaphore(FETCHES_IN_FLIGHT)
-                                                   for _ in lanes], replies)]
+    if conversion is not None:
+        batch_bytes = min(batch_bytes, CONVERT_BATCH_BYTES)
+    per_lane = [[(lane, window, picked) for picked in
+                 batch_indices(leased[lane.sources[0].holder], batch_bytes)]
+                for lane, window in zip(lanes, [asyncio.Semaphore(FETCHES_IN_FLIGHT)
+                                                for _ in lanes])]
     # Lanes interleaved, so a shared cap serves the ranks in turn.
     order = [item for group in itertools.zip_longest(*per_lane) for item in group if item]
     tasks = [asyncio.create_task(fetch(*item)) for item in order]
@@ -315,10 +357,10 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
         t_fetch = time.perf_counter()
     finally:
         delete = fetched_all and job.kind == "move"
-        ends = await asyncio.gather(*(
-            command(lane.source, protocol.EndLease(lease_id=cmd.req_id, delete=delete,
-                                                   transferred_bytes=lane_bytes[lane.source]))
-            for lane, cmd in zip(lanes, lease_cmds)))
+        ends = dict(zip(holders, await asyncio.gather(*(
+            command(h, protocol.EndLease(lease_id=lease_cmds[h].req_id, delete=delete,
+                                         transferred_bytes=source_bytes[h]))
+            for h in holders))))
         if held_at_destination:
             # The sources' deletes are done (or did not happen): the destination may let go.
             # Not awaited: the job's outcome does not depend on it, and a lost one expires.
@@ -329,17 +371,17 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
             logger.debug("job %s: lease %.2f ms, fetch %.2f ms, end of lease %.2f ms",
                          job.event_id, (t_lease - t0) * 1e3, (t_fetch - t_lease) * 1e3,
                          (time.perf_counter() - t_fetch) * 1e3)
-        for lane, end in zip(lanes, ends):
+        for h, end in ends.items():
             if end.ok:
                 continue
             # The sidecar's lease expiry releases the holds regardless; only a move's delete
             # is lost, and the destination holds the KV: say so, do not hide it.
-            logger.warning("end of lease at %s failed after job %s: %s",
-                           describe_holder(lane.source), job.event_id, end.error)
+            logger.warning("end of lease at %s failed after job %s: %s", describe_holder(h),
+                           job.event_id, end.error)
             if delete:
                 raise JobFailed(end.error_kind or "internal",
                                 f"the destination holds the KV, but the source "
-                                f"{describe_holder(lane.source)} did not delete it: {end.error}")
+                                f"{describe_holder(h)} did not delete it: {end.error}")
 
 
 _BACKGROUND: set[asyncio.Future] = set()
@@ -352,14 +394,15 @@ def _in_background(fut: asyncio.Future) -> None:
     fut.add_done_callback(_BACKGROUND.discard)
 
 
-def batches(chunks: list[protocol.ChunkDesc], max_bytes: int) -> list[list[protocol.ChunkDesc]]:
-    """Split chunks into consecutive groups of at most ``max_bytes`` (at least one chunk each)."""
-    out: list[list[protocol.ChunkDesc]] = [[]]
+def batch_indices(chunks: list[protocol.ChunkDesc], max_bytes: int) -> list[list[int]]:
+    """Split chunks into consecutive groups of at most ``max_bytes`` (at least one chunk
+    each); each group as the chunks' indices."""
+    out: list[list[int]] = [[]]
     size = 0
-    for c in chunks:
+    for i, c in enumerate(chunks):
         if out[-1] and size + c.nbytes > max_bytes:
             out.append([])
             size = 0
-        out[-1].append(c)
+        out[-1].append(i)
         size += c.nbytes
     return out

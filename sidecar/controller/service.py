@@ -34,13 +34,15 @@ from sidecar import protocol
 from sidecar.controller.channel import SidecarChannel
 from sidecar.controller.index import ChunkIndex
 from sidecar.controller.instances import Instance, InstanceRegistry
-from sidecar.controller.jobs import Job, JobCancelled, JobFailed, JobTable, Lane, run_transfer
+from sidecar.controller.jobs import (Conversion, Job, JobCancelled, JobFailed, JobTable, Lane,
+                                     Source, run_transfer)
 from sidecar.controller.locks import ChunkLocks, Claim
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.pacing import RateLimit
 from sidecar.controller.settings import ControllerSettings
 from sidecar.httpkit import ApiError, verify_with
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
+from vllm_kvmove.convert import conversion_obstacles, needs_conversion, source_ranks
 from vllm_kvmove.layout import layout_mismatch
 
 logger = logging.getLogger("vllm_kvmove.controller")
@@ -182,15 +184,14 @@ class Controller:
             raise ApiError("bad_request", "source and destination are the same instance")
         self.registry.require_up(src, "source instance")
         self.registry.require_up(dst, "destination instance")
-        if src.world_size != dst.world_size:
-            raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
-                                           f"compatible: tensor_parallel_size: {src.world_size} != "
-                                           f"{dst.world_size} (moves between engines of different "
-                                           f"tensor parallelism are not supported yet)")
         if src.reg.fingerprint != dst.reg.fingerprint:
             diffs = layout_mismatch(src.reg.layout, dst.reg.layout)
             raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
                                            f"compatible: {'; '.join(diffs) or 'fingerprints differ'}")
+        problems = conversion_obstacles(src.layout, src.world_size, dst.layout, dst.world_size)
+        if problems:
+            raise ApiError("incompatible", f"KV of {src.instance_id} cannot be converted for "
+                                           f"{dst.instance_id}: {'; '.join(problems)}")
         spans = self.spans_at(src, tokens)
         kind = "copy" if copy else "move"
         holder = f"{kind} {uuid.uuid4().hex}"
@@ -228,9 +229,7 @@ class Controller:
             dst = self.registry.get(job.destination)
             if src is None or dst is None or not (src.complete and dst.complete):
                 raise JobFailed("unavailable", "an instance unregistered before the job started")
-            lanes = [Lane(s.holder, d.holder, protocol.PeerInfo(
-                job.source, s.reg.agent_name, s.reg.p2p_url, s.reg.incarnation,
-                s.reg.shared_pool)) for s, d in zip(src.ranked(), dst.ranked())]
+            lanes, conversion = self._plan(src, dst)
             limits = tuple(lim for lim in (
                 RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
                 self.bandwidth) if lim is not None)
@@ -244,7 +243,7 @@ class Controller:
                 lease_s = min(lease_s + 2 * len(job.keys) * src.reg.slot_bytes / slowest,
                               protocol.MAX_LEASE_S)
             await run_transfer(job, lanes, self.channel.command, self.settings.fetch_batch_bytes,
-                               lease_s=lease_s, limits=limits)
+                               lease_s=lease_s, limits=limits, conversion=conversion)
         except JobCancelled as e:
             error, cancelled = str(e), True
         except JobFailed as e:
@@ -258,6 +257,25 @@ class Controller:
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
+
+    @staticmethod
+    def _plan(src: Instance, dst: Instance) -> tuple[list[Lane], Conversion | None]:
+        """The lanes of a transfer from ``src`` to ``dst`` (both complete), and the source's
+        format when the destination must convert: rank r to rank r when both engines have
+        one format, else each destination rank from every source rank whose heads it holds."""
+        src_layout, dst_layout = src.layout, dst.layout
+        convert = needs_conversion(src_layout, src.world_size, dst_layout, dst.world_size)
+        lanes = []
+        for d in dst.ranked():
+            ranks = (source_ranks(src_layout, src.world_size, dst_layout, dst.world_size, d.rank)
+                     if convert else [d.rank])
+            lanes.append(Lane(d.holder, tuple(
+                Source(m.holder, protocol.PeerInfo(src.instance_id, m.reg.agent_name,
+                                                   m.reg.p2p_url, m.reg.incarnation,
+                                                   m.reg.shared_pool), m.rank)
+                for m in (src.members[r] for r in ranks))))
+        conversion = Conversion(src.reg.layout, src.world_size) if convert else None
+        return lanes, conversion
 
     async def run_store_op(self, kind: str, inst: Instance, tokens: list[int] | None) -> Job:
         """Pin, unpin or clear (all chunks when ``tokens`` is None) at one instance; waits.

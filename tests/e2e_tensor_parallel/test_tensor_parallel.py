@@ -1,4 +1,5 @@
-"""Two CPU engines with ``--tensor-parallel-size 2`` and the connector, and a controller.
+"""Two CPU engines with ``--tensor-parallel-size 2``, one without (and 32-token blocks), the
+connector, and a controller.
 
 Each rank's worker keeps a store and a sidecar of its own (the configured sidecar port +
 rank), each holding its own shard of every chunk (the same keys, different bytes: its heads),
@@ -11,7 +12,10 @@ own word:
 * the seed flow between the two engines: the controller lists each engine once (two ranks),
   ``POST /move`` moves every rank's shard to the same rank of the other engine, byte for byte,
   the source ends without them, and the destination serves the prompt from the moved KV
-  (hits >= N-1, the source's greedy output).
+  (hits >= N-1, the source's greedy output);
+* moves that convert (heads joined or split, blocks regrouped): TP=2 with 128-token blocks to
+  TP=1 with 32-token blocks, and TP=1 with 32-token blocks to TP=2 with 128-token blocks —
+  the same proof on the destination.
 
 Its own package: its engines start after the e2e package's two engines stopped (memory)."""
 
@@ -40,8 +44,9 @@ def consecutive_ports() -> int:
 
 
 class TensorParallelFleet:
-    """A controller and two TP=2 engines, ``tp2a`` and ``tp2b``, sharing the machine's two
-    cores (``VLLM_CPU_OMP_THREADS_BIND="0|1"``: rank r on core r)."""
+    """A controller, two TP=2 engines, ``tp2a`` and ``tp2b`` (vLLM's default block size),
+    sharing the machine's two cores (``VLLM_CPU_OMP_THREADS_BIND="0|1"``: rank r on core r),
+    and ``one32``, without tensor parallelism, with 32-token blocks (core 0)."""
 
     def __init__(self, workdir):
         self.local = LocalCluster(model_dir(), workdir)
@@ -49,14 +54,16 @@ class TensorParallelFleet:
         self.controller = self.local.start_controller(port, pull, reply)
         self.engines: dict[str, Engine] = {}
         self.sidecar_ports: dict[str, int] = {}
-        for iid in ("tp2a", "tp2b"):
+        for iid, cpu, args in (("tp2a", "0|1", ["--tensor-parallel-size", "2"]),
+                               ("tp2b", "0|1", ["--tensor-parallel-size", "2"]),
+                               ("one32", "0", ["--block-size", "32"])):
             http, sidecar, p2p = free_port(), consecutive_ports(), consecutive_ports()
             extra = {"instance_id": iid, "controller_pull_url": f"localhost:{pull}",
                      "controller_reply_url": f"localhost:{reply}", "sidecar_port": sidecar,
                      "p2p_init_port": p2p, "chunk_size": CHUNK,
                      "engine_url": f"http://127.0.0.1:{http}", "max_local_cpu_size": 0.25}
-            proc = self.local.start_engine(iid, http, cpu="0|1", extra_config=extra,
-                                           extra_args=["--tensor-parallel-size", "2"],
+            proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
+                                           extra_args=args,
                                            env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
             self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}",
                                        str(self.local.model_dir))
@@ -79,7 +86,7 @@ def fleet(tmp_path_factory):
     f = TensorParallelFleet(tmp_path_factory.mktemp("tp2"))
     try:
         deadline = time.monotonic() + 30
-        while not all(i["up"] for i in f.instances().values()) or len(f.instances()) < 2:
+        while not all(i["up"] for i in f.instances().values()) or len(f.instances()) < 3:
             assert time.monotonic() < deadline, f.instances()
             time.sleep(0.2)
         yield f
@@ -116,7 +123,7 @@ def test_each_rank_stores_its_shard_and_the_engine_is_served_from_both(fleet):
 def test_the_seed_flow_between_two_tensor_parallel_engines(fleet):
     src, dst = fleet.engines["tp2a"], fleet.engines["tp2b"]
     listed = fleet.instances()
-    assert set(listed) == {"tp2a", "tp2b"}
+    assert set(listed) == {"tp2a", "tp2b", "one32"}
     assert [(r["rank"], r["up"]) for r in listed["tp2b"]["ranks"]] == [(0, True), (1, True)]
     assert listed["tp2a"]["world_size"] == 2
     tokens = [random.Random(29).randrange(3, 4000) for _ in range(N)]
@@ -142,3 +149,28 @@ def test_the_seed_flow_between_two_tensor_parallel_engines(fleet):
     print(f"\n[tp2 move] {N} tokens, {len(keys)} chunks x 2 ranks, {st['bytes']} bytes in "
           f"{st['elapsed_s'] * 1e3:.1f} ms (POST to done {wall * 1e3:.1f} ms); destination hits "
           f"{hits:.0f}, same output")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("src_id, dst_id", [("tp2a", "one32"), ("one32", "tp2b")],
+                         ids=["TP2-block128 to TP1-block32", "TP1-block32 to TP2-block128"])
+def test_a_move_that_converts_passes_the_same_proof(fleet, src_id, dst_id):
+    src, dst = fleet.engines[src_id], fleet.engines[dst_id]
+    listed = fleet.instances()
+    blocks = (listed[src_id]["layout"]["block_size"], listed[dst_id]["layout"]["block_size"])
+    worlds = (listed[src_id]["world_size"], listed[dst_id]["world_size"])
+    assert blocks in ((128, 32), (32, 128)) and sorted(worlds) == [1, 2], (blocks, worlds)
+    rng = random.Random({"tp2a": 41, "one32": 43}[src_id])
+    tokens = [rng.randrange(3, 4000) for _ in range(N)]
+    reference = src.complete(tokens)
+    assert wait_lookup(fleet.http, tokens, {src_id: N}, timeout=30) == {src_id: N}
+    r = fleet.http.post("/move", params={"wait": 60}, json={
+        "old_position": [src_id, LOC], "new_position": [dst_id, LOC], "tokens": tokens})
+    assert r.status_code == 200, r.text
+    st = r.json()
+    assert st["status"] == "done", st
+    assert lookup(fleet.http, tokens) == {dst_id: N}
+    hits = dst.serve_and_check(tokens, tokens, reference["choices"][0]["text"])
+    print(f"\n[convert {src_id} -> {dst_id}] TP {worlds[0]} -> {worlds[1]}, blocks {blocks[0]} -> "
+          f"{blocks[1]}: {N} tokens, {st['bytes']} bytes read in {st['elapsed_s'] * 1e3:.1f} ms; "
+          f"destination hits {hits:.0f}, same output")

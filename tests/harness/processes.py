@@ -140,12 +140,15 @@ class LocalCluster:
                            f"http://{address}:{port}")
 
     def start_sidecar_process(self, config: dict[str, Any], layout: dict[str, Any],
-                              fill: list[str] | None = None, host: Host | None = None) -> Proc:
-        """Start ``python -m tests.harness.standalone`` (a sidecar without an engine); returns
-        at once. Its ``url`` is the sidecar's HTTP address (``/health`` answers once it serves)."""
+                              fill: list[str] | None = None, host: Host | None = None,
+                              rank: int = 0, world_size: int = 1) -> Proc:
+        """Start ``python -m tests.harness.standalone`` (a sidecar without an engine; as
+        tensor-parallel ``rank`` of ``world_size``); returns at once. Its ``url`` is the
+        sidecar's HTTP address (``/health`` answers once it serves)."""
         argv = [self.python, "-m", "tests.harness.standalone",
                 "--log-level", os.environ.get("KVMOVE_LOG_LEVEL", "WARNING"),
-                "--config", json.dumps(config), "--layout", json.dumps(layout)]
+                "--config", json.dumps(config), "--layout", json.dumps(layout),
+                "--rank", str(rank), "--world-size", str(world_size)]
         for spec in fill or []:
             argv += ["--fill", spec]
         env = {**os.environ,

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="vllm-kvmove config keys, as JSON")
     p.add_argument("--layout", required=True, help="KVLayout fields, as JSON")
     p.add_argument("--fill", action="append", default=[], metavar="SEED:FIRST:COUNT")
+    p.add_argument("--rank", type=int, default=0, help="tensor-parallel rank")
+    p.add_argument("--world-size", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.fill:
         seed, first, count = (int(x) for x in spec.split(":"))
         fill_synthetic(store, layout.fingerprint(), seed, list(range(first, first + count)))
-    sidecar = start_sidecar(config, store, layout)
+    sidecar = start_sidecar(config, store, layout, rank=a.rank, world_size=a.world_size)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,17 +24,43 @@ BIG_LAYOUT = tiny_layout(model="big-kv", num_layers=16, num_kv_heads=8, head_siz
 GIB_TOKENS = list(range(1, 1 + 64 * 256))
 
 
-def put_chunk(store: ChunkStore, key: bytes, num_tokens: int, seed: int) -> bytes:
-    """Write a chunk of seeded random bytes into ``store``; return its valid bytes."""
+def put_bytes(store: ChunkStore, key: bytes, num_tokens: int, data: torch.Tensor) -> bytes:
+    """Store a chunk whose valid bytes are ``data`` (uint8); return them."""
     slot = store.reserve(key, num_tokens)
-    assert slot is not None
-    n = store.layout.valid_bytes(num_tokens)
-    g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    assert slot is not None and data.numel() == store.layout.valid_bytes(num_tokens)
     start = slot * store.slot_bytes
-    store.pool[start:start + n].copy_(data)
+    store.pool[start:start + data.numel()].copy_(data)
     store.commit(key)
     return data.numpy().tobytes()
+
+
+def put_chunk(store: ChunkStore, key: bytes, num_tokens: int, seed: int) -> bytes:
+    """Write a chunk of seeded random bytes into ``store``; return its valid bytes."""
+    g = torch.Generator().manual_seed(seed)
+    n = store.layout.valid_bytes(num_tokens)
+    return put_bytes(store, key, num_tokens, torch.randint(0, 256, (n,), dtype=torch.uint8,
+                                                            generator=g))
+
+
+def packed_chunk(layout: KVLayout, world_size: int, rank: int, k: torch.Tensor,
+                 v: torch.Tensor, first: int, num_tokens: int) -> torch.Tensor:
+    """The valid bytes of a chunk as rank ``rank`` of an engine of ``layout`` (tensor
+    parallelism ``world_size``) holds it, in its backend's packing
+    (:func:`vllm_kvmove.convert.pack`, checked against vLLM's kernel in
+    ``tests/unit/test_convert.py``): tokens ``first .. first + num_tokens`` of canonical ``k``,
+    ``v`` (``[layers, all heads, tokens, head_size]``, integers of the element's width); the
+    rest of its last block is zeros, as in a fresh cache."""
+    from vllm_kvmove.convert import head_range, pack
+
+    heads = head_range(layout, world_size, rank)
+    tokens = layout.blocks_for(num_tokens) * layout.block_size
+    kc = torch.zeros(k.shape[0], len(heads), tokens, k.shape[3], dtype=k.dtype)
+    vc = torch.zeros_like(kc)
+    kc[:, :, :num_tokens] = k[:, heads.start:heads.stop, first:first + num_tokens]
+    vc[:, :, :num_tokens] = v[:, heads.start:heads.stop, first:first + num_tokens]
+    out = torch.empty(layout.valid_bytes(num_tokens), dtype=torch.uint8)
+    pack(kc, vc, layout, out)
+    return out
 
 
 def keys_of(sidecar, tokens: list[int]) -> list[bytes]:

@@ -34,7 +34,7 @@ from sidecar import protocol
 from sidecar.httpkit import REQUEST_TIMEOUT_S
 from tests.harness.api import LOC
 from tests.harness.processes import LOOPBACK_HEX, free_port, listening_addresses
-from tests.harness.stores import BIG_LAYOUT, GIB_TOKENS, chunk_bytes, fill, keys_of
+from tests.harness.stores import BIG_LAYOUT, GIB_TOKENS, chunk_bytes, fill, keys_of, tiny_layout
 
 
 def dropped(fleet, socket_name: str, reason: str) -> float:
@@ -46,10 +46,12 @@ def dropped(fleet, socket_name: str, reason: str) -> float:
 
 
 def raw_register(**over) -> bytes:
+    """A registration of the tiny layout, encoded (``over``: other fields)."""
+    layout = tiny_layout()
     fields = dict(instance_id="raw", engine_url="http://127.0.0.1:1", sidecar_url="http://127.0.0.1:2",
-                  p2p_url="127.0.0.1:3", agent_name="raw", model="tiny", fingerprint="0" * 32,
-                  layout={}, chunk_size=32, capacity_bytes=1 << 20, slot_bytes=2048,
-                  incarnation="raw-1", pid=1)
+                  p2p_url="127.0.0.1:3", agent_name="raw", model=layout.model,
+                  fingerprint=layout.fingerprint(), layout=layout.to_dict(), chunk_size=32,
+                  capacity_bytes=1 << 20, slot_bytes=layout.chunk_bytes, incarnation="raw-1", pid=1)
     fields.update(over)
     return protocol.sidecar_encoder.encode(protocol.Register(**fields))
 
@@ -305,7 +307,11 @@ def test_operations_on_chunks_a_move_is_working_on_are_refused(fleet, slow_pair)
     (dict(fingerprint="not-hex"), "fingerprint"), (dict(instance_id=""), "instance_id"),
     (dict(instance_id="x" * 500), "instance_id"), (dict(instance_id="tab\tid"), "control"),
     (dict(engine_url="file:///etc/passwd"), "engine_url"), (dict(p2p_url="nowhere"), "p2p_url"),
-    (dict(protocol=1), "protocol version"),
+    (dict(protocol=1), "protocol version"), (dict(layout={}), "not a KV layout"),
+    (dict(layout={**tiny_layout().to_dict(), "num_layers": "2"}), "num_layers"),
+    (dict(fingerprint="0" * 32), "fingerprint or model differs"),
+    (dict(rank=2, world_size=2), "rank 2 is not below world_size 2"),
+    (dict(world_size=0), "world_size"),
 ])
 def test_a_bad_registration_is_refused_with_its_reason(fleet, over, needle):
     dealer = socket_to(zmq.DEALER, f"tcp://127.0.0.1:{fleet.reply}")

@@ -12,13 +12,18 @@ from sidecar.controller.index import ChunkIndex
 from sidecar.controller.instances import InstanceRegistry
 from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.settings import ControllerSettings
+from tests.harness.stores import tiny_layout
 
 
-def register(iid: str, incarnation: str = "one") -> protocol.Register:
-    return protocol.Register(
+def register(iid: str, incarnation: str = "one", **over) -> protocol.Register:
+    """A registration of the tiny layout (``over``: other Register fields)."""
+    layout = tiny_layout()
+    fields = dict(
         instance_id=iid, engine_url="http://127.0.0.1:1", sidecar_url="http://127.0.0.1:2",
-        p2p_url="127.0.0.1:3", agent_name=iid, model="m", fingerprint="0" * 32, layout={},
-        chunk_size=32, capacity_bytes=1 << 20, slot_bytes=2048, incarnation=incarnation, pid=1)
+        p2p_url="127.0.0.1:3", agent_name=iid, model=layout.model,
+        fingerprint=layout.fingerprint(), layout=layout.to_dict(), chunk_size=layout.chunk_size,
+        capacity_bytes=1 << 20, slot_bytes=layout.chunk_bytes, incarnation=incarnation, pid=1)
+    return protocol.Register(**(fields | over))
 
 
 class Wire:

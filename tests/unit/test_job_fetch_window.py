@@ -12,7 +12,7 @@ import time
 import pytest
 
 from sidecar import protocol
-from sidecar.controller.jobs import Job, JobCancelled, JobFailed, Lane, run_transfer
+from sidecar.controller.jobs import Job, JobCancelled, JobFailed, Lane, Source, run_transfer
 from sidecar.httpkit import ApiError
 
 MiB = 1 << 20
@@ -64,7 +64,7 @@ class FakeSidecars:
 
 
 SOURCE = protocol.PeerInfo("src", "agent-src", "127.0.0.1:1", "1")
-LANES = [Lane("src", "dst", SOURCE)]  # an engine without tensor parallelism: one lane
+LANES = [Lane("dst", (Source("src", SOURCE),))]  # an engine without tensor parallelism: one lane
 
 
 async def transfer(job: Job, fake: FakeSidecars) -> Exception | None:

@@ -18,15 +18,31 @@ def test_chunk_size_must_be_block_multiple():
         tiny_layout(chunk_size=24)
 
 
-def test_fingerprint_covers_every_field(layout):
+def test_fingerprint_covers_what_the_kv_means_and_not_its_format(layout):
+    """The fingerprint (the keys' salt) changes with every compatibility field — the same
+    model's KV per rank from a differently parallel engine has another ``num_kv_heads`` but
+    the same ``total_kv_heads`` — and not with a format field (those are converted)."""
     fps = {layout.fingerprint()}
-    for change in [dict(model="other"), dict(dtype="float16"), dict(num_layers=3), dict(num_kv_heads=2),
-                   dict(head_size=16), dict(block_size=32), dict(chunk_size=64), dict(backend="x"),
+    for change in [dict(model="other"), dict(dtype="float16"), dict(num_layers=3),
+                   dict(num_kv_heads=2), dict(head_size=16), dict(chunk_size=64),
                    dict(hash_seed="s")]:
         other = tiny_layout(**change)
         assert other.mismatch(layout)
         fps.add(other.fingerprint())
-    assert len(fps) == 10
+    assert len(fps) == 8
+    for change in [dict(block_size=32), dict(backend="x"),
+                   dict(num_kv_heads=2, total_kv_heads=1)]:  # a rank of a TP=2 engine's twin
+        other = tiny_layout(**change)
+        assert other.fingerprint() == layout.fingerprint() and not other.same_format(layout)
+    assert tiny_layout(total_kv_heads=1) == layout  # total defaults to the rank's heads
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", "2"), ("block_size", 0),
+                                          ("dtype", "int4"), ("total_kv_heads", -1),
+                                          ("model", 3)])
+def test_a_layout_off_the_wire_is_checked_field_by_field(field, value):
+    with pytest.raises(ValueError, match=field if field != "dtype" else "dtype"):
+        tiny_layout(**{field: value})
 
 
 def test_check_kv_caches(layout):

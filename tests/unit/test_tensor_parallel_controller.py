@@ -12,22 +12,25 @@ import pytest
 
 from sidecar import protocol
 from sidecar.controller.instances import holder_name
-from sidecar.controller.jobs import Job, JobFailed, Lane, run_transfer
+from sidecar.controller.jobs import Conversion, Job, JobFailed, Lane, Source, run_transfer
 from sidecar.controller.service import Controller
 from sidecar.controller.settings import ControllerSettings
 from sidecar.httpkit import ApiError
+from tests.harness.stores import tiny_layout
 from tests.unit.test_channel import Wire
+from tests.unit.test_channel import register as channel_register
 from tests.unit.test_job_fetch_window import MiB
 from vllm_kvmove.hashing import chunk_spans
 
 
 def register(iid: str, rank: int, world_size: int = 2, incarnation: str = "one",
-             fingerprint: str = "0" * 32) -> protocol.Register:
-    return protocol.Register(
-        instance_id=iid, engine_url="http://127.0.0.1:1", sidecar_url=f"http://127.0.0.1:{10 + rank}",
-        p2p_url=f"127.0.0.1:{20 + rank}", agent_name=f"{iid}-{rank}", model="m",
-        fingerprint=fingerprint, layout={}, chunk_size=32, capacity_bytes=1 << 20,
-        slot_bytes=2048, incarnation=f"{incarnation}-{rank}", pid=1, rank=rank,
+             **layout_over) -> protocol.Register:
+    """Rank ``rank``'s registration, of the tiny layout (``layout_over``: other fields)."""
+    layout = tiny_layout(**layout_over)
+    return channel_register(
+        iid, f"{incarnation}-{rank}", sidecar_url=f"http://127.0.0.1:{10 + rank}",
+        p2p_url=f"127.0.0.1:{20 + rank}", agent_name=f"{iid}-{rank}",
+        fingerprint=layout.fingerprint(), layout=layout.to_dict(), rank=rank,
         world_size=world_size)
 
 
@@ -60,7 +63,7 @@ def test_a_rank_that_disagrees_with_a_live_rank_is_refused_and_displaces_nothing
     w.receive(conn("e", 1), register("e", 1, world_size=4, incarnation="other"))
     assert isinstance(w.sent[-1][1], protocol.RegisterRefused)
     assert "world_size: 4 != 2" in w.sent[-1][1].reason
-    w.receive(conn("e", 1), register("e", 1, fingerprint="1" * 32))
+    w.receive(conn("e", 1), register("e", 1, hash_seed="other"))
     assert isinstance(w.sent[-1][1], protocol.RegisterRefused) and "fingerprint" in w.sent[-1][1].reason
     w.receive(conn("e", 9), register("e", 2))  # rank outside the world
     assert isinstance(w.sent[-1][1], protocol.RegisterRefused)
@@ -93,7 +96,8 @@ def test_lookup_and_holdings_count_a_chunk_only_where_every_rank_holds_it():
     w = Wire()
     w.registry, w.channel.registry = ctl.registry, ctl.registry  # the controller's registry
     tokens = list(range(32 * 4))
-    keys = [s.key for s in chunk_spans(tokens, 32, "0" * 32)]
+    fp = tiny_layout().fingerprint()
+    keys = [s.key for s in chunk_spans(tokens, 32, fp)]
     for r in (0, 1):
         w.receive(conn("tp", r), register("tp", r))
     w.receive(conn("one", 0), register("one", 0, world_size=1))
@@ -105,7 +109,7 @@ def test_lookup_and_holdings_count_a_chunk_only_where_every_rank_holds_it():
     tp = ctl.registry.get("tp")
     assert ctl.registry.count_chunks(tp) == 2 and ctl.registry.holds(tp, keys[1])
     assert not ctl.registry.holds(tp, keys[2])
-    spans = chunk_spans(tokens, 32, "0" * 32)
+    spans = chunk_spans(tokens, 32, fp)
     assert [s.key for s in ctl.held_prefix(tp, spans)] == keys[:2]
     # A store event at rank 1 completes a third chunk.
     ctl.registry.apply_events(ctl.registry.bound(conn("tp", 1)),
@@ -138,6 +142,8 @@ class RankedSidecars:
             return protocol.Reply(req_id=msg.req_id, ok=True, chunks=chunks)
         if isinstance(msg, protocol.FetchChunks):
             self.log.append((holder, "fetch", (msg.source.agent_name, depends_on)))
+            if msg.convert is not None:
+                self.log.append((holder, "convert", tuple(s.rank for s in msg.convert.shards)))
             if holder == self.fail_fetch_at:
                 return protocol.Reply(req_id=msg.req_id, ok=False, error_kind="transfer",
                                       error="link down")
@@ -148,15 +154,17 @@ class RankedSidecars:
         raise AssertionError(msg)
 
 
-LANES = [Lane(holder_name("s", r), holder_name("d", r),
-              protocol.PeerInfo("s", f"s-agent-{r}", f"127.0.0.1:{20 + r}", "x")) for r in (0, 1)]
+LANES = [Lane(holder_name("d", r), (Source(holder_name("s", r), protocol.PeerInfo(
+    "s", f"s-agent-{r}", f"127.0.0.1:{20 + r}", "x"), r),)) for r in (0, 1)]
 
 
-def run(fake: RankedSidecars) -> tuple[Job, Exception | None]:
+def run(fake: RankedSidecars, lanes: list[Lane] = LANES,
+        conversion: Conversion | None = None) -> tuple[Job, Exception | None]:
     async def main():
         job = Job("j", "move", "s", "d", [b"a" * 16, b"b" * 16], 64)
         try:
-            await run_transfer(job, LANES, fake.command, fetch_batch_bytes=MiB, lease_s=60)
+            await run_transfer(job, lanes, fake.command, fetch_batch_bytes=MiB, lease_s=60,
+                               conversion=conversion)
         except JobFailed as e:
             return job, e
         finally:
@@ -195,3 +203,50 @@ def test_a_lease_refused_at_one_rank_ends_the_others_and_moves_nothing():
     assert err is not None and err.kind == "not_found" and "lease at s rank 1" in str(err)
     assert not [1 for _, what, _ in fake.log if what == "fetch"]
     assert [(h, d) for h, what, d in fake.log if what == "end"] == [("s", (False, 0))]
+
+
+def converting(**over):
+    """A layout whose packing this repository converts (amx: multiples of 16)."""
+    return dict(backend="cpu_attn/amx", head_size=16, **over)
+
+
+def test_the_plan_between_engines_of_different_tensor_parallelism():
+    ctl = Controller(ControllerSettings())
+    w = Wire()
+    w.registry, w.channel.registry = ctl.registry, ctl.registry
+    for r in (0, 1):
+        w.receive(conn("tp", r), register("tp", r, **converting(num_kv_heads=1, total_kv_heads=2)))
+    w.receive(conn("one", 0), register("one", 0, world_size=1, **converting(num_kv_heads=2)))
+    w.receive(conn("odd", 0), register("odd", 0, world_size=1, num_kv_heads=2, head_size=16))
+    assert [type(m).__name__ for _, m in w.sent] == ["RegisterAck"] * 4
+    tp, one, odd = (ctl.registry.get(i) for i in ("tp", "one", "odd"))
+    # Join: rank 0 of "one" reads both ranks of "tp", and converts from tp's format.
+    lanes, conversion = ctl._plan(tp, one)
+    assert [(ln.destination, [(s.holder, s.rank) for s in ln.sources]) for ln in lanes] == [
+        ("one", [("tp", 0), ("tp\x001", 1)])]
+    assert conversion == Conversion(tp.reg.layout, 2)
+    # Split: each rank of "tp" reads rank 0 of "one".
+    lanes, conversion = ctl._plan(one, tp)
+    assert [(ln.destination, [s.holder for s in ln.sources]) for ln in lanes] == [
+        ("tp", ["one"]), ("tp\x001", ["one"])]
+    assert conversion == Conversion(one.reg.layout, 1)
+    # Twins: no conversion, rank to rank.
+    assert ctl._plan(one, one)[1] is None
+    # A format this repository cannot convert is refused before anything starts, naming it.
+    with pytest.raises(ApiError, match=r"backend: 'cpu_attn/amx' != 'test'.*no conversion is "
+                                       r"known for backend 'test'") as e:
+        ctl.create_move(one, odd, list(range(64)), copy=True)
+    assert e.value.kind == "incompatible"
+
+
+def test_a_split_leases_its_one_source_once_and_every_fetch_converts():
+    lanes = [Lane(holder_name("d", r), (Source("s", protocol.PeerInfo("s", "s-agent-0", "x:1", "x"),
+                                               0),)) for r in (0, 1)]
+    fake = RankedSidecars()
+    job, err = run(fake, lanes, Conversion({"fake": 1}, 1))
+    assert err is None and job.bytes == job.total_bytes == 4 * MiB  # each rank read it whole
+    assert [h for h, what, _ in fake.log if what == "lease"] == ["s"]
+    assert sorted((h, d) for h, what, d in fake.log if what == "convert") == [
+        ("d", (0,)), ("d", (0,)), ("d\x001", (0,)), ("d\x001", (0,))]
+    ends = [(h, d) for h, what, d in fake.log if what == "end" and h == "s"]
+    assert ends == [("s", (True, 4 * MiB))]
