@@ -134,6 +134,8 @@ class Register(_Tagged):
             namespace, pid, memfd descriptor and inode, size, base address).
         rank: this sidecar's tensor-parallel rank, in ``[0, world_size)``.
         world_size: the engine's tensor-parallel degree.
+        block_hashing: how the engine names its blocks (:class:`BlockHashing`), when it
+            publishes KV events; a move into it then tells its store each chunk's blocks.
     """
 
     instance_id: Name
@@ -153,6 +155,30 @@ class Register(_Tagged):
     shared_pool: PoolHandle | None = None
     rank: Rank = 0
     world_size: WorldSize = 1
+    block_hashing: BlockHashing | None = None
+
+
+class BlockHashing(msgspec.Struct):
+    """An engine's block hashing (:class:`vllm_kvmove.blockhash.BlockHasher`): its
+    ``--prefix-caching-hash-algo``, the seed of its ``NONE_HASH`` and its block size."""
+
+    algo: Annotated[str, msgspec.Meta(max_length=32)]
+    seed: Annotated[str, msgspec.Meta(max_length=256)]
+    block_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_TOKENS)]
+
+
+BlockHash = Annotated[bytes, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class ChunkBlocksMsg(msgspec.Struct, array_like=True):
+    """The vLLM blocks of one chunk (:class:`vllm_kvmove.blockhash.ChunkBlocks`):
+    ``[parent, hashes, token_ids, block_size]``."""
+
+    parent: BlockHash | None
+    hashes: Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_CHUNK_TOKENS)]
+    token_ids: Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]],
+                         msgspec.Meta(max_length=MAX_CHUNK_TOKENS)]
+    block_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_TOKENS)]
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
@@ -366,7 +392,8 @@ class FetchChunks(_Command, kw_only=True):
     lease named by this command's ``req_id`` until an :class:`EndLease` (or ``lease_s``):
     the destination of a move keeps its copy while the source deletes its own. With
     ``convert``, the chunks are read from every shard it lists and converted
-    (:class:`Conversion`).
+    (:class:`Conversion`). ``blocks``, when given, names each chunk's vLLM blocks in this
+    engine's hashing (one entry per chunk, in order), for its KV events.
     """
 
     source: PeerInfo
@@ -374,6 +401,7 @@ class FetchChunks(_Command, kw_only=True):
     hold: bool = False
     lease_s: LeaseSeconds = 120.0
     convert: Conversion | None = None
+    blocks: list[ChunkBlocksMsg] | None = None
 
 
 ControllerMessage = Union[RegisterAck, RegisterRefused, HeartbeatAck, Resync, LeaseChunks,
@@ -401,6 +429,53 @@ class EventBatch(_Tagged):
     incarnation: Name
     events: list[StoreEventMsg]
     rank: Rank = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# KV events, in vLLM's own wire format (sidecar PUB → routers)
+# ---------------------------------------------------------------------------------------------
+# vLLM's ``vllm/distributed/kv_events.py`` (0.32), field for field, so that a subscriber
+# decodes a sidecar's batches with vLLM's own ``msgspec.msgpack.Decoder(KVEventBatch)``
+# (tested): a batch is an array ``[ts, events, data_parallel_rank]``; each event a map tagged
+# ``"type"``. Published as ZMQ frames ``[topic, seq (8 bytes, big-endian), batch]`` — vLLM's
+# ZmqEventPublisher's — seq counting batches from 1 without gaps.
+ExternalBlockHash = Union[int, bytes]
+
+
+class KVBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True):
+    """Blocks became available (``medium="CPU"``: in the engine's host store).
+
+    Attributes:
+        block_hashes: the blocks, in order (vLLM's external form: the low 64 bits, an int).
+        parent_block_hash: the block before the first (None: they start a prompt).
+        token_ids: the blocks' tokens.
+        block_size: tokens per block.
+        lora_id, lora_name: always None here (no LoRA blocks).
+        medium: ``"CPU"``.
+    """
+
+    block_hashes: list[ExternalBlockHash]
+    parent_block_hash: ExternalBlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+
+
+class KVBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
+    """Blocks are gone from the medium (evicted, deleted, cleared, or moved away)."""
+
+    block_hashes: list[ExternalBlockHash]
+    medium: str | None
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One published batch: wall-clock ``ts`` and its events (``data_parallel_rank``: None)."""
+
+    ts: float
+    events: list[Union[KVBlockStored, KVBlockRemoved]]
+    data_parallel_rank: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,12 @@ class KVMoveConfig:
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
             the system gives.
+        kv_events_port: publish the store's KV events in vLLM's format (``BlockStored`` /
+            ``BlockRemoved``, ``medium="CPU"``) on a ZMQ PUB socket on ``sidecar_host`` at this
+            port (rank r: ``+ r``); 0 (default): not published there. The engine's own event
+            stream (``--kv-events-config``) carries them too, when enabled.
+        kv_events_topic: the ZMQ topic of those events; "" (default):
+            ``kv@<instance_id>@<model>`` (rank r > 0: ``kv@<instance_id>.rank<r>@<model>``).
     """
 
     instance_id: str = "kvmove_instance"
@@ -90,6 +96,8 @@ class KVMoveConfig:
     same_host_copy: bool = True
     copy_threads: int = 2
     p2p_data_ports: str = ""
+    kv_events_port: int = 0
+    kv_events_topic: str = ""
     metrics_open: bool = False
     tls_cert: str = ""
     tls_key: str = ""
@@ -102,12 +110,14 @@ class KVMoveConfig:
 
     def for_rank(self, rank: int) -> "KVMoveConfig":
         """The config of tensor-parallel ``rank``'s store and sidecar: the same, with the
-        sidecar's HTTP port and the NIXL metadata port each ``+ rank`` (rank 0 keeps the
-        configured ones; leave ``world_size - 1`` ports free above each)."""
+        sidecar's HTTP port, the NIXL metadata port and the KV events port each ``+ rank``
+        (rank 0 keeps the configured ones; leave ``world_size - 1`` ports free above each)."""
         if rank == 0:
             return self
         return dataclasses.replace(self, sidecar_port=self.sidecar_port + rank,
-                                   p2p_init_port=self.p2p_init_port + rank)
+                                   p2p_init_port=self.p2p_init_port + rank,
+                                   kv_events_port=self.kv_events_port + rank
+                                   if self.kv_events_port else 0)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(KVMoveConfig) if f.name != "notes"}
@@ -174,6 +184,9 @@ def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ())
         port = getattr(cfg, key)
         if not 0 < port < 65536:
             raise ConfigError(f"config key {key!r} must be a TCP port, got {port}")
+    if not 0 <= cfg.kv_events_port < 65536:
+        raise ConfigError(f"config key 'kv_events_port' must be a TCP port or 0, got "
+                          f"{cfg.kv_events_port}")
     if not cfg.instance_id:
         raise ConfigError("config key 'instance_id' must not be empty")
     if not 1 <= cfg.copy_threads <= 64:

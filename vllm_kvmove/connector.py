@@ -37,6 +37,14 @@ where every rank holds it. Refused at construction: pipeline and data parallelis
 models with more than one KV cache group (hybrid attention:
 :func:`~vllm_kvmove.layout.layout_from_vllm`).
 
+KV events (:mod:`vllm_kvmove.blockhash`): when the engine publishes its own
+(``--kv-events-config``) or the sidecar has a socket for them (``kv_events_port``), the
+scheduler names each saved chunk's blocks as vLLM does (the engine's hash chain) in the save
+plan, and the worker commits them with the chunk; the worker reports the store's events
+after every step (:meth:`KVMoveConnector.get_kv_connector_kv_cache_events`), and the
+scheduler hands them to vLLM's publisher (:meth:`KVMoveConnector.update_connector_output`,
+:meth:`KVMoveConnector.take_events`).
+
 Process-wide changes, all in the worker process unless noted:
 
 * logging: the ``vllm_kvmove`` logger gets a handler of its own at INFO, and stops propagating
@@ -55,9 +63,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+from vllm.distributed.kv_events import (BlockRemoved, BlockStored, KVCacheEvent,
+                                       KVConnectorKVEvents, KVEventAggregator)
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -66,6 +76,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sidecar.agent import Sidecar, start_sidecar
+from vllm_kvmove.blockhash import BlockHasher, ChunkBlocks, hasher_for, kv_event
 from vllm_kvmove.config import KVMoveConfig, load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import (block_bytes, block_index, check_kv_caches, copy_blocks, layer_order,
@@ -138,11 +149,13 @@ class ChunkSave:
         key: chunk key.
         num_tokens: tokens in the chunk (``<= chunk_size``; less for a prompt's tail).
         block_ids: paged-cache block ids holding the chunk, in order.
+        blocks: its vLLM blocks, named as the engine names them, when KV events are on.
     """
 
     key: bytes
     num_tokens: int
     block_ids: list[int]
+    blocks: ChunkBlocks | None = None
 
 
 @dataclass
@@ -157,7 +170,41 @@ class KVMoveConnectorMetadata(KVConnectorMetadata):
 class _SaveTracker:
     spans: list[ChunkSpan]
     block_ids: list[int]
+    tokens: list[int]
     next_chunk: int = 0
+    parent: bytes | None = None  # hash of the block before the next chunk (KV events)
+
+
+class KVMoveKVEvents(KVConnectorKVEvents):
+    """The store's KV events one worker reports after a step (vLLM's container: the engine
+    merges every tensor-parallel worker's into one, and :meth:`aggregate` keeps those every
+    worker reported — a chunk counts where every rank holds its shard)."""
+
+    def __init__(self, num_workers: int = 1) -> None:
+        self._events = KVEventAggregator(num_workers)
+
+    def add_events(self, events: list[KVCacheEvent]) -> None:
+        self._events.add_events(events)
+
+    def aggregate(self) -> "KVMoveKVEvents":
+        common = self._events.get_common_events()
+        self._events.clear_events()
+        self._events.add_events(common)
+        self._events.reset_workers()
+        return self
+
+    def increment_workers(self, count: int = 1) -> None:
+        self._events.increment_workers(count)
+
+    def get_all_events(self) -> list[KVCacheEvent]:
+        return self._events.get_all_events()
+
+    def get_number_of_workers(self) -> int:
+        return self._events.get_number_of_workers()
+
+    def clear_events(self) -> None:
+        self._events.clear_events()
+        self._events.reset_workers()
 
 
 class KVMoveConnector(KVConnectorBase_V1):
@@ -195,6 +242,18 @@ class KVMoveConnector(KVConnectorBase_V1):
                                        self.config.hash_seed)
         self.fingerprint = self.layout.fingerprint()
         self._block_size = self.layout.block_size
+        # KV events: the engine's own stream (--kv-events-config) and/or the sidecar's PUB
+        # socket. Both name blocks as the engine does (one hasher, in every process).
+        kv_events_config = getattr(vllm_config, "kv_events_config", None)
+        self._engine_events = bool(kv_events_config and kv_events_config.enable_kv_cache_events)
+        self._block_hasher: BlockHasher | None = None
+        if self._engine_events or self.config.kv_events_port:
+            algo = vllm_config.cache_config.prefix_caching_hash_algo
+            self._block_hasher = hasher_for(algo, self._block_size)
+            if self._block_hasher is None:
+                logger.warning("KV events of the host store are off: this engine's block "
+                               "hashes (%s without PYTHONHASHSEED) cannot be reproduced", algo)
+        self._engine_kv_events: KVMoveKVEvents | None = None  # scheduler: from the workers
         # scheduler-side state
         self._lookups: list[LookupClient] = []  # one per tensor-parallel rank
         self._spans: dict[str, list[ChunkSpan]] = {}
@@ -236,6 +295,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._layers = [block_bytes(t) for t in layers]
         self.store = ChunkStore(self.layout, self.config.capacity_bytes,
                                 shared=self.config.same_host_copy)
+        if self._engine_events and self._block_hasher is not None:
+            self.store.keep_block_events()  # drained by get_kv_connector_kv_cache_events
         rank = _tensor_parallel_rank() if self._world_size > 1 else 0
         self._lookup_server = LookupServer(self.store, lookup_path(self.config.instance_id, rank))
         logger.info("kvmove store (rank %d of %d): %d slots of %d bytes (%d tokens each)", rank,
@@ -244,7 +305,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         # The one tie to the control plane: from here on, calls flow from the sidecar into the
         # store. Rank r's sidecar listens on the configured ports + r.
         self._sidecar = start_sidecar(self.config.for_rank(rank), self.store, self.layout,
-                                      rank=rank, world_size=self._world_size)
+                                      rank=rank, world_size=self._world_size,
+                                      block_hasher=self._block_hasher)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Worker, forward thread, before the step's forward: copy this step's planned loads
@@ -314,7 +376,26 @@ class KVMoveConnector(KVConnectorBase_V1):
             except BaseException:
                 store.abort(save.key)
                 raise
-            store.commit(save.key)
+            store.commit(save.key, blocks=save.blocks)
+
+    def get_kv_connector_kv_cache_events(self) -> KVMoveKVEvents | None:
+        """Worker, after each step (also steps without a forward): the store's KV events
+        since the last call — chunks saved, moved in, evicted, deleted or moved away, with
+        their vLLM blocks — for the engine's own event stream (``--kv-events-config``). None
+        when it is off or nothing happened. Does not block."""
+        if not self._engine_events or self.store is None:
+            return None
+        events = []
+        for ev in self.store.drain_block_events():
+            made = kv_event(ev.kind, ev.blocks) if ev.blocks is not None else None
+            if made is not None:
+                events.append((BlockStored if made[0] == "BlockStored" else BlockRemoved)(
+                    **made[1]))
+        if not events:
+            return None
+        out = KVMoveKVEvents()
+        out.add_events(events)
+        return out
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Worker, after the step: paged-cache blocks whose planned load failed (their chunk
@@ -399,8 +480,9 @@ class KVMoveConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             if not new.prompt_token_ids:
                 continue
-            tracker = _SaveTracker(self._spans_for(new.req_id, list(new.prompt_token_ids)),
-                                   list(new.block_ids[0]))
+            tokens = list(new.prompt_token_ids)
+            tracker = _SaveTracker(self._spans_for(new.req_id, tokens), list(new.block_ids[0]),
+                                   tokens)
             self._trackers[new.req_id] = tracker
             self._plan_saves(new.req_id, tracker, new.num_computed_tokens + scheduled[new.req_id],
                              meta)
@@ -427,11 +509,36 @@ class KVMoveConnector(KVConnectorBase_V1):
             if span.end > computed:
                 return
             blocks = tracker.block_ids[span.start // bs: -(-span.end // bs)]
-            meta.saves.append(ChunkSave(span.key, span.num_tokens, blocks))
+            named = None
+            if self._block_hasher is not None:  # KV events: name its blocks as vLLM does
+                named = self._block_hasher.chunk_blocks(tracker.tokens[span.start:span.end],
+                                                        tracker.parent)
+                tracker.parent = named.hashes[-1] if named.hashes else tracker.parent
+            meta.saves.append(ChunkSave(span.key, span.num_tokens, blocks, named))
             tracker.next_chunk += 1
         # Whole prompt planned: nothing more to track for this request.
         del self._trackers[req_id]
         self._spans.pop(req_id, None)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Scheduler, after each step: keep the workers' KV events (merged across
+        tensor-parallel workers by vLLM) for :meth:`take_events`. Does not block."""
+        events = getattr(connector_output, "kv_cache_events", None)
+        if not isinstance(events, KVMoveKVEvents):
+            return
+        if self._engine_kv_events is None:
+            self._engine_kv_events = events
+        else:
+            self._engine_kv_events.add_events(events.get_all_events())
+            self._engine_kv_events.increment_workers(events.get_number_of_workers())
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """Scheduler, after each step: the host store's KV events for the engine's stream
+        (``medium="CPU"``), those every tensor-parallel worker reported. An idle engine does
+        not step: the sidecar's own socket (``kv_events_port``) publishes at once."""
+        held, self._engine_kv_events = self._engine_kv_events, None
+        if held is not None:
+            yield from held.aggregate().get_all_events()
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -2,8 +2,9 @@
 
 A prompt of N tokens is cut into chunks of ``chunk_size`` tokens; the last chunk may be
 partial. Chunk i's key is ``blake2b(parent_key || token ids of chunk i)``, with chunk 0's
-parent derived from the fingerprint of everything that makes KV shareable (model, dtype,
-layout, block size, chunk size, hash seed: see :mod:`vllm_kvmove.layout`).
+parent derived from the fingerprint of what the KV means (model, dtype, layers, head size,
+KV heads in total, chunk size, hash seed: see :mod:`vllm_kvmove.layout`) — not of its
+format (block size, packing, tensor parallelism), which a move converts.
 
 Consequences the rest of the system relies on:
   * Keys do not depend on ``PYTHONHASHSEED`` or on any process state: every engine, the

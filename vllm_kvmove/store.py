@@ -43,6 +43,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
+from vllm_kvmove.blockhash import ChunkBlocks
 from vllm_kvmove.checksum import checksum
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.shm import PoolHandle, allocate_pool
@@ -86,12 +87,14 @@ class StoreEvent(NamedTuple):
             delete or clear).
         key: the chunk key.
         num_tokens: tokens in the chunk.
+        blocks: the vLLM blocks the chunk holds, when its writer named them (for KV events).
     """
 
     seq: int
     kind: str
     key: bytes
     num_tokens: int
+    blocks: ChunkBlocks | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ class _Entry:
     pinned: bool = False
     doomed: bool = False
     checksum: int | None = None
+    blocks: ChunkBlocks | None = None
 
 
 class ChunkStore:
@@ -156,6 +160,7 @@ class ChunkStore:
         # big run (see vllm_kvmove.shm) — a LIFO list hands them out reversed after a clear.
         self._free = list(range(self.num_slots))
         self._events: deque[StoreEvent] = deque(maxlen=_EVENT_BUFFER)
+        self._block_events: deque[StoreEvent] | None = None  # keep_block_events()
         self._seq = 0
         self.evictions = 0
         # Counts kept up to date by _account() at every change of an entry, so stats() (run
@@ -235,6 +240,23 @@ class ChunkStore:
             n = len(self._events) if limit is None else min(limit, len(self._events))
             return [self._events.popleft() for _ in range(n)]
 
+    def keep_block_events(self) -> None:
+        """From now on, also buffer the events of chunks whose blocks are named (a second
+        stream, for the engine's own KV events: :meth:`drain_block_events`)."""
+        with self._lock:
+            if self._block_events is None:
+                self._block_events = deque(maxlen=_EVENT_BUFFER)
+
+    def drain_block_events(self) -> list[StoreEvent]:
+        """Pop the buffered events of :meth:`keep_block_events`, oldest first (the oldest are
+        dropped past the buffer's bound: KV events are advisory)."""
+        with self._lock:
+            if not self._block_events:
+                return []
+            out = list(self._block_events)
+            self._block_events.clear()
+            return out
+
     # -- writes ----------------------------------------------------------------------------
     def reserve(self, key: bytes, num_tokens: int, hold: bool = False) -> int | None:
         """Reserve a slot for a new chunk; return the slot, or None if ``key`` is already in the
@@ -269,16 +291,18 @@ class ChunkStore:
             self._account(e, 1)
             return slot
 
-    def commit(self, key: bytes, checksum: int | None = None, hold: bool = False) -> None:
+    def commit(self, key: bytes, checksum: int | None = None, hold: bool = False,
+               blocks: ChunkBlocks | None = None) -> None:
         """Make a reserved chunk visible (emits ``admit``); with ``hold``, held at once (no
         eviction can come between). Without a ``checksum`` the chunk joins the backlog of
-        :meth:`fill_checksums`."""
+        :meth:`fill_checksums`. ``blocks``: the vLLM blocks it holds (carried by its admit
+        and evict events, for KV events)."""
         with self._lock:
             e = self._entries.get(key)
             if e is None or e.ready:
                 raise ChunkMissing(f"no reservation for chunk {key.hex()}")
             self._account(e, -1)
-            e.ready, e.checksum = True, checksum
+            e.ready, e.checksum, e.blocks = True, checksum, blocks
             e.holds += hold
             self._account(e, 1)
             self._entries.move_to_end(key)
@@ -455,4 +479,7 @@ class ChunkStore:
 
     def _emit(self, kind: str, e: _Entry) -> None:
         self._seq += 1
-        self._events.append(StoreEvent(self._seq, kind, e.key, e.num_tokens))
+        event = StoreEvent(self._seq, kind, e.key, e.num_tokens, e.blocks)
+        self._events.append(event)
+        if self._block_events is not None and e.blocks is not None:
+            self._block_events.append(event)

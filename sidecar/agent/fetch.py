@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from sidecar import protocol
+from vllm_kvmove.blockhash import ChunkBlocks
 from vllm_kvmove.checksum import checksum_stream
 from vllm_kvmove.convert import conversion_obstacles, convert_chunk, source_ranks
 from vllm_kvmove.layout import KVLayout
@@ -168,7 +169,8 @@ class ChunkFetcher:
             c = msg.chunks[i]
             # A converted chunk's bytes are not the source's: its checksum is computed here,
             # later (the store's backlog, as for a chunk the engine saved).
-            store.commit(c.key, None if msg.convert is not None else c.checksum, hold=msg.hold)
+            store.commit(c.key, None if msg.convert is not None else c.checksum, hold=msg.hold,
+                         blocks=None if msg.blocks is None else _chunk_blocks(msg.blocks[i]))
         logger.debug("fetched %d chunks (%d bytes) from %s in %.1f ms (read and verify%s)",
                      len(reserved), moved, msg.source.instance_id,
                      (time.perf_counter() - t_read) * 1e3,
@@ -180,6 +182,8 @@ class ChunkFetcher:
         layout; a conversion this store cannot make). Returns the source's layout for a
         conversion, else None."""
         layout, shards, source = self.layout, [msg.chunks], None
+        if msg.blocks is not None and len(msg.blocks) != len(msg.chunks):
+            raise FetchRefused("bad_request", "blocks must name every chunk's blocks, in order")
         conv = msg.convert
         if conv is not None:
             try:
@@ -311,6 +315,10 @@ class ChunkFetcher:
         for f in pending:
             f.result()
         return moved
+
+
+def _chunk_blocks(msg: protocol.ChunkBlocksMsg) -> ChunkBlocks:
+    return ChunkBlocks(msg.parent, tuple(msg.hashes), tuple(msg.token_ids), msg.block_size)
 
 
 class StagingBuffers:

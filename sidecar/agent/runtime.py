@@ -63,8 +63,10 @@ from sidecar import protocol
 from sidecar.agent.app import create_sidecar_app
 from sidecar.agent.commands import CommandExecutor
 from sidecar.agent.fetch import ChunkFetcher
+from sidecar.agent.kvevents import KVEventPublisher, default_topic
 from sidecar.httpkit import plain_http_warning, server_config
 from sidecar.zmqio import LoopSocket, serve_forever
+from vllm_kvmove.blockhash import BlockHasher
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.shm import PeerPools
@@ -101,6 +103,8 @@ class Sidecar:
         layout: the engine's KV layout (per rank).
         rank, world_size: its tensor-parallel rank and degree (registered with the controller,
             which groups an engine's ranks into one instance).
+        block_hasher: how the engine names its blocks, when it publishes KV events (then
+            registered, so moves into it name their chunks' blocks too).
 
     Attributes (read by the HTTP app, metrics and tests; written only on the sidecar's thread):
         counters: transfer counters since start.
@@ -111,11 +115,13 @@ class Sidecar:
     """
 
     def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, block_hasher: BlockHasher | None = None):
         self.config = config
         self.store = store
         self.layout = layout
         self.rank, self.world_size = rank, world_size
+        self.block_hasher = block_hasher
+        self.kv_events: KVEventPublisher | None = None
         self.fingerprint = layout.fingerprint()
         self.transfer: NixlTransfer | None = None
         self.commands: CommandExecutor | None = None
@@ -206,6 +212,11 @@ class Sidecar:
             self.security.client(push)
             push.connect(_tcp(cfg.controller_pull_url))
             self._push = LoopSocket(push)
+        if cfg.kv_events_port:
+            self.kv_events = KVEventPublisher(
+                cfg.sidecar_host, cfg.kv_events_port,
+                cfg.kv_events_topic or default_topic(cfg.instance_id, self.layout.model,
+                                                     self.rank), self.security)
         app = create_sidecar_app(self)
         self._server = uvicorn.Server(server_config(
             app, cfg.sidecar_host, cfg.sidecar_port, max_connections=_HTTP_MAX_CONNECTIONS,
@@ -235,6 +246,8 @@ class Sidecar:
         for s in (self._dealer, self._push):
             if s is not None:
                 s.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.transfer.close()
         fetcher.close()
         if self.peer_pools is not None:
@@ -260,7 +273,9 @@ class Sidecar:
             chunk_size=self.layout.chunk_size, capacity_bytes=store.num_slots * store.slot_bytes,
             slot_bytes=store.slot_bytes, incarnation=self.incarnation, pid=os.getpid(),
             shared_pool=store.shared_pool if cfg.same_host_copy else None, rank=self.rank,
-            world_size=self.world_size)
+            world_size=self.world_size,
+            block_hashing=None if self.block_hasher is None
+            else protocol.BlockHashing(**self.block_hasher.to_dict()))
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
             store.drain_events()  # covered by the snapshot
@@ -283,6 +298,8 @@ class Sidecar:
         """Push every buffered store event to the controller now."""
         async with self._event_lock:
             events = self.store.drain_events()
+            if events and self.kv_events is not None:
+                self.kv_events.publish(events)
             if events:
                 await self._send(self._push, protocol.EventBatch(
                     self.config.instance_id, self.incarnation,
@@ -428,7 +445,8 @@ def _allowed_cpus() -> set[int]:
 
 
 def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
-                  timeout: float = 30.0, rank: int = 0, world_size: int = 1) -> Sidecar:
+                  timeout: float = 30.0, rank: int = 0, world_size: int = 1,
+                  block_hasher: BlockHasher | None = None) -> Sidecar:
     """Start the sidecar of this engine (of its tensor-parallel ``rank`` of ``world_size``:
     ``config`` is :meth:`~vllm_kvmove.config.KVMoveConfig.for_rank`'s) on its own thread and
     wait until it serves.
@@ -444,6 +462,6 @@ def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
     # another thread may run; a command waiting that long would dwarf a small move.
     # 0.2 ms bounds the wait at the price of a few more (cheap) handoffs while the sidecar is busy.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    sidecar = Sidecar(config, store, layout, rank, world_size).start()
+    sidecar = Sidecar(config, store, layout, rank, world_size, block_hasher).start()
     sidecar.wait_ready(timeout)
     return sidecar

@@ -41,6 +41,7 @@ from typing import Sequence
 from sidecar import protocol
 from sidecar.controller.index import ChunkIndex
 from sidecar.httpkit import ApiError
+from vllm_kvmove.blockhash import BlockHasher
 from vllm_kvmove.hashing import ChunkSpan
 from vllm_kvmove.layout import KVLayout
 
@@ -362,6 +363,14 @@ def _refusal(msg: protocol.Register) -> str | None:
         return f"layout is not a KV layout: {e}"
     if layout.fingerprint() != msg.fingerprint or layout.model != msg.model:
         return "fingerprint or model differs from the layout's"
+    if msg.block_hashing is not None:
+        try:
+            BlockHasher(msg.block_hashing.algo, msg.block_hashing.seed,
+                        msg.block_hashing.block_size)
+        except ValueError as e:
+            return f"block_hashing: {e}"
+        if msg.block_hashing.block_size != layout.block_size:
+            return "block_hashing.block_size differs from the layout's"
     if msg.rank >= msg.world_size:
         return f"rank {msg.rank} is not below world_size {msg.world_size}"
     if msg.layout.get("chunk_size", msg.chunk_size) != msg.chunk_size:

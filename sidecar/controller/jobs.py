@@ -249,7 +249,8 @@ class Conversion:
 async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                        fetch_batch_bytes: int, lease_s: float,
                        limits: tuple[RateLimit, ...] = (),
-                       conversion: Conversion | None = None) -> None:
+                       conversion: Conversion | None = None,
+                       blocks: dict[bytes, protocol.ChunkBlocksMsg] | None = None) -> None:
     """Lease the chunks at every source rank, fetch them at every destination rank (batches,
     two in flight per lane), then end the leases — deleting the chunks at the sources for a
     move, and only once every lane's destination holds every one of them (a tensor-parallel
@@ -264,6 +265,8 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
         limits: bandwidth caps every batch waits for before it is sent (the job's own, the
             controller's); batches shrink to 1/20 s at the slowest cap.
         conversion: the source's format, when the destination must convert.
+        blocks: each chunk's vLLM blocks in the destination's hashing, by key, when the
+            destination publishes KV events (every fetch then names its chunks' blocks).
     Raises:
         JobFailed: a step failed (its kind and cause); JobCancelled: a cancel stopped it.
     """
@@ -302,8 +305,9 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
             conversion.layout, conversion.world_size,
             [protocol.ShardRead(s.peer, s.rank, [leased[s.holder][i] for i in picked])
              for s in lane.sources])
-        return protocol.FetchChunks(source=first.peer, chunks=chunks, hold=hold,
-                                    lease_s=lease_s, convert=convert)
+        return protocol.FetchChunks(
+            source=first.peer, chunks=chunks, hold=hold, lease_s=lease_s, convert=convert,
+            blocks=None if blocks is None else [blocks[c.key] for c in chunks])
 
     async def fetch(lane: Lane, window: asyncio.Semaphore, picked: list[int]) -> bool:
         async with window:

@@ -42,6 +42,7 @@ from sidecar.controller.pacing import RateLimit
 from sidecar.controller.settings import ControllerSettings
 from sidecar.httpkit import ApiError, verify_with
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
+from vllm_kvmove.blockhash import BlockHasher
 from vllm_kvmove.convert import conversion_obstacles, needs_conversion, source_ranks
 from vllm_kvmove.layout import layout_mismatch
 
@@ -215,12 +216,12 @@ class Controller:
         job = self.jobs.new(kind, src.instance_id, dst.instance_id, [s.key for s in spans],
                             spans[-1].end, event_id=holder.split()[1])
         job.max_bytes_per_s = max_bytes_per_s
-        task = asyncio.create_task(self._run_transfer_job(job, holder))
+        task = asyncio.create_task(self._run_transfer_job(job, holder, tokens[:job.num_tokens]))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
         return job
 
-    async def _run_transfer_job(self, job: Job, holder: str) -> None:
+    async def _run_transfer_job(self, job: Job, holder: str, tokens: list[int]) -> None:
         job.begin()
         cancelled = False
         error = kind = None
@@ -230,6 +231,9 @@ class Controller:
             if src is None or dst is None or not (src.complete and dst.complete):
                 raise JobFailed("unavailable", "an instance unregistered before the job started")
             lanes, conversion = self._plan(src, dst)
+            blocks = None
+            if dst.reg.block_hashing is not None:  # it publishes KV events: name the blocks
+                blocks = await asyncio.to_thread(_blocks_by_key, dst, job.keys, tokens)
             limits = tuple(lim for lim in (
                 RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
                 self.bandwidth) if lim is not None)
@@ -243,7 +247,8 @@ class Controller:
                 lease_s = min(lease_s + 2 * len(job.keys) * src.reg.slot_bytes / slowest,
                               protocol.MAX_LEASE_S)
             await run_transfer(job, lanes, self.channel.command, self.settings.fetch_batch_bytes,
-                               lease_s=lease_s, limits=limits, conversion=conversion)
+                               lease_s=lease_s, limits=limits, conversion=conversion,
+                               blocks=blocks)
         except JobCancelled as e:
             error, cancelled = str(e), True
         except JobFailed as e:
@@ -322,3 +327,15 @@ class Controller:
             raise ApiError(failed.error_kind or "internal",
                            f"{kind} at {inst.instance_id}: {failed.error}")
         return job
+
+
+def _blocks_by_key(dst: Instance, keys: list[bytes],
+                   tokens: list[int]) -> dict[bytes, protocol.ChunkBlocksMsg]:
+    """Each chunk's vLLM blocks in ``dst``'s hashing (``keys``: the chunks of ``tokens``, in
+    order). Runs on a thread: a long prompt's blocks are thousands of SHA-256s."""
+    h = dst.reg.block_hashing
+    assert h is not None
+    hasher = BlockHasher(h.algo, h.seed, h.block_size)
+    chunks = hasher.prompt_blocks(tokens, dst.reg.chunk_size)
+    return {key: protocol.ChunkBlocksMsg(b.parent, list(b.hashes), list(b.token_ids),
+                                         b.block_size) for key, b in zip(keys, chunks)}

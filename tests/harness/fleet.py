@@ -81,17 +81,18 @@ class Fleet:
     def add_sidecar(self, instance_id: str, slots: int = 64, wait: bool = True,
                     api_token: str | None = None, engine_url: str = "http://127.0.0.1:9",
                     config: dict | None = None, rank: int = 0, world_size: int = 1,
-                    **layout_over) -> Sidecar:
+                    block_hasher=None, **layout_over) -> Sidecar:
         """An in-process sidecar around a fresh store of ``slots`` chunks of
         ``tiny_layout(**layout_over)``, as tensor-parallel ``rank`` of ``world_size`` (kept in
         :attr:`sidecars` as ``"<id>/<rank>"`` when ``world_size > 1``); ``config`` overrides
         keys of :meth:`sidecar_config`. ``wait``: until the instance is listed (with every
-        rank up, for ``world_size > 1``)."""
+        rank up, for ``world_size > 1``). ``block_hasher``: the engine's block hashing, as a
+        connector with KV events on passes it."""
         layout = tiny_layout(**layout_over)
         cfg = build_config(self.sidecar_config(instance_id, layout, slots, api_token, engine_url)
                            | (config or {}))
         store = ChunkStore(layout, slots * layout.chunk_bytes)
-        sc = Sidecar(cfg, store, layout, rank, world_size).start()
+        sc = Sidecar(cfg, store, layout, rank, world_size, block_hasher).start()
         sc.wait_ready(30)
         self.sidecars[instance_id if world_size == 1 else f"{instance_id}/{rank}"] = sc
         if wait:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvmove.blockhash import ChunkBlocks
 from vllm_kvmove.hashing import chunk_spans
 from vllm_kvmove.layout import KVLayout
 from vllm_kvmove.store import ChunkStore
@@ -32,6 +33,22 @@ def put_bytes(store: ChunkStore, key: bytes, num_tokens: int, data: torch.Tensor
     store.pool[start:start + data.numel()].copy_(data)
     store.commit(key)
     return data.numpy().tobytes()
+
+
+def fill_named(sidecar, tokens: list[int], hasher, seed: int = 0) -> list[ChunkBlocks]:
+    """:func:`fill`, each chunk committed with its vLLM blocks named by ``hasher`` (as the
+    connector saves with KV events on); returns them, chunk by chunk."""
+    spans = chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)
+    named = hasher.prompt_blocks(tokens, sidecar.layout.chunk_size)
+    g = torch.Generator().manual_seed(seed)
+    for span, blocks in zip(spans, named):
+        slot = sidecar.store.reserve(span.key, span.num_tokens)
+        n = sidecar.layout.valid_bytes(span.num_tokens)
+        start = slot * sidecar.store.slot_bytes
+        sidecar.store.pool[start:start + n].copy_(
+            torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g))
+        sidecar.store.commit(span.key, blocks=blocks)
+    return named
 
 
 def put_chunk(store: ChunkStore, key: bytes, num_tokens: int, seed: int) -> bytes:
