@@ -136,6 +136,10 @@ class Register(_Tagged):
         world_size: the engine's tensor-parallel degree.
         block_hashing: how the engine names its blocks (:class:`BlockHashing`), when it
             publishes KV events; a move into it then tells its store each chunk's blocks.
+        kv_events: where this sidecar publishes the store's KV events (``tcp://host:port``),
+            or "".
+        engine_events: where the engine publishes its own KV events (its
+            ``--kv-events-config`` endpoint, as a subscriber reaches it), or "".
     """
 
     instance_id: Name
@@ -156,6 +160,8 @@ class Register(_Tagged):
     rank: Rank = 0
     world_size: WorldSize = 1
     block_hashing: BlockHashing | None = None
+    kv_events: Url = ""
+    engine_events: Url = ""
 
 
 class BlockHashing(msgspec.Struct):
@@ -470,11 +476,16 @@ class KVBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
     medium: str | None
 
 
+class KVAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True):
+    """Every block of the engine's GPU tier is gone (vLLM's prefix-cache reset); never sent
+    by a sidecar, read by the router."""
+
+
 class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
     """One published batch: wall-clock ``ts`` and its events (``data_parallel_rank``: None)."""
 
     ts: float
-    events: list[Union[KVBlockStored, KVBlockRemoved]]
+    events: list[Union[KVBlockStored, KVBlockRemoved, KVAllBlocksCleared]]
     data_parallel_rank: int | None = None
 
 
@@ -636,6 +647,7 @@ class RankInfo(msgspec.Struct):
         num_chunks, used_bytes, capacity_bytes, available_bytes: its store, as of its last
             heartbeat (``available_bytes``: free or evictable).
         last_heartbeat_s_ago: seconds since its last heartbeat.
+        kv_events: where it publishes its store's KV events, or "".
     """
 
     rank: int
@@ -647,6 +659,7 @@ class RankInfo(msgspec.Struct):
     capacity_bytes: int
     available_bytes: int
     last_heartbeat_s_ago: float
+    kv_events: str = ""
 
 
 class InstanceInfo(msgspec.Struct):
@@ -663,6 +676,8 @@ class InstanceInfo(msgspec.Struct):
         same_host_copy: its pool is shared: destinations on its host copy from it directly.
         last_heartbeat_s_ago: of the rank heard from longest ago.
         world_size: tensor-parallel degree; ``ranks``: the ranks registered so far.
+        block_hashing: how the engine names its blocks in KV events, when it publishes them.
+        engine_events: where the engine publishes its own KV events (GPU tier), or "".
     """
 
     instance_id: str
@@ -682,6 +697,8 @@ class InstanceInfo(msgspec.Struct):
     last_heartbeat_s_ago: float
     world_size: int = 1
     ranks: list[RankInfo] = []
+    block_hashing: BlockHashing | None = None
+    engine_events: str = ""
 
 
 class InstanceList(msgspec.Struct):

@@ -116,6 +116,20 @@ def _tensor_parallel_rank() -> int:
     return get_tensor_model_parallel_rank()
 
 
+def _subscriber_endpoint(endpoint: str, engine_url: str) -> str:
+    """Where a subscriber reaches the engine's own KV events: its ``--kv-events-config``
+    endpoint with a wildcard host replaced by the engine's (``tcp://*:5557`` served at
+    ``http://10.0.0.5:8000`` → ``tcp://10.0.0.5:5557``); "" if vLLM connects out rather than
+    binds (then subscribers bind, and know where)."""
+    from urllib.parse import urlsplit
+
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or host not in ("*", "0.0.0.0", "::", "[::]"):
+        return ""
+    return f"tcp://{urlsplit(engine_url).hostname or '127.0.0.1'}:{port}"
+
+
 def _log_like_vllm() -> None:
     """Show vllm-kvmove's own INFO logs in the engine's output (vLLM configures only "vllm")."""
     root = logging.getLogger("vllm_kvmove")
@@ -254,6 +268,9 @@ class KVMoveConnector(KVConnectorBase_V1):
                 logger.warning("KV events of the host store are off: this engine's block "
                                "hashes (%s without PYTHONHASHSEED) cannot be reproduced", algo)
         self._engine_kv_events: KVMoveKVEvents | None = None  # scheduler: from the workers
+        self._engine_events_endpoint = (
+            _subscriber_endpoint(kv_events_config.endpoint, self.config.engine_url)
+            if self._engine_events else "")
         # scheduler-side state
         self._lookups: list[LookupClient] = []  # one per tensor-parallel rank
         self._spans: dict[str, list[ChunkSpan]] = {}
@@ -306,7 +323,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         # store. Rank r's sidecar listens on the configured ports + r.
         self._sidecar = start_sidecar(self.config.for_rank(rank), self.store, self.layout,
                                       rank=rank, world_size=self._world_size,
-                                      block_hasher=self._block_hasher)
+                                      block_hasher=self._block_hasher,
+                                      engine_events=self._engine_events_endpoint)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         """Worker, forward thread, before the step's forward: copy this step's planned loads

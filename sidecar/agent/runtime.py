@@ -105,6 +105,7 @@ class Sidecar:
             which groups an engine's ranks into one instance).
         block_hasher: how the engine names its blocks, when it publishes KV events (then
             registered, so moves into it name their chunks' blocks too).
+        engine_events: where the engine publishes its own KV events, for routers (registered).
 
     Attributes (read by the HTTP app, metrics and tests; written only on the sidecar's thread):
         counters: transfer counters since start.
@@ -115,12 +116,14 @@ class Sidecar:
     """
 
     def __init__(self, config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
-                 rank: int = 0, world_size: int = 1, block_hasher: BlockHasher | None = None):
+                 rank: int = 0, world_size: int = 1, block_hasher: BlockHasher | None = None,
+                 engine_events: str = ""):
         self.config = config
         self.store = store
         self.layout = layout
         self.rank, self.world_size = rank, world_size
         self.block_hasher = block_hasher
+        self.engine_events = engine_events
         self.kv_events: KVEventPublisher | None = None
         self.fingerprint = layout.fingerprint()
         self.transfer: NixlTransfer | None = None
@@ -275,7 +278,9 @@ class Sidecar:
             shared_pool=store.shared_pool if cfg.same_host_copy else None, rank=self.rank,
             world_size=self.world_size,
             block_hashing=None if self.block_hasher is None
-            else protocol.BlockHashing(**self.block_hasher.to_dict()))
+            else protocol.BlockHashing(**self.block_hasher.to_dict()),
+            kv_events=self.kv_events.endpoint if self.kv_events is not None else "",
+            engine_events=self.engine_events)
         async with self._event_lock:  # no event batch may slip between snapshot and its seq
             seq, chunks = store.snapshot()
             store.drain_events()  # covered by the snapshot
@@ -446,7 +451,7 @@ def _allowed_cpus() -> set[int]:
 
 def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
                   timeout: float = 30.0, rank: int = 0, world_size: int = 1,
-                  block_hasher: BlockHasher | None = None) -> Sidecar:
+                  block_hasher: BlockHasher | None = None, engine_events: str = "") -> Sidecar:
     """Start the sidecar of this engine (of its tensor-parallel ``rank`` of ``world_size``:
     ``config`` is :meth:`~vllm_kvmove.config.KVMoveConfig.for_rank`'s) on its own thread and
     wait until it serves.
@@ -462,6 +467,7 @@ def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,
     # another thread may run; a command waiting that long would dwarf a small move.
     # 0.2 ms bounds the wait at the price of a few more (cheap) handoffs while the sidecar is busy.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0002))
-    sidecar = Sidecar(config, store, layout, rank, world_size, block_hasher).start()
+    sidecar = Sidecar(config, store, layout, rank, world_size, block_hasher,
+                      engine_events).start()
     sidecar.wait_ready(timeout)
     return sidecar

@@ -134,7 +134,8 @@ async def instances(request: Request) -> Response:
             rank=m.rank, up=ctl.registry.member_up(m), sidecar_url=m.reg.sidecar_url,
             p2p_url=m.reg.p2p_url, num_chunks=m.num_chunks, used_bytes=m.used_bytes,
             capacity_bytes=m.reg.capacity_bytes, available_bytes=m.available_bytes,
-            last_heartbeat_s_ago=round(now - m.last_heartbeat, 3)) for m in i.ranked()]
+            last_heartbeat_s_ago=round(now - m.last_heartbeat, 3), kv_events=m.reg.kv_events)
+            for m in i.ranked()]
         out.append(protocol.InstanceInfo(
             instance_id=i.instance_id, up=ctl.registry.is_up(i), engine_url=reg.engine_url,
             sidecar_url=reg.sidecar_url, p2p_url=reg.p2p_url, model=reg.model,
@@ -143,7 +144,7 @@ async def instances(request: Request) -> Response:
             capacity_bytes=i.capacity_bytes, available_bytes=i.available_bytes,
             same_host_copy=reg.shared_pool is not None,
             last_heartbeat_s_ago=round(now - i.last_heartbeat, 3), world_size=i.world_size,
-            ranks=ranks))
+            ranks=ranks, block_hashing=reg.block_hashing, engine_events=reg.engine_events))
     return json_response(protocol.InstanceList(out))
 
 

@@ -12,60 +12,17 @@ and its sidecar's socket (``kv_events_port``), and a controller:
   from them (hits >= N-1) and its engine stream then carries the host-tier events too;
 * a clear of ``ev2``'s store: ``BlockRemoved``.
 
-Its own package: its engines start after the other packages' engines stopped (memory)."""
+The engines are the package's (``conftest.py``)."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
-import httpx
-import pytest
-
 from tests.harness.api import LOC, wait_lookup
-from tests.harness.engines import Engine, model_dir
-from tests.harness.kvevents import KVEventSubscriber, hashes
-from tests.harness.processes import LocalCluster, free_port
+from tests.harness.kvevents import hashes
 
 N = 700
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    local = LocalCluster(model_dir(), tmp_path_factory.mktemp("kvev"))
-    try:
-        port, pull, reply = free_port(), free_port(), free_port()
-        ctl = local.start_controller(port, pull, reply)
-        engines, endpoints = {}, {}
-        for cpu, iid in enumerate(("ev1", "ev2")):
-            http, sidecar, events, own = free_port(), free_port(), free_port(), free_port()
-            extra = {"instance_id": iid, "controller_pull_url": f"localhost:{pull}",
-                     "controller_reply_url": f"localhost:{reply}", "sidecar_port": sidecar,
-                     "p2p_init_port": free_port(), "kv_events_port": events,
-                     "engine_url": f"http://127.0.0.1:{http}", "max_local_cpu_size": 0.25}
-            kv_events = {"enable_kv_cache_events": True, "publisher": "zmq",
-                         "endpoint": f"tcp://*:{own}", "topic": f"kv@{iid}@tiny"}
-            proc = local.start_engine(iid, http, cpu=cpu, extra_config=extra, extra_args=[
-                "--kv-events-config", json.dumps(kv_events)])
-            engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}", str(local.model_dir))
-            endpoints[iid] = (f"tcp://127.0.0.1:{own}", f"tcp://127.0.0.1:{events}")
-        local.wait_ready(ctl, timeout=60)
-        for e in engines.values():
-            local.wait_ready(e.proc, timeout=300)
-        http = httpx.Client(base_url=ctl.url, timeout=60)
-        deadline = time.monotonic() + 30
-        while sum(i["up"] for i in http.get("/instances").json()["instances"]) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        subs = {(iid, where): KVEventSubscriber(ep) for iid, (engine_ep, sidecar_ep)
-                in endpoints.items() for where, ep in (("engine", engine_ep),
-                                                       ("sidecar", sidecar_ep))}
-        yield engines, http, subs
-        for s in subs.values():
-            s.close()
-    finally:
-        local.stop_all()
 
 
 def stored(kind="BlockStored", medium="CPU", n=1):
@@ -73,7 +30,7 @@ def stored(kind="BlockStored", medium="CPU", n=1):
 
 
 def test_served_moved_and_cleared_blocks_are_published_as_vllm_names_them(fleet):
-    engines, http, subs = fleet
+    engines, http, subs = fleet.engines, fleet.http, fleet.subs
     ev1, ev2 = engines["ev1"], engines["ev2"]
     tokens = [random.Random(5).randrange(3, 4000) for _ in range(N)]
     full_blocks = N // 128  # the engines' block size

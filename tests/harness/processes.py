@@ -103,6 +103,13 @@ class LocalCluster:
         return self._spawn(f"controller-{port}", host.wrap(argv) if host else argv,
                            {**os.environ}, f"{scheme}://{address}:{port}")
 
+    def start_router(self, port: int, args: list[str]) -> Proc:
+        """Start ``kvmove-router`` on ``port`` with ``args`` (``--controller URL`` or
+        ``--engine ID=URL``...); returns at once (see :meth:`wait_ready`)."""
+        argv = [self.python, "-m", "sidecar.router", "--port", str(port), *args]
+        return self._spawn(f"router-{port}", argv, {**os.environ},
+                           f"http://127.0.0.1:{port}")
+
     def start_engine(self, instance_id: str, port: int, *, config_file: str | Path | None = None,
                      extra_config: dict[str, Any] | None = None, cpu: int | None = None,
                      kv_cache_gib: float = 1, max_model_len: int = 4096,

@@ -1,0 +1,3 @@
+from sidecar.router.main import main
+
+raise SystemExit(main())

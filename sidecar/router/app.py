@@ -1,0 +1,342 @@
+"""``kvmove-router``'s HTTP app: an OpenAI-compatible proxy that sends each request to the
+engine that can serve its prompt's longest prefix without prefill, weighed against load.
+
+Contract
+--------
+* Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (routed; a streamed
+  answer is passed through as it arrives), ``GET /v1/models`` (from any engine that is up),
+  ``GET /health``, ``GET /metrics`` (Prometheus). Every other path is 404 in the one error
+  envelope (:mod:`sidecar.httpkit`).
+* Routing, per request (:meth:`Router.rank`): the prompt's tokens — from an engine's own
+  ``/tokenize``, which applies the model's chat template as vLLM does — then for each engine
+  that is up: ``gpu`` tokens its prefix cache holds (its KV events), ``host`` tokens its host
+  store holds (the controller's ``/lookup``), ``inflight`` requests the router has sent it and
+  not seen end. Score = ``gpu + host_weight * (host - gpu if more) - load_tokens * inflight``;
+  the best first, ties to the least loaded. A prompt that cannot be tokenized (a list of
+  prompts, an engine error) is routed by load alone. The answer says where it went
+  (``x-kvmove-engine``) and why (``x-kvmove-route``: ``gpu``, ``host`` or ``load``).
+* Failures: an engine that cannot be reached, or that answers 5xx before anything was sent to
+  the client, is taken out of rotation for a while (:class:`~sidecar.router.fleet.EngineBook`)
+  and the request is sent to the next engine; once bytes went to the client, a failure ends
+  the answer. A client that disconnects ends the upstream request (vLLM then aborts it).
+* Auth: the client's ``Authorization`` header goes to the engine as it came (engines with
+  ``--api-key`` check it); the router reads the controller with the fleet secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from sidecar.httpkit import ERROR_HANDLERS, ApiError, json_response, metrics_handler
+from sidecar.router.fleet import Engine, EngineBook
+
+logger = logging.getLogger("vllm_kvmove.router")
+
+ROUTED = ("/v1/completions", "/v1/chat/completions")
+MAX_BODY = 64 << 20
+# Request headers passed to the engine (hop-by-hop ones and the body's length are not).
+_FORWARD = ("authorization", "content-type", "accept", "user-agent", "x-request-id")
+
+
+@dataclass
+class RouterSettings:
+    """Settings of ``kvmove-router``.
+
+    Attributes:
+        host, port: where it serves.
+        controller: the controller's base URL ("" : route by load among ``engines`` only).
+        controller_token: the fleet secret, for the controller's API.
+        engines: ``{instance_id: url}`` of engines to route to without a controller.
+        host_weight: how much a token in an engine's host store counts against one in its
+            GPU prefix cache (loading it costs a copy; the GPU tier none).
+        load_tokens: tokens of prefill one request in flight at an engine is worth (how
+            much prefix match a busier engine must offer to be chosen).
+        cooldown_s: how long an engine that failed stays out of rotation.
+        connect_timeout_s: connecting to an engine; ``tokenize_timeout_s``: its /tokenize.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9100
+    controller: str = ""
+    controller_token: str = ""
+    engines: dict[str, str] = field(default_factory=dict)
+    host_weight: float = 0.8
+    load_tokens: int = 1024
+    cooldown_s: float = 5.0
+    connect_timeout_s: float = 2.0
+    tokenize_timeout_s: float = 5.0
+
+
+class RouterMetrics:
+    """The router's Prometheus metrics, in their own registry."""
+
+    def __init__(self, book: EngineBook):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("kvmove_router_requests_total",
+                                "Requests routed, by engine and why it was chosen",
+                                ["engine", "route"], registry=r)
+        self.retries = Counter("kvmove_router_retries_total",
+                               "Requests sent to another engine because one failed before "
+                               "answering, by the engine that failed", ["engine"], registry=r)
+        self.routing_seconds = Histogram(
+            "kvmove_router_routing_seconds", "Time to choose an engine (tokenize, look up)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
+        self.failures = Counter("kvmove_router_engine_failures_total",
+                                "Times an engine could not be reached or failed, by engine and "
+                                "what was asked (tokenize, request)", ["engine", "stage"],
+                                registry=r)
+        self.matched = Counter("kvmove_router_matched_tokens_total",
+                               "Prompt tokens the chosen engine held, by tier", ["tier"],
+                               registry=r)
+        inflight = Gauge("kvmove_router_inflight", "Requests in flight, by engine", ["engine"],
+                         registry=r)
+        self._inflight = inflight
+        self._book = book
+
+    def observe_inflight(self) -> None:
+        for e in self._book.engines.values():
+            self._inflight.labels(e.instance_id).set(e.inflight)
+
+
+@dataclass
+class Choice:
+    """An engine for one request, and why."""
+
+    engine: Engine
+    score: float
+    gpu: int
+    host: int
+    route: str
+
+
+class Router:
+    """The router's state and routing (see the module docstring)."""
+
+    def __init__(self, settings: RouterSettings):
+        self.settings = settings
+        headers = ({"Authorization": f"Bearer {settings.controller_token}"}
+                   if settings.controller_token else {})
+        self.control = httpx.AsyncClient(timeout=5.0, headers=headers)
+        # Upstream answers may stream for minutes: only connecting is bounded.
+        self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(
+            None, connect=settings.connect_timeout_s), limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=64))
+        self.book = EngineBook(settings.controller, settings.engines, self.control,
+                               cooldown_s=settings.cooldown_s)
+        self.metrics = RouterMetrics(self.book)
+
+    async def start(self) -> None:
+        await self.book.start()
+
+    async def stop(self) -> None:
+        await self.book.stop()
+        await self.control.aclose()
+        await self.upstream.aclose()
+
+    # -- routing ---------------------------------------------------------------------------
+    def usable(self) -> list[Engine]:
+        now = time.monotonic()
+        return [e for e in self.book.engines.values() if e.usable(now)]
+
+    async def tokens_of(self, path: str, body: dict, headers: dict) -> list[int] | None:
+        """The prompt's token ids, from the least loaded engine's ``/tokenize`` (which applies
+        the chat template as the engine will); None when there is no single prompt or no
+        engine answers."""
+        if path == "/v1/completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return prompt
+            if not isinstance(prompt, str):
+                return None  # a batch of prompts: no one prefix to route by
+            ask = {"model": body.get("model"), "prompt": prompt}
+        else:
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                return None
+            ask = {"model": body.get("model"), "messages": messages,
+                   "add_generation_prompt": body.get("add_generation_prompt", True)}
+            for key in ("chat_template", "chat_template_kwargs", "continue_final_message"):
+                if key in body:
+                    ask[key] = body[key]
+        engines = sorted(self.usable(), key=lambda e: e.inflight)
+        for e in engines[:2]:
+            try:
+                r = await self.upstream.post(f"{e.url}/tokenize", json=ask, headers=headers,
+                                             timeout=self.settings.tokenize_timeout_s)
+                if r.status_code == 200:
+                    return list(r.json()["tokens"])
+                return None  # the request itself is bad: the engine will say so
+            except (httpx.HTTPError, ValueError, KeyError):
+                self.book.failed(e)
+                self.metrics.failures.labels(e.instance_id, "tokenize").inc()
+        return None
+
+    async def host_prefixes(self, tokens: list[int]) -> dict[str, int]:
+        """Tokens of ``tokens`` each engine's host store holds, per the controller."""
+        if not self.settings.controller:
+            return {}
+        try:
+            r = await self.control.post(f"{self.book.controller}/lookup", json={"tokens": tokens})
+            r.raise_for_status()
+            return {iid: int(v[1]) for iid, v in r.json()["layout_info"].items()}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, IndexError):
+            logger.warning("controller lookup failed; routing by the GPU tier and load only")
+            return {}
+
+    def rank(self, tokens: list[int] | None, host: dict[str, int]) -> list[Choice]:
+        """The usable engines, best first (see the module docstring)."""
+        s = self.settings
+        out = []
+        for e in self.usable():
+            gpu = self.book.gpu_prefix(e, tokens) if tokens else 0
+            held = host.get(e.instance_id, 0)
+            extra = max(0, held - gpu)
+            score = gpu + s.host_weight * extra - s.load_tokens * e.inflight
+            # Named for the tier that gives the most: the GPU tier holds full blocks only,
+            # the host store a prompt's partial last chunk too.
+            route = "gpu" if gpu and gpu >= extra else "host" if extra else "load"
+            out.append(Choice(e, score, gpu, held, route))
+        out.sort(key=lambda c: (-c.score, c.engine.inflight, c.engine.instance_id))
+        return out
+
+
+# -- handlers --------------------------------------------------------------------------------
+def _router(request: Request) -> Router:
+    return request.app.state.router
+
+
+async def routed(request: Request) -> Response:
+    router = _router(request)
+    path = request.url.path
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError("payload_too_large", f"body of {len(raw)} bytes; at most {MAX_BODY}")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError("bad_request", "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError("bad_request", "the body must be a JSON object")
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD}
+    t0 = time.perf_counter()
+    tokens = await router.tokens_of(path, body, headers)
+    host = await router.host_prefixes(tokens) if tokens else {}
+    choices = router.rank(tokens, host)
+    router.metrics.routing_seconds.observe(time.perf_counter() - t0)
+    if not choices:
+        raise ApiError("unavailable", "no engine is up")
+    for choice in choices:
+        e = choice.engine
+        upstream_request = router.upstream.build_request("POST", e.url + path, content=raw,
+                                                         headers=headers)
+        e.inflight += 1
+        try:
+            upstream = await router.upstream.send(upstream_request, stream=True)
+        except httpx.HTTPError as err:
+            e.inflight -= 1
+            logger.warning("engine %s failed before answering (%s); trying the next",
+                           e.instance_id, err)
+            router.book.failed(e)
+            router.metrics.failures.labels(e.instance_id, "request").inc()
+            router.metrics.retries.labels(e.instance_id).inc()
+            continue
+        if upstream.status_code >= 500 and choice is not choices[-1]:
+            await upstream.aclose()
+            e.inflight -= 1
+            logger.warning("engine %s answered %d; trying the next", e.instance_id,
+                           upstream.status_code)
+            router.book.failed(e)
+            router.metrics.failures.labels(e.instance_id, "request").inc()
+            router.metrics.retries.labels(e.instance_id).inc()
+            continue
+        router.metrics.requests.labels(e.instance_id, choice.route).inc()
+        router.metrics.matched.labels("gpu").inc(choice.gpu)
+        router.metrics.matched.labels("host").inc(max(0, choice.host - choice.gpu))
+        out_headers = {"x-kvmove-engine": e.instance_id, "x-kvmove-route": choice.route}
+        if "content-type" in upstream.headers:
+            out_headers["content-type"] = upstream.headers["content-type"]
+        return StreamingResponse(_relay(upstream), status_code=upstream.status_code,
+                                 headers=out_headers,
+                                 background=BackgroundTask(_done, e, upstream))
+    tried = ", ".join(c.engine.instance_id for c in choices)
+    raise ApiError("unavailable", f"every engine failed ({tried})")
+
+
+async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    """The engine's answer, as it arrives. If the client goes away, Starlette cancels this,
+    and closing the upstream request here (or in :func:`_done`, which runs either way) makes
+    vLLM abort it."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    finally:
+        await upstream.aclose()
+
+
+async def _done(engine: Engine, upstream: httpx.Response) -> None:
+    engine.inflight -= 1
+    await upstream.aclose()
+
+
+async def models(request: Request) -> Response:
+    router = _router(request)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD}
+    for e in sorted(router.usable(), key=lambda e: e.inflight):
+        try:
+            r = await router.upstream.get(f"{e.url}/v1/models", headers=headers, timeout=5.0)
+        except httpx.HTTPError:
+            router.book.failed(e)
+            continue
+        return Response(r.content, status_code=r.status_code,
+                        media_type=r.headers.get("content-type", "application/json"))
+    raise ApiError("unavailable", "no engine is up")
+
+
+async def health(request: Request) -> Response:
+    router = _router(request)
+    usable = router.usable()
+    return json_response({"status": "ok" if usable else "no_engine",
+                          "engines": len(router.book.engines), "engines_up": len(usable)},
+                         status=200 if usable else 503)
+
+
+async def metrics(request: Request) -> Response:
+    router = _router(request)
+    router.metrics.observe_inflight()
+    return await request.app.state.metrics(request)
+
+
+def create_router_app(settings: RouterSettings) -> Starlette:
+    """Build the router's Starlette app; its clients and subscriptions live with its
+    lifespan."""
+    router = Router(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    routes = [Route(p, routed, methods=["POST"]) for p in ROUTED] + [
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=routes, exception_handlers=ERROR_HANDLERS, lifespan=lifespan)
+    app.state.router = router
+    app.state.metrics = metrics_handler(router.metrics.registry)
+    return app

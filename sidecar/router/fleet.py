@@ -1,0 +1,201 @@
+"""EngineBook: what the router knows of the engines it routes to — who is up, how loaded, and
+which prefixes each can serve without prefill.
+
+Contract
+--------
+* One per router, on its event loop (nothing here is thread-safe).
+* Engines come from the controller (``GET /instances``, every ``refresh_s``: engine URL, up,
+  block hashing, the engine's own KV events endpoint) or from a fixed list. An engine the
+  router failed to reach is kept out of rotation for ``cooldown_s``.
+* Two tiers of prefixes, in tokens matched from a prompt's start:
+
+  - **GPU** (vLLM's own prefix cache): from each engine's KV events stream (its
+    ``--kv-events-config`` endpoint), ``BlockStored``/``BlockRemoved``/``AllBlocksCleared`` of
+    ``medium="GPU"`` kept as a set of block hashes per engine; a prompt's blocks are named with
+    the engine's hashing (:class:`vllm_kvmove.blockhash.BlockHasher`), and the leading ones
+    present count. A subscriber that sees a sequence gap (lost batches) forgets that engine's
+    set: better a miss than a phantom hit.
+  - **host** (the connector's store): the controller's ``/lookup``, one request per routed
+    prompt (its index is authoritative; events could be lost).
+* Load: requests the router has in flight to each engine (it sees them start and end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+import zmq
+
+from sidecar import protocol
+from sidecar.zmqio import LoopSocket, serve_forever
+from vllm_kvmove.blockhash import BlockHasher, external
+
+logger = logging.getLogger("vllm_kvmove.router")
+
+_instances = msgspec.json.Decoder(protocol.InstanceList)
+_batches = msgspec.msgpack.Decoder(protocol.KVEventBatch)
+
+
+@dataclass
+class Engine:
+    """One engine as the router sees it.
+
+    Attributes:
+        instance_id: its name (the controller's, or the one given on the command line).
+        url: base URL of its OpenAI server.
+        up: the controller says it is up (always True for a fixed engine).
+        hasher: how it names blocks (None: its GPU tier is not followed).
+        events: its own KV events endpoint ("" if none).
+        gpu_blocks: block hashes (vLLM's external form) its GPU tier holds, per its events.
+        inflight: requests the router has in flight to it.
+        down_until: monotonic time before which it is out of rotation (it failed).
+    """
+
+    instance_id: str
+    url: str
+    up: bool = True
+    hasher: BlockHasher | None = None
+    events: str = ""
+    gpu_blocks: set[int | bytes] = field(default_factory=set)
+    inflight: int = 0
+    down_until: float = 0.0
+    last_seq: int = 0
+
+    def usable(self, now: float) -> bool:
+        return self.up and now >= self.down_until
+
+
+class EngineBook:
+    """The engines, their GPU tiers and loads (see the module docstring).
+
+    Args:
+        controller: the controller's base URL ("": engines are ``fixed``).
+        fixed: ``{instance_id: url}`` of engines routed to without a controller.
+        http: the client for the controller.
+        refresh_s: how often the engine list is re-read from the controller.
+        cooldown_s: how long an engine that failed stays out of rotation.
+    """
+
+    def __init__(self, controller: str, fixed: dict[str, str], http: httpx.AsyncClient,
+                 refresh_s: float = 1.0, cooldown_s: float = 5.0):
+        self.controller = controller.rstrip("/")
+        self.http = http
+        self.refresh_s, self.cooldown_s = refresh_s, cooldown_s
+        self.engines: dict[str, Engine] = {iid: Engine(iid, url.rstrip("/"))
+                                           for iid, url in fixed.items()}
+        self._subscriptions: dict[str, tuple[str, asyncio.Task, LoopSocket]] = {}
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.controller:
+            await self.refresh()
+            self._task = asyncio.create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for iid in list(self._subscriptions):
+            await self._unsubscribe(iid)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the controller may be away for a while
+                logger.warning("cannot read the engines from %s", self.controller, exc_info=True)
+
+    async def refresh(self) -> None:
+        """Re-read the engines from the controller; follow the KV events of new ones."""
+        r = await self.http.get(f"{self.controller}/instances")
+        r.raise_for_status()
+        seen = set()
+        for info in _instances.decode(r.content).instances:
+            seen.add(info.instance_id)
+            e = self.engines.get(info.instance_id)
+            if e is None or e.url != info.engine_url.rstrip("/"):
+                e = self.engines[info.instance_id] = Engine(info.instance_id,
+                                                            info.engine_url.rstrip("/"))
+            e.up = info.up
+            h = info.block_hashing
+            e.hasher = None if h is None else BlockHasher(h.algo, h.seed, h.block_size)
+            e.events = info.engine_events
+            if e.events and self._subscriptions.get(e.instance_id, ("",))[0] != e.events:
+                await self._subscribe(e)
+        for iid in set(self.engines) - seen:
+            del self.engines[iid]
+            await self._unsubscribe(iid)
+
+    # -- the GPU tier, from the engines' KV events -----------------------------------------
+    async def _subscribe(self, e: Engine) -> None:
+        await self._unsubscribe(e.instance_id)
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(e.events)
+        loop_sock = LoopSocket(sock)
+        e.gpu_blocks.clear()
+        e.last_seq = 0
+        task = asyncio.create_task(serve_forever(
+            loop_sock, lambda frames, iid=e.instance_id: self._on_batch(iid, frames),
+            f"events of {e.instance_id}"))
+        self._subscriptions[e.instance_id] = (e.events, task, loop_sock)
+
+    async def _unsubscribe(self, iid: str) -> None:
+        sub = self._subscriptions.pop(iid, None)
+        if sub is not None:
+            sub[1].cancel()
+            await asyncio.gather(sub[1], return_exceptions=True)
+            sub[2].close()
+
+    def _on_batch(self, iid: str, frames: list[bytes]) -> None:
+        e = self.engines.get(iid)
+        if e is None or len(frames) != 3 or len(frames[1]) != 8:
+            return
+        seq = int.from_bytes(frames[1], "big")
+        if e.last_seq and seq != e.last_seq + 1:
+            logger.warning("%s: KV events %d..%d lost; forgetting its GPU tier", iid,
+                           e.last_seq + 1, seq - 1)
+            e.gpu_blocks.clear()
+        e.last_seq = seq
+        try:
+            batch = _batches.decode(frames[2])
+        except msgspec.DecodeError:
+            return
+        apply_events(e.gpu_blocks, batch.events, "GPU")
+
+    # -- queries ---------------------------------------------------------------------------
+    def gpu_prefix(self, e: Engine, tokens: list[int]) -> int:
+        """Tokens of ``tokens``' leading full blocks that ``e``'s GPU tier holds."""
+        if e.hasher is None or not e.gpu_blocks:
+            return 0
+        n = 0
+        for h in e.hasher.chain(tokens):
+            if external(h) not in e.gpu_blocks:
+                break
+            n += 1
+        return n * e.hasher.block_size
+
+    def failed(self, e: Engine) -> None:
+        """``e`` could not be reached: out of rotation for ``cooldown_s``."""
+        e.down_until = time.monotonic() + self.cooldown_s
+
+
+def apply_events(blocks: set, events: list, medium: str) -> None:
+    """Apply KV events of ``medium`` to a set of block hashes."""
+    for ev in events:
+        if isinstance(ev, protocol.KVAllBlocksCleared):
+            blocks.clear()
+        elif ev.medium != medium:
+            continue
+        elif isinstance(ev, protocol.KVBlockStored):
+            blocks.update(ev.block_hashes)
+        else:
+            blocks.difference_update(ev.block_hashes)

@@ -1,0 +1,133 @@
+"""``kvmove-router`` in front of two real engines (the package's: KV events on, a controller):
+requests follow the KV — a repeated prompt goes where vLLM's prefix cache holds it (from the
+engines' own KV events), a moved prompt goes to the engine whose host store now holds it
+(hits >= N-1 there, the source's greedy output) — answers stream through as they come, a
+client that goes away ends the engine's work, and an engine that cannot be reached is skipped
+without the client seeing it."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+
+from tests.harness.api import LOC, wait_lookup
+from tests.harness.engines import BY_SOURCE, HITS
+from tests.harness.processes import free_port
+
+N = 700
+
+
+@pytest.fixture(scope="module")
+def router(fleet):
+    port = free_port()
+    proc = fleet.local.start_router(port, ["--controller", fleet.controller_url])
+    fleet.local.wait_ready(proc, timeout=60)
+    client = httpx.Client(base_url=proc.url, timeout=120)
+    deadline = time.monotonic() + 20
+    while client.get("/health").json()["engines_up"] < 2:
+        assert time.monotonic() < deadline, client.get("/health").json()
+        time.sleep(0.2)
+    yield client
+    client.close()
+    fleet.local.stop(proc)
+
+
+def complete(client, model, prompt, **extra) -> httpx.Response:
+    r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
+                                             "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 4000) for _ in range(N)]
+
+
+def test_a_repeated_prompt_goes_where_vllms_prefix_cache_holds_it(fleet, router):
+    model = fleet.engines["ev1"].model
+    tokens = prompt(101)
+    first = complete(router, model, tokens)
+    engine = first.headers["x-kvmove-engine"]
+    time.sleep(0.3)  # the engine's KV events of that step reach the router
+    for _ in range(2):
+        again = complete(router, model, tokens)
+        assert again.headers["x-kvmove-engine"] == engine
+        assert again.headers["x-kvmove-route"] == "gpu"
+        assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= N - 128
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+
+
+def test_after_a_move_the_next_request_goes_to_the_destination(fleet, router):
+    ev1, ev2 = fleet.engines["ev1"], fleet.engines["ev2"]
+    tokens = prompt(202)
+    reference = ev1.complete(tokens)
+    # ev1's own prefix cache is dropped (as an engine being drained or restarted loses it):
+    # its GPU tier no longer holds the prompt, only the host store does, until the move.
+    # (vLLM publishes the reset at its next step: a short request makes one.)
+    ev1.http.post("/reset_prefix_cache").raise_for_status()
+    ev1.complete("a step", max_tokens=1)
+    assert wait_lookup(fleet.http, tokens, {"ev1": N}, timeout=30) == {"ev1": N}
+    r = fleet.http.post("/move", params={"wait": 60}, json={
+        "old_position": ["ev1", LOC], "new_position": ["ev2", LOC], "tokens": tokens})
+    assert r.json()["status"] == "done", r.text
+    time.sleep(0.3)  # ev1's events (the reset) reach the router
+    hits0, host0 = ev2.metric(HITS), ev2.metric(BY_SOURCE, source="host")
+    out = complete(router, ev2.model, tokens)
+    assert out.headers["x-kvmove-engine"] == "ev2" and out.headers["x-kvmove-route"] == "host"
+    hits = ev2.metric(HITS) - hits0
+    assert hits >= N - 1 and ev2.metric(BY_SOURCE, source="host") - host0 == hits
+    assert out.json()["choices"][0]["text"] == reference["choices"][0]["text"]
+
+
+def test_a_streamed_answer_is_passed_through_as_it_comes(fleet, router):
+    model = fleet.engines["ev1"].model
+    with router.stream("POST", "/v1/completions", json={
+            "model": model, "prompt": prompt(303), "max_tokens": 16, "temperature": 0,
+            "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 3 and events[-1] == "data: [DONE]"
+
+
+def test_a_client_that_goes_away_ends_the_engines_work(fleet, router):
+    model = fleet.engines["ev1"].model
+    running = "vllm:num_requests_running"
+    with router.stream("POST", "/v1/completions", json={
+            "model": model, "prompt": prompt(404), "max_tokens": 3000, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
+        engine = fleet.engines[r.headers["x-kvmove-engine"]]
+        next(r.iter_lines())  # the answer has started
+        assert engine.metric(running) >= 1
+    # The client is gone: the router closes its upstream request, and vLLM aborts it long
+    # before 3,000 tokens could have been generated.
+    deadline = time.monotonic() + 10
+    while engine.metric(running) > 0:
+        assert time.monotonic() < deadline, "the engine kept generating for a gone client"
+        time.sleep(0.2)
+
+
+def test_an_engine_that_cannot_be_reached_is_skipped(fleet):
+    """A router given a dead engine beside ev1 (``dead`` sorts first among equals): a request
+    sent there is re-sent to ev1 without the client seeing it, the dead engine is kept out of
+    rotation, and both are counted."""
+    port, dead = free_port(), free_port()
+    proc = fleet.local.start_router(port, ["--engine", f"dead=http://127.0.0.1:{dead}",
+                                           "--engine", f"ev1={fleet.engines['ev1'].url}"])
+    fleet.local.wait_ready(proc, timeout=60)
+    try:
+        with httpx.Client(base_url=proc.url, timeout=120) as client:
+            model = fleet.engines["ev1"].model
+            # Token ids need no tokenizing: routed by load, "dead" first, then re-sent.
+            out = complete(client, model, [5, 6, 7, 8])
+            assert out.headers["x-kvmove-engine"] == "ev1"
+            for i in range(3):
+                assert complete(client, model, f"hello {i}").headers["x-kvmove-engine"] == "ev1"
+            metrics = client.get("/metrics").text
+        assert 'kvmove_router_retries_total{engine="dead"} 1.0' in metrics
+        assert 'kvmove_router_engine_failures_total{engine="dead",stage="request"} 1.0' in metrics
+    finally:
+        fleet.local.stop(proc)
