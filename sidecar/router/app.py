@@ -200,8 +200,9 @@ class Router:
         """The usable engines, best first (see the module docstring)."""
         s = self.settings
         out = []
+        chains: dict = {}
         for e in self.usable():
-            gpu = self.book.gpu_prefix(e, tokens) if tokens else 0
+            gpu = self.book.gpu_prefix(e, tokens, chains) if tokens else 0
             held = host.get(e.instance_id, 0)
             extra = max(0, held - gpu)
             score = gpu + s.host_weight * extra - s.load_tokens * e.inflight

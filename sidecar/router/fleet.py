@@ -172,13 +172,21 @@ class EngineBook:
         apply_events(e.gpu_blocks, batch.events, "GPU")
 
     # -- queries ---------------------------------------------------------------------------
-    def gpu_prefix(self, e: Engine, tokens: list[int]) -> int:
-        """Tokens of ``tokens``' leading full blocks that ``e``'s GPU tier holds."""
+    def gpu_prefix(self, e: Engine, tokens: list[int],
+                   chains: dict[BlockHasher, list] | None = None) -> int:
+        """Tokens of ``tokens``' leading full blocks that ``e``'s GPU tier holds. ``chains``
+        caches the prompt's block hashes per hashing (engines alike share them: one SHA-256
+        per block per request, not per engine)."""
         if e.hasher is None or not e.gpu_blocks:
             return 0
+        chain = None if chains is None else chains.get(e.hasher)
+        if chain is None:
+            chain = [external(h) for h in e.hasher.chain(tokens)]
+            if chains is not None:
+                chains[e.hasher] = chain
         n = 0
-        for h in e.hasher.chain(tokens):
-            if external(h) not in e.gpu_blocks:
+        for h in chain:
+            if h not in e.gpu_blocks:
                 break
             n += 1
         return n * e.hasher.block_size
