@@ -10,8 +10,9 @@ Contract
 * Routing, per request (:meth:`Router.rank`): the prompt's tokens — from an engine's own
   ``/tokenize``, which applies the model's chat template as vLLM does — then for each engine
   that is up: ``gpu`` tokens its prefix cache holds (its KV events), ``host`` tokens its host
-  store holds (the controller's ``/lookup``), ``inflight`` requests the router has sent it and
-  not seen end. Score = ``gpu + host_weight * (host - gpu if more) - load_tokens * inflight``;
+  store holds (the controller's ``/lookup``), and its ``load``: requests the router has sent it
+  and not seen end, or the engine's own running + waiting count if higher.
+  Score = ``gpu + host_weight * (host - gpu if more) - load_tokens * load``;
   the best first, ties to the least loaded. A prompt that cannot be tokenized (a list of
   prompts, an engine error) is routed by load alone. The answer says where it went
   (``x-kvmove-engine``) and why (``x-kvmove-route``: ``gpu``, ``host`` or ``load``).
@@ -171,7 +172,7 @@ class Router:
             for key in ("chat_template", "chat_template_kwargs", "continue_final_message"):
                 if key in body:
                     ask[key] = body[key]
-        engines = sorted(self.usable(), key=lambda e: e.inflight)
+        engines = sorted(self.usable(), key=lambda e: e.load)
         for e in engines[:2]:
             try:
                 r = await self.upstream.post(f"{e.url}/tokenize", json=ask, headers=headers,
@@ -205,12 +206,12 @@ class Router:
             gpu = self.book.gpu_prefix(e, tokens, chains) if tokens else 0
             held = host.get(e.instance_id, 0)
             extra = max(0, held - gpu)
-            score = gpu + s.host_weight * extra - s.load_tokens * e.inflight
+            score = gpu + s.host_weight * extra - s.load_tokens * e.load
             # Named for the tier that gives the most: the GPU tier holds full blocks only,
             # the host store a prompt's partial last chunk too.
             route = "gpu" if gpu and gpu >= extra else "host" if extra else "load"
             out.append(Choice(e, score, gpu, held, route))
-        out.sort(key=lambda c: (-c.score, c.engine.inflight, c.engine.instance_id))
+        out.sort(key=lambda c: (-c.score, c.engine.load, c.engine.instance_id))
         return out
 
 
@@ -295,7 +296,7 @@ async def _done(engine: Engine, upstream: httpx.Response) -> None:
 async def models(request: Request) -> Response:
     router = _router(request)
     headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD}
-    for e in sorted(router.usable(), key=lambda e: e.inflight):
+    for e in sorted(router.usable(), key=lambda e: e.load):
         try:
             r = await router.upstream.get(f"{e.url}/v1/models", headers=headers, timeout=5.0)
         except httpx.HTTPError:
@@ -309,9 +310,13 @@ async def models(request: Request) -> Response:
 async def health(request: Request) -> Response:
     router = _router(request)
     usable = router.usable()
+    now = time.monotonic()
+    detail = {e.instance_id: {"usable": e.usable(now), "inflight": e.inflight,
+                              "queued": e.queued, "gpu_blocks": len(e.gpu_blocks)}
+              for e in router.book.engines.values()}
     return json_response({"status": "ok" if usable else "no_engine",
-                          "engines": len(router.book.engines), "engines_up": len(usable)},
-                         status=200 if usable else 503)
+                          "engines": len(router.book.engines), "engines_up": len(usable),
+                          "by_engine": detail}, status=200 if usable else 503)
 
 
 async def metrics(request: Request) -> Response:

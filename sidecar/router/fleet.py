@@ -17,7 +17,10 @@ Contract
     set: better a miss than a phantom hit.
   - **host** (the connector's store): the controller's ``/lookup``, one request per routed
     prompt (its index is authoritative; events could be lost).
-* Load: requests the router has in flight to each engine (it sees them start and end).
+* Load: requests the router has in flight to each engine (it sees them start and end), or
+  the engine's own count of running and waiting requests (``vllm:num_requests_running`` +
+  ``vllm:num_requests_waiting`` on its ``/metrics``, read every ``load_s``) when that is
+  higher — requests other clients sent it directly count too.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Engine:
         events: its own KV events endpoint ("" if none).
         gpu_blocks: block hashes (vLLM's external form) its GPU tier holds, per its events.
         inflight: requests the router has in flight to it.
+        queued: running + waiting requests, per its last ``/metrics`` read.
         down_until: monotonic time before which it is out of rotation (it failed).
     """
 
@@ -63,11 +67,17 @@ class Engine:
     events: str = ""
     gpu_blocks: set[int | bytes] = field(default_factory=set)
     inflight: int = 0
+    queued: int = 0
     down_until: float = 0.0
     last_seq: int = 0
 
     def usable(self, now: float) -> bool:
         return self.up and now >= self.down_until
+
+    @property
+    def load(self) -> int:
+        """Requests it is busy with: the router's in flight, or its own count if higher."""
+        return max(self.inflight, self.queued)
 
 
 class EngineBook:
@@ -82,10 +92,11 @@ class EngineBook:
     """
 
     def __init__(self, controller: str, fixed: dict[str, str], http: httpx.AsyncClient,
-                 refresh_s: float = 1.0, cooldown_s: float = 5.0):
+                 refresh_s: float = 1.0, cooldown_s: float = 5.0, load_s: float = 0.5):
         self.controller = controller.rstrip("/")
         self.http = http
-        self.refresh_s, self.cooldown_s = refresh_s, cooldown_s
+        self.refresh_s, self.cooldown_s, self.load_s = refresh_s, cooldown_s, load_s
+        self._load_task: asyncio.Task | None = None
         self.engines: dict[str, Engine] = {iid: Engine(iid, url.rstrip("/"))
                                            for iid, url in fixed.items()}
         self._subscriptions: dict[str, tuple[str, asyncio.Task, LoopSocket]] = {}
@@ -96,11 +107,13 @@ class EngineBook:
         if self.controller:
             await self.refresh()
             self._task = asyncio.create_task(self._refresh_loop())
+        self._load_task = asyncio.create_task(self._load_loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._load_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for iid in list(self._subscriptions):
             await self._unsubscribe(iid)
 
@@ -111,6 +124,30 @@ class EngineBook:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the controller may be away for a while
                 logger.warning("cannot read the engines from %s", self.controller, exc_info=True)
+
+    async def _load_loop(self) -> None:
+        """Read each engine's queue, each on its own schedule: a busy engine's API server
+        (sharing a core with it) can take seconds to answer /metrics, and must not delay the
+        others' reads; the last count stands meanwhile."""
+        reading: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                for e in list(self.engines.values()):
+                    task = reading.get(e.instance_id)
+                    if e.up and (task is None or task.done()):
+                        reading[e.instance_id] = asyncio.create_task(self._read_load(e))
+                await asyncio.sleep(self.load_s)
+        finally:
+            for task in reading.values():
+                task.cancel()
+
+    async def _read_load(self, e: Engine) -> None:
+        try:
+            r = await self.http.get(f"{e.url}/metrics", timeout=30.0)
+            r.raise_for_status()
+        except httpx.HTTPError:
+            return  # its requests say whether it is down (the router's own in flight remain)
+        e.queued = queued_requests(r.text)
 
     async def refresh(self) -> None:
         """Re-read the engines from the controller; follow the KV events of new ones."""
@@ -194,6 +231,23 @@ class EngineBook:
     def failed(self, e: Engine) -> None:
         """``e`` could not be reached: out of rotation for ``cooldown_s``."""
         e.down_until = time.monotonic() + self.cooldown_s
+
+
+_QUEUE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def queued_requests(metrics_text: str) -> int:
+    """``vllm:num_requests_running`` + ``vllm:num_requests_waiting`` from an engine's
+    Prometheus text (summed over label sets; 0 when absent)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.split("{", 1)[0] in _QUEUE_GAUGES:
+            try:
+                total += float(value)
+            except ValueError:
+                pass
+    return int(total)
 
 
 def apply_events(blocks: set, events: list, medium: str) -> None:

@@ -7,6 +7,7 @@ without the client seeing it."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -85,12 +86,16 @@ def test_after_a_move_the_next_request_goes_to_the_destination(fleet, router):
 
 def test_a_streamed_answer_is_passed_through_as_it_comes(fleet, router):
     model = fleet.engines["ev1"].model
+    t0 = time.perf_counter()
     with router.stream("POST", "/v1/completions", json={
-            "model": model, "prompt": prompt(303), "max_tokens": 16, "temperature": 0,
-            "stream": True}) as r:
+            "model": model, "prompt": prompt(303), "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert len(events) >= 3 and events[-1] == "data: [DONE]"
+        arrivals = [(time.perf_counter() - t0, line) for line in r.iter_lines()
+                    if line.startswith("data: ")]
+    assert len(arrivals) >= 3 and arrivals[-1][1] == "data: [DONE]"
+    # Not buffered: the first chunk came well before the last (400 tokens take a while).
+    assert arrivals[0][0] < arrivals[-1][0] / 2, [t for t, _ in arrivals]
 
 
 def test_a_client_that_goes_away_ends_the_engines_work(fleet, router):
@@ -108,6 +113,27 @@ def test_a_client_that_goes_away_ends_the_engines_work(fleet, router):
     while engine.metric(running) > 0:
         assert time.monotonic() < deadline, "the engine kept generating for a gone client"
         time.sleep(0.2)
+
+
+def test_an_engine_busy_with_other_clients_requests_is_avoided(fleet, router):
+    """Load counts what the engine itself reports (running + waiting, from its /metrics), not
+    only the router's own requests: with ev1 generating for clients that went straight to it,
+    a new prompt (held nowhere) goes to ev2. (A busy engine answers /metrics seconds late
+    here: the router's view lags by that much.)"""
+    ev1 = fleet.engines["ev1"]
+    with contextlib.ExitStack() as stack:
+        for seed in (505, 515):  # two long generations: busy for tens of seconds
+            busy = stack.enter_context(httpx.stream(
+                "POST", ev1.url + "/v1/completions", timeout=120, json={
+                    "model": ev1.model, "prompt": prompt(seed), "max_tokens": 3000,
+                    "temperature": 0, "ignore_eos": True, "stream": True}))
+            next(busy.iter_lines())
+        deadline = time.monotonic() + 20
+        while router.get("/health").json()["by_engine"]["ev1"]["queued"] < 1:
+            assert time.monotonic() < deadline, router.get("/health").json()
+            time.sleep(0.2)
+        out = complete(router, ev1.model, prompt(506))
+        assert out.headers["x-kvmove-engine"] == "ev2", router.get("/health").json()
 
 
 def test_an_engine_that_cannot_be_reached_is_skipped(fleet):

@@ -11,7 +11,7 @@ import msgspec
 
 from sidecar import protocol
 from sidecar.router.app import Router, RouterSettings
-from sidecar.router.fleet import Engine, EngineBook
+from sidecar.router.fleet import Engine, EngineBook, queued_requests
 from vllm_kvmove.blockhash import BlockHasher, external
 
 HASHER = BlockHasher("sha256", "vllm-none-hash", 16)
@@ -69,8 +69,22 @@ def test_the_score_weighs_gpu_host_and_load():
         assert router.rank(TOKENS, {"host": 72})[0].engine.instance_id == "host"
         host.inflight = 2
         assert [c.engine.instance_id for c in router.rank(TOKENS, {})] == ["idle", "gpu", "host"]
+        host.inflight, idle.queued = 0, 3  # others' requests, seen on the engine's /metrics
+        assert [c.engine.instance_id for c in router.rank(TOKENS, {})] == ["host", "gpu", "idle"]
         host.down_until = float("inf")  # failed: out of rotation
         assert "host" not in [c.engine.instance_id for c in router.rank(TOKENS, {})]
         await router.stop()
 
     asyncio.run(main())
+
+
+def test_an_engines_own_queue_is_read_from_its_metrics():
+    text = "\n".join([
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{engine="0",model_name="m"} 2.0',
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0',
+        'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 3.0',
+        'vllm:num_requests_running_total 99.0', "garbage line"])
+    assert queued_requests(text) == 5
+    assert queued_requests("") == 0
