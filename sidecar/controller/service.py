@@ -14,6 +14,12 @@ Contract
   both ends exclusively, a copy shares its source's, a clear claims what it clears
   (:class:`~sidecar.controller.locks.ChunkLocks`); a request whose claims conflict with a job
   in flight is refused with ``conflict`` (409) before anything starts.
+* Engines speak as a whole (:mod:`~sidecar.controller.instances`): a move is planned as one
+  lane per destination rank (:meth:`Controller._plan`) — rank r from rank r between engines of
+  one format, else from every source rank whose heads it holds, the destination converting
+  (:mod:`vllm_kvmove.convert`); a move between compatible engines whose formats cannot be
+  converted is refused (409) naming the fields. A destination that publishes KV events is
+  told each chunk's vLLM blocks, named in its hashing from the move's tokens.
 * Lookups answer from the index alone, never asking a sidecar.
 * Prompts are tokenized by an engine's own ``/tokenize`` (the engine whose KV is meant), so
   the controller needs no tokenizer of its own.
@@ -41,9 +47,9 @@ from sidecar.controller.metrics import ControllerMetrics
 from sidecar.controller.pacing import RateLimit
 from sidecar.controller.settings import ControllerSettings
 from sidecar.httpkit import ApiError, verify_with
-from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.blockhash import BlockHasher
 from vllm_kvmove.convert import conversion_obstacles, needs_conversion, source_ranks
+from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import layout_mismatch
 
 logger = logging.getLogger("vllm_kvmove.controller")
