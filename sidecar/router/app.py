@@ -16,6 +16,11 @@ Contract
   the best first, ties to the least loaded. A prompt that cannot be tokenized (a list of
   prompts, an engine error) is routed by load alone. The answer says where it went
   (``x-kvmove-engine``) and why (``x-kvmove-route``: ``gpu``, ``host`` or ``load``).
+* Pull-on-route (``pull_min_tokens`` > 0): when the chosen engine (say, an idle one) holds at
+  least ``pull_min_tokens`` fewer of the prompt than another engine's host store does (a busy
+  holder), the router copies that prefix to it first (a controller copy job, waited for at
+  most ``pull_wait_s``) and sends the request there once it is done (``x-kvmove-route:
+  pulled``); a copy that fails or takes longer leaves the request routed as ranked.
 * Failures: an engine that cannot be reached, or that answers 5xx before anything was sent to
   the client, is taken out of rotation for a while (:class:`~sidecar.router.fleet.EngineBook`)
   and the request is sent to the next engine; once bytes went to the client, a failure ends
@@ -67,6 +72,9 @@ class RouterSettings:
             much prefix match a busier engine must offer to be chosen).
         cooldown_s: how long an engine that failed stays out of rotation.
         connect_timeout_s: connecting to an engine; ``tokenize_timeout_s``: its /tokenize.
+        pull_min_tokens: pull-on-route when another engine's host store holds at least this
+            many more of the prompt than the chosen engine (0: never).
+        pull_wait_s: the longest a request waits for its prefix's copy.
     """
 
     host: str = "127.0.0.1"
@@ -79,6 +87,8 @@ class RouterSettings:
     cooldown_s: float = 5.0
     connect_timeout_s: float = 2.0
     tokenize_timeout_s: float = 5.0
+    pull_min_tokens: int = 0
+    pull_wait_s: float = 2.0
 
 
 class RouterMetrics:
@@ -99,6 +109,9 @@ class RouterMetrics:
                                 "Times an engine could not be reached or failed, by engine and "
                                 "what was asked (tokenize, request)", ["engine", "stage"],
                                 registry=r)
+        self.pulls = Counter("kvmove_router_pulls_total",
+                             "Prefixes copied to the chosen engine before its request, by "
+                             "outcome (done, failed)", ["outcome"], registry=r)
         self.matched = Counter("kvmove_router_matched_tokens_total",
                                "Prompt tokens the chosen engine held, by tier", ["tier"],
                                registry=r)
@@ -214,6 +227,34 @@ class Router:
         out.sort(key=lambda c: (-c.score, c.engine.load, c.engine.instance_id))
         return out
 
+    async def pull(self, tokens: list[int], choices: list[Choice]) -> Choice | None:
+        """Pull-on-route (see the module docstring): copy the prompt's prefix from the engine
+        whose host store holds most of it to the chosen one, if that gains at least
+        ``pull_min_tokens``; the chosen engine, now holding it, or None."""
+        s = self.settings
+        if not s.pull_min_tokens or not self.settings.controller or len(choices) < 2:
+            return None
+        chosen = choices[0]
+        holder = max(choices[1:], key=lambda c: c.host)
+        if holder.host - max(chosen.gpu, chosen.host) < s.pull_min_tokens:
+            return None
+        try:
+            r = await self.control.post(
+                f"{self.book.controller}/move", params={"wait": s.pull_wait_s},
+                timeout=s.pull_wait_s + 5, json={
+                    "old_position": [holder.engine.instance_id, "LocalCPUBackend"],
+                    "new_position": [chosen.engine.instance_id, "LocalCPUBackend"],
+                    "tokens": tokens, "copy": True})
+            done = r.status_code == 200 and r.json().get("status") == "done"
+        except (httpx.HTTPError, ValueError):
+            done = False
+        self.metrics.pulls.labels("done" if done else "failed").inc()
+        if not done:
+            logger.info("pull of %d tokens %s -> %s did not finish in time; routing as ranked",
+                        holder.host, holder.engine.instance_id, chosen.engine.instance_id)
+            return None
+        return Choice(chosen.engine, chosen.score, chosen.gpu, holder.host, "pulled")
+
 
 # -- handlers --------------------------------------------------------------------------------
 def _router(request: Request) -> Router:
@@ -237,6 +278,10 @@ async def routed(request: Request) -> Response:
     tokens = await router.tokens_of(path, body, headers)
     host = await router.host_prefixes(tokens) if tokens else {}
     choices = router.rank(tokens, host)
+    if tokens and choices:
+        pulled = await router.pull(tokens, choices)
+        if pulled is not None:
+            choices = [pulled] + choices[1:]
     router.metrics.routing_seconds.observe(time.perf_counter() - t0)
     if not choices:
         raise ApiError("unavailable", "no engine is up")

@@ -32,6 +32,12 @@ def parse_settings(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
                    help="a host-store token's worth against a GPU prefix-cache token")
     p.add_argument("--load-tokens", type=int, default=1024,
                    help="prompt tokens of prefix match one request in flight is worth")
+    p.add_argument("--pull-min-tokens", type=int, default=0,
+                   help="pull-on-route: copy a prompt's prefix from a busy holder's host store "
+                        "to the chosen engine first when that gains at least this many tokens "
+                        "(default 0: never)")
+    p.add_argument("--pull-wait", type=float, default=2.0,
+                   help="the longest a request waits for that copy, seconds")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     engines = {}
@@ -46,7 +52,8 @@ def parse_settings(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
         p.error("--host-weight must be in [0, 1] and --load-tokens >= 0")
     return RouterSettings(host=a.host, port=a.port, controller=a.controller,
                           controller_token=a.token, engines=engines,
-                          host_weight=a.host_weight, load_tokens=a.load_tokens), a.log_level
+                          host_weight=a.host_weight, load_tokens=a.load_tokens,
+                          pull_min_tokens=a.pull_min_tokens, pull_wait_s=a.pull_wait), a.log_level
 
 
 def main(argv: list[str] | None = None) -> int:

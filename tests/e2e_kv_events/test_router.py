@@ -122,18 +122,60 @@ def test_an_engine_busy_with_other_clients_requests_is_avoided(fleet, router):
     here: the router's view lags by that much.)"""
     ev1 = fleet.engines["ev1"]
     with contextlib.ExitStack() as stack:
-        for seed in (505, 515):  # two long generations: busy for tens of seconds
-            busy = stack.enter_context(httpx.stream(
-                "POST", ev1.url + "/v1/completions", timeout=120, json={
-                    "model": ev1.model, "prompt": prompt(seed), "max_tokens": 3000,
-                    "temperature": 0, "ignore_eos": True, "stream": True}))
-            next(busy.iter_lines())
-        deadline = time.monotonic() + 20
-        while router.get("/health").json()["by_engine"]["ev1"]["queued"] < 1:
-            assert time.monotonic() < deadline, router.get("/health").json()
-            time.sleep(0.2)
+        held = busy(stack, ev1, router)  # noqa: F841 - keeps the generations' streams open
         out = complete(router, ev1.model, prompt(506))
         assert out.headers["x-kvmove-engine"] == "ev2", router.get("/health").json()
+
+
+def busy(stack: contextlib.ExitStack, engine, router) -> list:
+    """Three long generations on ``engine``, straight to it (not through the router), until
+    the router sees them in the engine's own count (its /metrics, which a busy engine here
+    answers seconds late). Returns their line iterators: keep them (a dropped one closes its
+    stream, and vLLM aborts the request)."""
+    lines = []
+    for seed in (505, 515, 525):
+        stream = stack.enter_context(httpx.stream(
+            "POST", engine.url + "/v1/completions", timeout=120, json={
+                "model": engine.model, "prompt": prompt(seed), "max_tokens": 3000,
+                "temperature": 0, "ignore_eos": True, "stream": True}))
+        lines.append(stream.iter_lines())
+        next(lines[-1])
+    deadline = time.monotonic() + 60  # the router reads the engines' /metrics every 0.5 s
+    while router.get("/health").json()["by_engine"][engine.instance_id]["queued"] < 1:
+        assert time.monotonic() < deadline, router.get("/health").json()
+        time.sleep(0.2)
+    return lines
+
+
+def test_pull_on_route_copies_a_busy_holders_prefix_to_an_idle_engine(fleet):
+    """With pull-on-route on: ev1 holds a prompt (its host store) but is busy, ev2 is idle —
+    the router copies the prefix to ev2, then sends the request there: served from the copied
+    KV (hits >= N-1, ev1's greedy output)."""
+    ev1, ev2 = fleet.engines["ev1"], fleet.engines["ev2"]
+    tokens = prompt(606)
+    reference = ev1.complete(tokens)
+    assert wait_lookup(fleet.http, tokens, {"ev1": N}, timeout=30) == {"ev1": N}
+    port = free_port()
+    proc = fleet.local.start_router(port, ["--controller", fleet.controller_url,
+                                           "--pull-min-tokens", "256", "--pull-wait", "10"])
+    fleet.local.wait_ready(proc, timeout=60)
+    try:
+        with httpx.Client(base_url=proc.url, timeout=120) as client, \
+                contextlib.ExitStack() as stack:
+            deadline = time.monotonic() + 20
+            while client.get("/health").json()["engines_up"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            held = busy(stack, ev1, client)  # noqa: F841 - keeps the generations' streams open
+            hits0 = ev2.metric(HITS)
+            out = complete(client, ev2.model, tokens)
+            assert out.headers["x-kvmove-engine"] == "ev2", out.headers
+            assert out.headers["x-kvmove-route"] == "pulled"
+            assert ev2.metric(HITS) - hits0 >= N - 1
+            assert out.json()["choices"][0]["text"] == reference["choices"][0]["text"]
+            assert 'kvmove_router_pulls_total{outcome="done"} 1.0' in client.get("/metrics").text
+    finally:
+        fleet.local.stop(proc)
 
 
 def test_an_engine_that_cannot_be_reached_is_skipped(fleet):
