@@ -9,8 +9,8 @@ streamed (``max_tokens`` 4); TTFT = time to the first streamed chunk. Engines: t
 own KV events on, each engine's paged cache held to ``GPU_BLOCKS`` blocks of 128 tokens (four
 prefixes and the turns in flight: every prefix on every engine would thrash it). The "oracle"
 is the static placement a client that knows the workload would choose: prefix i to engine
-``i % 2`` (four per engine, which fit). Before each arm both engines' prefix caches and host stores are
-emptied, so every arm starts cold and pays its own first prefills.
+``i % 2`` (four per engine, which fit). Before each arm both engines' prefix caches and host
+stores are emptied, so every arm starts cold and pays its own first prefills.
 """
 
 from __future__ import annotations

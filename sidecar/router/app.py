@@ -103,7 +103,7 @@ class RouterMetrics:
                                "Requests sent to another engine because one failed before "
                                "answering, by the engine that failed", ["engine"], registry=r)
         self.routing_seconds = Histogram(
-            "kvmove_router_routing_seconds", "Time to choose an engine (tokenize, look up)",
+            "kvmove_router_routing_seconds", "Time to choose an engine (tokenize, look up, pull)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
         self.failures = Counter("kvmove_router_engine_failures_total",
                                 "Times an engine could not be reached or failed, by engine and "
