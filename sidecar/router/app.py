@@ -11,7 +11,7 @@ Contract
   ``/tokenize``, which applies the model's chat template as vLLM does — then for each engine
   that is up: ``gpu`` tokens its prefix cache holds (its KV events), ``host`` tokens its host
   store holds (the controller's ``/lookup``), and its ``load``: requests the router has sent it
-  and not seen end, or the engine's own running + waiting count if higher.
+  and not seen end, plus the others the engine reports (:mod:`sidecar.router.fleet`).
   Score = ``gpu + host_weight * (host - gpu if more) - load_tokens * load``;
   the best first, ties to the least loaded. A prompt that cannot be tokenized (a list of
   prompts, an engine error) is routed by load alone. The answer says where it went
@@ -357,7 +357,7 @@ async def health(request: Request) -> Response:
     usable = router.usable()
     now = time.monotonic()
     detail = {e.instance_id: {"usable": e.usable(now), "inflight": e.inflight,
-                              "queued": e.queued, "gpu_blocks": len(e.gpu_blocks)}
+                              "others": e.others, "gpu_blocks": len(e.gpu_blocks)}
               for e in router.book.engines.values()}
     return json_response({"status": "ok" if usable else "no_engine",
                           "engines": len(router.book.engines), "engines_up": len(usable),

@@ -17,10 +17,12 @@ Contract
     set: better a miss than a phantom hit.
   - **host** (the connector's store): the controller's ``/lookup``, one request per routed
     prompt (its index is authoritative; events could be lost).
-* Load: requests the router has in flight to each engine (it sees them start and end), or
-  the engine's own count of running and waiting requests (``vllm:num_requests_running`` +
-  ``vllm:num_requests_waiting`` on its ``/metrics``, read every ``load_s``) when that is
-  higher — requests other clients sent it directly count too.
+* Load: requests the router has in flight to each engine (it sees them start and end), plus
+  the others the engine reports — its own count of running and waiting requests
+  (``vllm:num_requests_running`` + ``vllm:num_requests_waiting`` on its ``/metrics``, read
+  every ``load_s``) less the router's own in flight during that read. The engine's count lags
+  (a busy engine answers /metrics seconds late): the router's own requests are never counted
+  from it, so a stale read does not hold their load after they ended.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Engine:
         events: its own KV events endpoint ("" if none).
         gpu_blocks: block hashes (vLLM's external form) its GPU tier holds, per its events.
         inflight: requests the router has in flight to it.
-        queued: running + waiting requests, per its last ``/metrics`` read.
+        others: running + waiting requests not the router's, per its last ``/metrics`` read.
         down_until: monotonic time before which it is out of rotation (it failed).
     """
 
@@ -67,7 +69,7 @@ class Engine:
     events: str = ""
     gpu_blocks: set[int | bytes] = field(default_factory=set)
     inflight: int = 0
-    queued: int = 0
+    others: int = 0
     down_until: float = 0.0
     last_seq: int = 0
 
@@ -76,8 +78,8 @@ class Engine:
 
     @property
     def load(self) -> int:
-        """Requests it is busy with: the router's in flight, or its own count if higher."""
-        return max(self.inflight, self.queued)
+        """Requests it is busy with: the router's in flight and the others it reported."""
+        return self.inflight + self.others
 
 
 class EngineBook:
@@ -142,12 +144,15 @@ class EngineBook:
                 task.cancel()
 
     async def _read_load(self, e: Engine) -> None:
+        ours = e.inflight
         try:
             r = await self.http.get(f"{e.url}/metrics", timeout=30.0)
             r.raise_for_status()
         except httpx.HTTPError:
             return  # its requests say whether it is down (the router's own in flight remain)
-        e.queued = queued_requests(r.text)
+        # The count includes the router's own requests of that moment (as many as were in
+        # flight at the read's start or end: the read took a while).
+        e.others = max(0, queued_requests(r.text) - max(ours, e.inflight))
 
     async def refresh(self) -> None:
         """Re-read the engines from the controller; follow the KV events of new ones."""

@@ -36,6 +36,18 @@ def router(fleet):
     fleet.local.stop(proc)
 
 
+def router_sees(router, engine: str, check, timeout: float = 20.0) -> dict:
+    """Poll the router's /health until ``check(its view of engine)`` holds (the engines' KV
+    events and /metrics reach it asynchronously); that view."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = router.get("/health").json()["by_engine"][engine]
+        if check(view):
+            return view
+        assert time.monotonic() < deadline, view
+        time.sleep(0.1)
+
+
 def complete(client, model, prompt, **extra) -> httpx.Response:
     r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
                                              "temperature": 0, **extra})
@@ -51,9 +63,12 @@ def prompt(seed: int) -> list[int]:
 def test_a_repeated_prompt_goes_where_vllms_prefix_cache_holds_it(fleet, router):
     model = fleet.engines["ev1"].model
     tokens = prompt(101)
+    before = {iid: router.get("/health").json()["by_engine"][iid]["gpu_blocks"]
+              for iid in fleet.engines}
     first = complete(router, model, tokens)
     engine = first.headers["x-kvmove-engine"]
-    time.sleep(0.3)  # the engine's KV events of that step reach the router
+    # The engine's KV events of that step reach the router: the prompt's 5 full blocks.
+    router_sees(router, engine, lambda v: v["gpu_blocks"] >= before[engine] + N // 128)
     for _ in range(2):
         again = complete(router, model, tokens)
         assert again.headers["x-kvmove-engine"] == engine
@@ -65,17 +80,19 @@ def test_a_repeated_prompt_goes_where_vllms_prefix_cache_holds_it(fleet, router)
 def test_after_a_move_the_next_request_goes_to_the_destination(fleet, router):
     ev1, ev2 = fleet.engines["ev1"], fleet.engines["ev2"]
     tokens = prompt(202)
+    before = router.get("/health").json()["by_engine"]["ev1"]["gpu_blocks"]
     reference = ev1.complete(tokens)
+    router_sees(router, "ev1", lambda v: v["gpu_blocks"] >= before + N // 128)
     # ev1's own prefix cache is dropped (as an engine being drained or restarted loses it):
     # its GPU tier no longer holds the prompt, only the host store does, until the move.
     # (vLLM publishes the reset at its next step: a short request makes one.)
     ev1.http.post("/reset_prefix_cache").raise_for_status()
     ev1.complete("a step", max_tokens=1)
+    router_sees(router, "ev1", lambda v: v["gpu_blocks"] <= 1)  # the reset reached it
     assert wait_lookup(fleet.http, tokens, {"ev1": N}, timeout=30) == {"ev1": N}
     r = fleet.http.post("/move", params={"wait": 60}, json={
         "old_position": ["ev1", LOC], "new_position": ["ev2", LOC], "tokens": tokens})
     assert r.json()["status"] == "done", r.text
-    time.sleep(0.3)  # ev1's events (the reset) reach the router
     hits0, host0 = ev2.metric(HITS), ev2.metric(BY_SOURCE, source="host")
     out = complete(router, ev2.model, tokens)
     assert out.headers["x-kvmove-engine"] == "ev2" and out.headers["x-kvmove-route"] == "host"
@@ -140,10 +157,8 @@ def busy(stack: contextlib.ExitStack, engine, router) -> list:
                 "temperature": 0, "ignore_eos": True, "stream": True}))
         lines.append(stream.iter_lines())
         next(lines[-1])
-    deadline = time.monotonic() + 60  # the router reads the engines' /metrics every 0.5 s
-    while router.get("/health").json()["by_engine"][engine.instance_id]["queued"] < 1:
-        assert time.monotonic() < deadline, router.get("/health").json()
-        time.sleep(0.2)
+    # The router reads the engines' /metrics every 0.5 s; a busy engine answers late.
+    router_sees(router, engine.instance_id, lambda v: v["others"] >= 1, timeout=60)
     return lines
 
 

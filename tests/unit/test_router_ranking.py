@@ -69,7 +69,7 @@ def test_the_score_weighs_gpu_host_and_load():
         assert router.rank(TOKENS, {"host": 72})[0].engine.instance_id == "host"
         host.inflight = 2
         assert [c.engine.instance_id for c in router.rank(TOKENS, {})] == ["idle", "gpu", "host"]
-        host.inflight, idle.queued = 0, 3  # others' requests, seen on the engine's /metrics
+        host.inflight, idle.others = 0, 3  # others' requests, seen on the engine's /metrics
         assert [c.engine.instance_id for c in router.rank(TOKENS, {})] == ["host", "gpu", "idle"]
         host.down_until = float("inf")  # failed: out of rotation
         assert "host" not in [c.engine.instance_id for c in router.rank(TOKENS, {})]
