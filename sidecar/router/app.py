@@ -149,7 +149,7 @@ class Router:
             None, connect=settings.connect_timeout_s), limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=64))
         self.book = EngineBook(settings.controller, settings.engines, self.control,
-                               cooldown_s=settings.cooldown_s)
+                               cooldown_s=settings.cooldown_s, probe=self.upstream)
         self.metrics = RouterMetrics(self.book)
 
     async def start(self) -> None:

@@ -87,16 +87,22 @@ class EngineBook:
 
     Args:
         controller: the controller's base URL ("": engines are ``fixed``).
-        fixed: ``{instance_id: url}`` of engines routed to without a controller.
-        http: the client for the controller.
+        fixed: ``{instance_id: url}`` of engines routed to without a controller (kept beside
+            the controller's, if both are given).
+        http: the client for the controller (it carries the fleet secret).
+        probe: the client for the engines' ``/metrics`` (default ``http``; the router passes
+            one without the fleet secret: engines are not the controller).
         refresh_s: how often the engine list is re-read from the controller.
         cooldown_s: how long an engine that failed stays out of rotation.
     """
 
     def __init__(self, controller: str, fixed: dict[str, str], http: httpx.AsyncClient,
-                 refresh_s: float = 1.0, cooldown_s: float = 5.0, load_s: float = 0.5):
+                 refresh_s: float = 1.0, cooldown_s: float = 5.0, load_s: float = 0.5,
+                 probe: httpx.AsyncClient | None = None):
         self.controller = controller.rstrip("/")
         self.http = http
+        self.probe = probe or http
+        self._fixed = set(fixed)
         self.refresh_s, self.cooldown_s, self.load_s = refresh_s, cooldown_s, load_s
         self._load_task: asyncio.Task | None = None
         self.engines: dict[str, Engine] = {iid: Engine(iid, url.rstrip("/"))
@@ -146,7 +152,7 @@ class EngineBook:
     async def _read_load(self, e: Engine) -> None:
         ours = e.inflight
         try:
-            r = await self.http.get(f"{e.url}/metrics", timeout=30.0)
+            r = await self.probe.get(f"{e.url}/metrics", timeout=30.0)
             r.raise_for_status()
         except httpx.HTTPError:
             return  # its requests say whether it is down (the router's own in flight remain)
@@ -171,7 +177,7 @@ class EngineBook:
             e.events = info.engine_events
             if e.events and self._subscriptions.get(e.instance_id, ("",))[0] != e.events:
                 await self._subscribe(e)
-        for iid in set(self.engines) - seen:
+        for iid in set(self.engines) - seen - self._fixed:
             del self.engines[iid]
             await self._unsubscribe(iid)
 
