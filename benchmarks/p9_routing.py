@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from common import WORK, Result, make_model, percentile
+from tests.harness.engines import connector_config
 from tests.harness.processes import LocalCluster, free_port
 
 PREFIXES, PREFIX_TOKENS, TURN_TOKENS = 8, 2048, 32
@@ -84,10 +85,7 @@ def run() -> list[Result]:
         engines = {}
         for cpu, iid in enumerate(("r1", "r2")):
             http = free_port()
-            kv = {"instance_id": iid, "controller_pull_url": f"localhost:{pull}",
-                  "controller_reply_url": f"localhost:{reply}", "sidecar_port": free_port(),
-                  "p2p_init_port": free_port(), "engine_url": f"http://127.0.0.1:{http}",
-                  "max_local_cpu_size": 0.25}
+            kv = connector_config(iid, http, pull, reply)
             events = {"enable_kv_cache_events": True, "publisher": "zmq",
                       "endpoint": f"tcp://*:{free_port()}", "topic": f"kv@{iid}@bench"}
             engines[iid] = cluster.start_engine(

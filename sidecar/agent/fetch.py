@@ -353,7 +353,7 @@ class StagingBuffers:
                 if buf is None or buf.numel() < nbytes:
                     if registration is not None:
                         self._transfer.deregister_local(registration)
-                    buf, registration = None, None
+                        registration = None  # a failure below must not keep it as idle
                     buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
                     registration = self._transfer.register_local(buf.data_ptr(), buf.numel())
                 yield buf[:nbytes]

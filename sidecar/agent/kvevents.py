@@ -21,7 +21,6 @@ Contract
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Iterable
 
@@ -32,8 +31,6 @@ from sidecar import protocol
 from vllm_kvmove.blockhash import kv_event
 from vllm_kvmove.store import StoreEvent
 from vllm_kvmove.zmqauth import FleetSecurity
-
-logger = logging.getLogger("vllm_kvmove.sidecar")
 
 _EVENT_TYPES = {"BlockStored": protocol.KVBlockStored, "BlockRemoved": protocol.KVBlockRemoved}
 _encoder = msgspec.msgpack.Encoder()

@@ -253,8 +253,7 @@ class InstanceRegistry:
             for other in inst.ranked():
                 if other.rank == msg.rank:
                     continue
-                diffs = [f"{f}: {getattr(msg, f)!r} != {getattr(other.reg, f)!r}"
-                         for f in ENGINE_FIELDS if getattr(msg, f) != getattr(other.reg, f)]
+                diffs = _disagreement(msg, other.reg)
                 if diffs and self.member_up(other):
                     reason = (f"rank {msg.rank} of {msg.instance_id!r} disagrees with its live "
                               f"rank {other.rank}: {'; '.join(diffs)}")
@@ -263,8 +262,7 @@ class InstanceRegistry:
             logger.warning("refusing the registration of %r rank %d: %s", msg.instance_id,
                            msg.rank, reason)
             return reason
-        if inst is not None and any(getattr(msg, f) != getattr(m.reg, f)
-                                    for m in inst.members.values() for f in ENGINE_FIELDS):
+        if inst is not None and any(_disagreement(msg, m.reg) for m in inst.members.values()):
             # Every rank that disagrees is down (checked above): the engine restarted with
             # another set-up; its old ranks are gone.
             for m in inst.ranked():
@@ -339,6 +337,13 @@ class InstanceRegistry:
                 self.index.remove(holder, ev.key)
             member.applied_seq = ev.seq
         return None
+
+
+def _disagreement(msg: protocol.Register, reg: protocol.Register) -> list[str]:
+    """``"field: mine != theirs"`` for each of :data:`ENGINE_FIELDS` two ranks' registrations
+    disagree on (empty: they describe one engine alike)."""
+    return [f"{f}: {getattr(msg, f)!r} != {getattr(reg, f)!r}" for f in ENGINE_FIELDS
+            if getattr(msg, f) != getattr(reg, f)]
 
 
 def _refusal(msg: protocol.Register) -> str | None:

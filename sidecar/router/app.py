@@ -261,6 +261,11 @@ def _router(request: Request) -> Router:
     return request.app.state.router
 
 
+def _forwarded(request: Request) -> dict[str, str]:
+    """The client's headers that go on to the engine (:data:`_FORWARD`)."""
+    return {k: v for k, v in request.headers.items() if k.lower() in _FORWARD}
+
+
 async def routed(request: Request) -> Response:
     router = _router(request)
     path = request.url.path
@@ -273,7 +278,7 @@ async def routed(request: Request) -> Response:
         raise ApiError("bad_request", "the body is not JSON") from None
     if not isinstance(body, dict):
         raise ApiError("bad_request", "the body must be a JSON object")
-    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD}
+    headers = _forwarded(request)
     t0 = time.perf_counter()
     tokens = await router.tokens_of(path, body, headers)
     host = await router.host_prefixes(tokens) if tokens else {}
@@ -340,7 +345,7 @@ async def _done(engine: Engine, upstream: httpx.Response) -> None:
 
 async def models(request: Request) -> Response:
     router = _router(request)
-    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARD}
+    headers = _forwarded(request)
     for e in sorted(router.usable(), key=lambda e: e.load):
         try:
             r = await router.upstream.get(f"{e.url}/v1/models", headers=headers, timeout=5.0)

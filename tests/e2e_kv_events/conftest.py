@@ -5,13 +5,13 @@ engines start after the other packages' engines stopped (memory)."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from tests.harness.engines import Engine, model_dir
+from tests.harness.api import wait_instances_up
+from tests.harness.engines import Engine, connector_config, model_dir
 from tests.harness.kvevents import KVEventSubscriber
 from tests.harness.processes import LocalCluster, free_port
 
@@ -36,26 +36,21 @@ def fleet(tmp_path_factory):
         ctl = local.start_controller(port, pull, reply)
         engines, endpoints = {}, {}
         for cpu, iid in enumerate(("ev1", "ev2")):
-            http, sidecar, events, own = free_port(), free_port(), free_port(), free_port()
-            extra = {"instance_id": iid, "controller_pull_url": f"localhost:{pull}",
-                     "controller_reply_url": f"localhost:{reply}", "sidecar_port": sidecar,
-                     "p2p_init_port": free_port(), "kv_events_port": events,
-                     "engine_url": f"http://127.0.0.1:{http}", "max_local_cpu_size": 0.25}
+            http, events, own = free_port(), free_port(), free_port()
+            extra = connector_config(iid, http, pull, reply, kv_events_port=events)
             kv_events = {"enable_kv_cache_events": True, "publisher": "zmq",
                          "endpoint": f"tcp://*:{own}", "topic": f"kv@{iid}@tiny"}
             proc = local.start_engine(iid, http, cpu=cpu, extra_config=extra, extra_args=[
                 "--kv-events-config", json.dumps(kv_events)],
                 env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
-            engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}", str(local.model_dir))
+            engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{extra['sidecar_port']}",
+                                  str(local.model_dir))
             endpoints[iid] = (f"tcp://127.0.0.1:{own}", f"tcp://127.0.0.1:{events}")
         local.wait_ready(ctl, timeout=60)
         for e in engines.values():
             local.wait_ready(e.proc, timeout=300)
         http = httpx.Client(base_url=ctl.url, timeout=60)
-        deadline = time.monotonic() + 30
-        while sum(i["up"] for i in http.get("/instances").json()["instances"]) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_instances_up(http, set(engines))
         subs = {(iid, where): KVEventSubscriber(ep) for iid, (engine_ep, sidecar_ep)
                 in endpoints.items() for where, ep in (("engine", engine_ep),
                                                        ("sidecar", sidecar_ep))}

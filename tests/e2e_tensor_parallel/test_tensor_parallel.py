@@ -27,8 +27,8 @@ import time
 import httpx
 import pytest
 
-from tests.harness.api import LOC, lookup, wait_lookup
-from tests.harness.engines import Engine, chunk_keys, model_dir
+from tests.harness.api import LOC, lookup, wait_instances_up, wait_lookup
+from tests.harness.engines import Engine, chunk_keys, connector_config, model_dir
 from tests.harness.processes import LocalCluster, free_port
 
 N = 700
@@ -57,11 +57,9 @@ class TensorParallelFleet:
         for iid, cpu, args in (("tp2a", "0|1", ["--tensor-parallel-size", "2"]),
                                ("tp2b", "0|1", ["--tensor-parallel-size", "2"]),
                                ("one32", "0", ["--block-size", "32"])):
-            http, sidecar, p2p = free_port(), consecutive_ports(), consecutive_ports()
-            extra = {"instance_id": iid, "controller_pull_url": f"localhost:{pull}",
-                     "controller_reply_url": f"localhost:{reply}", "sidecar_port": sidecar,
-                     "p2p_init_port": p2p, "chunk_size": CHUNK,
-                     "engine_url": f"http://127.0.0.1:{http}", "max_local_cpu_size": 0.25}
+            http, sidecar = free_port(), consecutive_ports()
+            extra = connector_config(iid, http, pull, reply, sidecar_port=sidecar,
+                                     p2p_init_port=consecutive_ports(), chunk_size=CHUNK)
             proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
                                            extra_args=args,
                                            env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
@@ -85,10 +83,7 @@ class TensorParallelFleet:
 def fleet(tmp_path_factory):
     f = TensorParallelFleet(tmp_path_factory.mktemp("tp2"))
     try:
-        deadline = time.monotonic() + 30
-        while not all(i["up"] for i in f.instances().values()) or len(f.instances()) < 3:
-            assert time.monotonic() < deadline, f.instances()
-            time.sleep(0.2)
+        wait_instances_up(f.http, set(f.engines))
         yield f
     finally:
         f.local.stop_all()

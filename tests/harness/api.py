@@ -89,3 +89,16 @@ def wait_settled(store_info, timeout: float) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"the store did not settle in {timeout} s: {store}")
         time.sleep(0.2)
+
+
+def wait_instances_up(http, ids: set[str], timeout: float = 30) -> None:
+    """Poll the controller's ``/instances`` until every one of ``ids`` is listed and up.
+    Raises AssertionError after ``timeout`` seconds, naming those that are not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        up = {i["instance_id"] for i in http.get("/instances").json()["instances"] if i["up"]}
+        if ids <= up:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"instances not up after {timeout} s: {sorted(ids - up)}")
+        time.sleep(0.2)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness.api import lookup, post_move, wait_job, wait_lookup
-from tests.harness.processes import REPO, LocalCluster, port_is_free
+from tests.harness.api import lookup, post_move, wait_instances_up, wait_job, wait_lookup
+from tests.harness.processes import REPO, LocalCluster, free_port, port_is_free
 from vllm_kvmove.hashing import chunk_spans
 
 SEED_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -101,6 +101,17 @@ class Engine:
         return hits
 
 
+def connector_config(instance_id: str, http_port: int, pull: int, reply: int,
+                     **over) -> dict:
+    """``kv_connector_extra_config`` of a test engine on ``http_port`` attached to the
+    controller's ZMQ ports ``pull``/``reply`` (a small store; sidecar and NIXL ports free);
+    ``over`` sets more keys or overrides these."""
+    return {"instance_id": instance_id, "controller_pull_url": f"localhost:{pull}",
+            "controller_reply_url": f"localhost:{reply}", "sidecar_port": free_port(),
+            "p2p_init_port": free_port(), "engine_url": f"http://127.0.0.1:{http_port}",
+            "max_local_cpu_size": 0.25} | over
+
+
 def chunk_keys(http, tokens: list[int], instance_id: str) -> list[str]:
     """Hex keys of the chunks ``tokens`` make at ``instance_id``, from its fingerprint and chunk
     size as the controller at ``http`` lists them."""
@@ -150,13 +161,7 @@ class SeedCluster:
         self.wait_instances(set(self.engines))
 
     def wait_instances(self, ids: set[str], timeout: float = 30) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            up = {i["instance_id"] for i in self.http.get("/instances").json()["instances"] if i["up"]}
-            if ids <= up:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"instances not registered: {ids}")
+        wait_instances_up(self.http, ids, timeout)
 
     def move(self, src: str, dst: str, **body) -> httpx.Response:
         return post_move(self.http, src, dst, **body)
