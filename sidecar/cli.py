@@ -130,13 +130,16 @@ def print_json(answer: Any) -> None:
 
 
 def progress_line(job: dict) -> str:
-    """``[#######-------]  50%  1.0 MiB / 2.0 MiB  running`` for a job status."""
+    """``[#######-------]  50%  1.0 MiB / 2.0 MiB  running`` for a job status (a drain's
+    with its units: ``3/8 units``)."""
     total, done = job.get("total_bytes") or 0, job.get("bytes") or 0
     # Chunks the destination already held are not moved: a done job may stop short of total.
     frac = 1.0 if job["status"] == "done" else (min(done / total, 1.0) if total else 0.0)
     filled = round(frac * BAR_WIDTH)
+    drain = job.get("drain")
+    units = "" if not drain else f"  {drain['units_done']}/{drain['units_total']} units"
     return (f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {frac:4.0%}  "
-            f"{human_bytes(done)} / {human_bytes(total)}  {job['status']}")
+            f"{human_bytes(done)} / {human_bytes(total)}{units}  {job['status']}")
 
 
 def plural(n: int, word: str) -> str:
@@ -170,13 +173,16 @@ def cmd_instances(ctl: ControllerClient, args: argparse.Namespace) -> int:
 
 
 def _state(instance: dict) -> str:
-    """"up", "down", or for a tensor-parallel engine "up (TP 2)" / "down (1/2 ranks)"."""
+    """"up", "down", or for a tensor-parallel engine "up (TP 2)" / "down (1/2 ranks)"; with
+    ", draining" while a drain empties it."""
     world = instance.get("world_size", 1)
     if world == 1:
-        return "up" if instance["up"] else "down"
-    if instance["up"]:
-        return f"up (TP {world})"
-    return f"down ({sum(r['up'] for r in instance.get('ranks', []))}/{world} ranks)"
+        state = "up" if instance["up"] else "down"
+    elif instance["up"]:
+        state = f"up (TP {world})"
+    else:
+        state = f"down ({sum(r['up'] for r in instance.get('ranks', []))}/{world} ranks)"
+    return state + (", draining" if instance.get("draining") else "")
 
 
 def cmd_lookup(ctl: ControllerClient, args: argparse.Namespace) -> int:
@@ -210,16 +216,62 @@ def cmd_move(ctl: ControllerClient, args: argparse.Namespace) -> int:
               f", event {event_id}", flush=True)
     if not args.wait:
         return 0
-    job = wait_for_job(ctl, event_id)
-    if args.json:
-        print_json(job)
-    if job["status"] in ("failed", "cancelled"):
-        raise CliError(f"{kind} {event_id} {job['status']}: "
-                       f"{job.get('error') or 'no cause reported'}", EXIT_JOB_FAILED)
+    job = wait_until_done(ctl, kind, event_id, args.json)
     if not args.json:
         print(f"done: {plural(job['num_chunks'], 'chunk')}, {human_bytes(job['bytes'])} moved "
               f"in {job['elapsed_s']:.3f} s")
     return 0
+
+
+def cmd_drain(ctl: ControllerClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"instance_id": args.source, "copy": args.copy}
+    if args.to:
+        body["to"] = args.to
+    if args.max_mib_per_s:
+        body["max_bytes_per_s"] = int(args.max_mib_per_s * 2**20)
+    answer = ctl.call("POST", "/drain", body)
+    event_id = answer["event_id"]
+    if args.json and not args.wait:
+        print_json(answer)
+    elif not args.json:
+        print(f"drain {args.source} -> {', '.join(answer['destinations'])}, event {event_id}",
+              flush=True)
+    if not args.wait:
+        return 0
+    job = wait_until_done(ctl, "drain", event_id, args.json, show=_print_drain)
+    if not args.json:
+        d = job["drain"]
+        print(f"done: {d['units_done']} of {d['units_total']} prefixes "
+              f"({plural(d['chunks_done'], 'chunk')}), "
+              f"{human_bytes(job['bytes'])} moved in {job['elapsed_s']:.3f} s")
+    return 0
+
+
+def _print_drain(job: dict) -> None:
+    """Where a drain put its units, and what did not move."""
+    d = job["drain"]
+    print_table(["DESTINATION", "PREFIXES", "CHUNKS", "BYTES", ""], [
+        [x["instance_id"], x["units"], x["chunks"], human_bytes(x["bytes"]),
+         "lost mid-drain" if x["lost"] else ""] for x in d["destinations"]])
+    if d["problems"]:
+        print_table(["NOT MOVED (FIRST CHUNK)", "CHUNKS", "TOKENS", "OUTCOME", "REASON"], [
+            [p["first_chunk"][:16], p["num_chunks"], p["num_tokens"], p["outcome"], p["reason"]]
+            for p in d["problems"]])
+
+
+def wait_until_done(ctl: ControllerClient, kind: str, event_id: str, as_json: bool,
+                    show: Callable[[dict], None] | None = None) -> dict:
+    """:func:`wait_for_job`, then print it (as JSON, or with ``show``); raise the CLI's
+    job-failed error if it did not end ``done``."""
+    job = wait_for_job(ctl, event_id)
+    if as_json:
+        print_json(job)
+    elif show is not None:
+        show(job)
+    if job["status"] in ("failed", "cancelled"):
+        raise CliError(f"{kind} {event_id} {job['status']}: "
+                       f"{job.get('error') or 'no cause reported'}", EXIT_JOB_FAILED)
+    return job
 
 
 def wait_for_job(ctl: ControllerClient, event_id: str) -> dict:
@@ -345,7 +397,7 @@ def add_global_args(parser: argparse.ArgumentParser, with_defaults: bool) -> Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmove", description="Inspect and move vLLM KV cache through a vllm-kvmove controller.",
-        epilog="exit status: 0 ok, 1 job failed or cancelled (move --wait), 2 bad usage or "
+        epilog="exit status: 0 ok, 1 job failed or cancelled (move/drain --wait), 2 bad usage or "
                "controller error, 3 controller unreachable")
     add_global_args(parser, with_defaults=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -377,11 +429,24 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("--wait", action="store_true",
                       help="wait for the job to end, showing progress on stderr; exit 1 if it fails")
 
-    status = command("status", cmd_status, "show one job (move, copy, pin, unpin, clear)")
+    drain = command("drain", cmd_drain, "move everything an instance holds to other instances "
+                                        "(whole prefixes where they fit, pins carried over)")
+    drain.add_argument("--from", dest="source", required=True, metavar="INSTANCE",
+                       help="instance to empty")
+    drain.add_argument("--to", type=lambda s: [x for x in s.split(",") if x], metavar="ID,ID",
+                       help="destinations (default: every other instance that can take its KV)")
+    drain.add_argument("--copy", action="store_true", help="keep the KV at the source too")
+    drain.add_argument("--max-mib-per-s", type=float, metavar="MIB",
+                       help="cap this drain's bandwidth")
+    drain.add_argument("--wait", action="store_true",
+                       help="wait for the job to end, showing progress on stderr; exit 1 if not "
+                            "everything moved")
+
+    status = command("status", cmd_status, "show one job (move, copy, drain, pin, unpin, clear)")
     status.add_argument("event_id", metavar="EVENT_ID", help="the job's event id")
 
-    cancel = command("cancel", cmd_cancel, "stop a move or copy: batches in flight finish, the "
-                                           "source keeps every chunk")
+    cancel = command("cancel", cmd_cancel, "stop a move, copy or drain: batches in flight "
+                                           "finish, the source keeps every chunk not yet moved")
     cancel.add_argument("event_id", metavar="EVENT_ID", help="the job's event id")
     cancel.add_argument("--wait", action="store_true", help="wait (up to 60 s) until it ended")
 

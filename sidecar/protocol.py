@@ -40,11 +40,14 @@ import msgspec
 
 from vllm_kvmove.shm import PoolHandle
 
+# Version 4: the controller lists a store's chunks with their prompt parents and pins
+# (ListChunks, a drain's plan); leased chunks name their parent, and a fetch may pin what it
+# writes (FetchChunks.pinned).
 # Version 3: a sidecar registers as one rank of a tensor-parallel engine (Register's rank and
 # world_size, EventBatch's rank); fetches may convert between formats (FetchChunks.convert).
 # Version 2: the transfer lease and the operator's pin got names of their own. A sidecar and a
 # controller of different versions refuse each other.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # The one store location there is (LMCache's name for host memory).
 LOCATION = "LocalCPUBackend"
 
@@ -56,10 +59,11 @@ TOKEN_ID_LIMIT = 1 << 31
 # The states a job can be in; "done", "failed" and "cancelled" are final.
 JobStatus = Literal["pending", "running", "done", "failed", "cancelled"]
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
-# What a job does: "move" and "copy" run asynchronously between two instances; "pin",
-# "unpin" and "clear" act on one instance and end before their HTTP answer.
-JobKind = Literal["move", "copy", "pin", "unpin", "clear"]
-TRANSFER_KINDS = frozenset({"move", "copy"})
+# What a job does: "move" and "copy" run asynchronously between two instances, "drain" moves
+# everything one instance holds to others; "pin", "unpin" and "clear" act on one instance and
+# end before their HTTP answer.
+JobKind = Literal["move", "copy", "drain", "pin", "unpin", "clear"]
+TRANSFER_KINDS = frozenset({"move", "copy", "drain"})
 
 
 # Bounds every decoder enforces (a message outside them is refused as a whole, naming the
@@ -238,6 +242,8 @@ class ChunkDesc(msgspec.Struct, array_like=True):
         addr: address of its bytes in the source's registered pool.
         nbytes: valid bytes (contiguous).
         checksum: XXH3-64 of those bytes.
+        parent: the key of the chunk before it in its prompt, when the source knows it (the
+            destination keeps it, so that a later drain keeps the prefix together).
     """
 
     key: ChunkKey
@@ -245,6 +251,18 @@ class ChunkDesc(msgspec.Struct, array_like=True):
     addr: Annotated[int, msgspec.Meta(ge=0)]
     nbytes: Count
     checksum: Annotated[int, msgspec.Meta(ge=0)]
+    parent: ChunkKey | None = None
+
+
+class ChunkListing(msgspec.Struct, array_like=True):
+    """A chunk a store holds, as :class:`ListChunks` reports it: ``[key, num_tokens, parent,
+    pinned]`` (``parent``: the key of the chunk before it in its prompt, None when it starts
+    one or its writer did not say; ``pinned``: the operator's pin)."""
+
+    key: ChunkKey
+    num_tokens: ChunkTokens
+    parent: ChunkKey | None
+    pinned: bool
 
 
 class Reply(_Tagged):
@@ -256,6 +274,7 @@ class Reply(_Tagged):
         error_kind: on failure, a key of the controller's error map (e.g. ``"not_found"``).
         error: on failure, a human-readable cause.
         chunks: for :class:`LeaseChunks`, the leased chunks in request order.
+        listing: for :class:`ListChunks`, every chunk the store holds.
         count: chunks affected (lease, end of lease, pin, unpin, clear, fetch).
         bytes: bytes moved (fetch).
         heartbeat: the store's summary right after the command (counts as a heartbeat).
@@ -266,6 +285,7 @@ class Reply(_Tagged):
     error_kind: Annotated[str, msgspec.Meta(max_length=64)] = ""
     error: Text = ""
     chunks: list[ChunkDesc] = []
+    listing: list[ChunkListing] = []
     count: Count = 0
     bytes: Count = 0
     heartbeat: Heartbeat | None = None
@@ -340,6 +360,11 @@ class SetPinned(_Command, kw_only=True):
     pinned: bool = True
 
 
+class ListChunks(_Command, kw_only=True):
+    """List every chunk the store holds, with its prompt parent and pin (a drain's plan):
+    answered in the Reply's ``listing``."""
+
+
 class ClearChunks(_Command, kw_only=True):
     """Delete the given chunks, or every chunk when ``keys`` is None (the controller's ``/clear``)."""
 
@@ -399,7 +424,9 @@ class FetchChunks(_Command, kw_only=True):
     the destination of a move keeps its copy while the source deletes its own. With
     ``convert``, the chunks are read from every shard it lists and converted
     (:class:`Conversion`). ``blocks``, when given, names each chunk's vLLM blocks in this
-    engine's hashing (one entry per chunk, in order), for its KV events.
+    engine's hashing (one entry per chunk, in order), for its KV events. ``pinned``, when
+    given, says per chunk (in order) whether to pin it as it is written (a drain carries the
+    operator's pins over).
     """
 
     source: PeerInfo
@@ -408,10 +435,11 @@ class FetchChunks(_Command, kw_only=True):
     lease_s: LeaseSeconds = 120.0
     convert: Conversion | None = None
     blocks: list[ChunkBlocksMsg] | None = None
+    pinned: list[bool] | None = None
 
 
 ControllerMessage = Union[RegisterAck, RegisterRefused, HeartbeatAck, Resync, LeaseChunks,
-                          EndLease, FetchChunks, SetPinned, ClearChunks]
+                          EndLease, FetchChunks, SetPinned, ClearChunks, ListChunks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +550,87 @@ class MoveResponse(msgspec.Struct):
     event_id: str
 
 
+class DrainRequest(msgspec.Struct):
+    """``POST /drain``: move every chunk an instance holds to others.
+
+    Attributes:
+        instance_id: the instance to drain.
+        to: the destinations (default: every other instance that is up, can take its KV and
+            is not draining itself), filled by free space.
+        copy: copy instead of move (the source keeps its chunks).
+        max_bytes_per_s: this drain's bandwidth cap (default: none but the controller's).
+    """
+
+    instance_id: Name
+    to: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    copy: bool = False
+    max_bytes_per_s: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] | None = None
+
+
+class DrainResponse(msgspec.Struct):
+    """Answer to ``POST /drain``: the job's id and the destinations it may fill."""
+
+    event_id: str
+    destinations: list[str]
+
+
+class DrainDestination(msgspec.Struct):
+    """What a drain put at one destination: ``units`` (whole prefixes, or the part of one
+    that fitted), their ``chunks`` and ``bytes``; ``lost``: it went down mid-drain (its
+    remaining units went to the others)."""
+
+    instance_id: str
+    units: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    lost: bool = False
+
+
+class DrainProblem(msgspec.Struct):
+    """A unit of a drain that did not move (it stays at the source).
+
+    Attributes:
+        first_chunk: the hex key of its first chunk (the one that starts the prefix).
+        num_chunks: its chunks; ``num_tokens``: their tokens.
+        outcome: "skipped" (no room, cancelled, gone from the source) or "failed".
+        reason: why.
+    """
+
+    first_chunk: str
+    num_chunks: int
+    num_tokens: int
+    outcome: Literal["skipped", "failed"]
+    reason: str
+
+
+class DrainStatus(msgspec.Struct):
+    """A drain's progress (``GET /events/{id}``'s ``drain``).
+
+    A *unit* is one prefix family — the chunks of the prompts that share a first chunk —
+    moved whole to one destination where it fits; a family that fits nowhere whole is split
+    parents-first, the part that fits moved and the rest a unit skipped for want of room.
+
+    Attributes:
+        units_total, units_done, units_failed, units_skipped: units planned, moved, failed,
+            skipped (``units_total`` grows if the source gained chunks meanwhile: a drain
+            lists the source again once its plan is done).
+        chunks_total, chunks_done: the same in chunks.
+        copy: the source keeps its chunks.
+        destinations: per destination used or planned.
+        problems: the first 100 units that did not move, with their reasons.
+    """
+
+    units_total: int
+    units_done: int
+    units_failed: int
+    units_skipped: int
+    chunks_total: int
+    chunks_done: int
+    copy: bool
+    destinations: list[DrainDestination]
+    problems: list[DrainProblem]
+
+
 class LookupRequest(msgspec.Struct):
     """``POST /lookup``: exactly one of ``tokens`` and ``prompt``; ``instance_id`` picks the
     engine that tokenizes a prompt (default: any live one)."""
@@ -568,9 +677,10 @@ class JobStatusBody(msgspec.Struct):
     Attributes:
         event_id: the job id.
         status: one of :data:`JobStatus`.
-        kind: "move", "copy", "pin", "unpin" or "clear".
+        kind: "move", "copy", "drain", "pin", "unpin" or "clear".
         source: source instance id (the instance acted on, for pin/unpin/clear).
-        destination: destination instance id ("" for pin/unpin/clear).
+        destination: destination instance id ("" for pin/unpin/clear; the destinations of a
+            drain, comma-separated).
         num_tokens: tokens covered.
         num_chunks: chunks covered.
         bytes: bytes moved so far.
@@ -580,6 +690,7 @@ class JobStatusBody(msgspec.Struct):
         error: cause, when failed (or what a cancelled job had moved).
         error_kind: the cause's kind (a key of the HTTP error map, e.g. ``store_full``).
         max_bytes_per_s: the job's own bandwidth cap, if it was given one.
+        drain: a drain's progress (units, destinations, what did not move and why).
     """
 
     event_id: str
@@ -595,6 +706,7 @@ class JobStatusBody(msgspec.Struct):
     error: str | None = None
     error_kind: str | None = None
     max_bytes_per_s: int | None = None
+    drain: DrainStatus | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,6 +790,7 @@ class InstanceInfo(msgspec.Struct):
         world_size: tensor-parallel degree; ``ranks``: the ranks registered so far.
         block_hashing: how the engine names its blocks in KV events, when it publishes them.
         engine_events: where the engine publishes its own KV events (GPU tier), or "".
+        draining: the event id of the drain emptying it (moves into it are refused), or "".
     """
 
     instance_id: str
@@ -699,6 +812,7 @@ class InstanceInfo(msgspec.Struct):
     ranks: list[RankInfo] = []
     block_hashing: BlockHashing | None = None
     engine_events: str = ""
+    draining: str = ""
 
 
 class InstanceList(msgspec.Struct):

@@ -164,12 +164,14 @@ class ChunkSave:
         num_tokens: tokens in the chunk (``<= chunk_size``; less for a prompt's tail).
         block_ids: paged-cache block ids holding the chunk, in order.
         blocks: its vLLM blocks, named as the engine names them, when KV events are on.
+        parent: the key of the prompt's chunk before it (None for the first).
     """
 
     key: bytes
     num_tokens: int
     block_ids: list[int]
     blocks: ChunkBlocks | None = None
+    parent: bytes | None = None
 
 
 @dataclass
@@ -394,7 +396,7 @@ class KVMoveConnector(KVConnectorBase_V1):
             except BaseException:
                 store.abort(save.key)
                 raise
-            store.commit(save.key, blocks=save.blocks)
+            store.commit(save.key, blocks=save.blocks, parent=save.parent)
 
     def get_kv_connector_kv_cache_events(self) -> KVMoveKVEvents | None:
         """Worker, after each step (also steps without a forward): the store's KV events
@@ -532,7 +534,8 @@ class KVMoveConnector(KVConnectorBase_V1):
                 named = self._block_hasher.chunk_blocks(tracker.tokens[span.start:span.end],
                                                         tracker.parent)
                 tracker.parent = named.hashes[-1] if named.hashes else tracker.parent
-            meta.saves.append(ChunkSave(span.key, span.num_tokens, blocks, named))
+            parent = tracker.spans[tracker.next_chunk - 1].key if tracker.next_chunk else None
+            meta.saves.append(ChunkSave(span.key, span.num_tokens, blocks, named, parent))
             tracker.next_chunk += 1
         # Whole prompt planned: nothing more to track for this request.
         del self._trackers[req_id]

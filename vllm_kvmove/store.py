@@ -107,6 +107,8 @@ class ChunkInfo:
         offset: byte offset of the chunk in the pool.
         nbytes: valid bytes (a contiguous prefix of the slot).
         checksum: XXH3-64 of the valid bytes (:func:`vllm_kvmove.checksum.checksum`).
+        parent: the key of the chunk before it in its prompt (None: it starts the prompt, or
+            its writer did not say).
     """
 
     key: bytes
@@ -114,6 +116,17 @@ class ChunkInfo:
     offset: int
     nbytes: int
     checksum: int
+    parent: bytes | None = None
+
+
+class ChunkSummary(NamedTuple):
+    """A ready chunk as :meth:`ChunkStore.summaries` lists it: its key, tokens, the key of the
+    chunk before it in its prompt (None: first, or unknown) and the operator's pin."""
+
+    key: bytes
+    num_tokens: int
+    parent: bytes | None
+    pinned: bool
 
 
 @dataclass(slots=True)
@@ -127,6 +140,7 @@ class _Entry:
     doomed: bool = False
     checksum: int | None = None
     blocks: ChunkBlocks | None = None
+    parent: bytes | None = None
 
 
 class ChunkStore:
@@ -213,6 +227,13 @@ class ChunkStore:
             return self._seq, [(e.key, e.num_tokens) for e in self._entries.values()
                                if e.ready and not e.doomed]
 
+    def summaries(self) -> list[ChunkSummary]:
+        """Every ready chunk with its prompt parent and pin (a drain groups chunks into whole
+        prefixes by their parents, and carries pins over), least recently used first."""
+        with self._lock:
+            return [ChunkSummary(e.key, e.num_tokens, e.parent, e.pinned)
+                    for e in self._entries.values() if e.ready and not e.doomed]
+
     def stats(self) -> dict[str, int]:
         """Counts for heartbeats, metrics and HTTP, in O(1): the sidecar calls this before
         every command's reply. ``num_chunks``/``num_tokens``: visible chunks; ``held``,
@@ -292,17 +313,20 @@ class ChunkStore:
             return slot
 
     def commit(self, key: bytes, checksum: int | None = None, hold: bool = False,
-               blocks: ChunkBlocks | None = None) -> None:
+               blocks: ChunkBlocks | None = None, parent: bytes | None = None,
+               pinned: bool = False) -> None:
         """Make a reserved chunk visible (emits ``admit``); with ``hold``, held at once (no
         eviction can come between). Without a ``checksum`` the chunk joins the backlog of
         :meth:`fill_checksums`. ``blocks``: the vLLM blocks it holds (carried by its admit
-        and evict events, for KV events)."""
+        and evict events, for KV events). ``parent``: the key of the chunk before it in its
+        prompt. ``pinned``: the operator's pin, set at once (a drained chunk keeps its pin)."""
         with self._lock:
             e = self._entries.get(key)
             if e is None or e.ready:
                 raise ChunkMissing(f"no reservation for chunk {key.hex()}")
             self._account(e, -1)
-            e.ready, e.checksum, e.blocks = True, checksum, blocks
+            e.ready, e.checksum, e.blocks, e.parent = True, checksum, blocks, parent
+            e.pinned = e.pinned or pinned
             e.holds += hold
             self._account(e, 1)
             self._entries.move_to_end(key)
@@ -386,7 +410,8 @@ class ChunkStore:
             offset = e.slot * self.slot_bytes
             if e.checksum is None and checksums:
                 e.checksum = checksum(self.pool[offset:offset + nbytes].numpy())
-            infos.append(ChunkInfo(e.key, e.num_tokens, offset, nbytes, e.checksum or 0))
+            infos.append(ChunkInfo(e.key, e.num_tokens, offset, nbytes, e.checksum or 0,
+                                   e.parent))
         return infos
 
     def release(self, keys: Iterable[bytes]) -> None:

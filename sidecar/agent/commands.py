@@ -140,7 +140,8 @@ class CommandExecutor:
             self.counters.leased_chunks += len(infos)
             base = store.base_addr
             return protocol.Reply(req_id=msg.req_id, ok=True, count=len(infos), chunks=[
-                protocol.ChunkDesc(i.key, i.num_tokens, base + i.offset, i.nbytes, i.checksum)
+                protocol.ChunkDesc(i.key, i.num_tokens, base + i.offset, i.nbytes, i.checksum,
+                                   i.parent)
                 for i in infos])
         if isinstance(msg, protocol.EndLease):
             count = self.leases.end(msg.lease_id, msg.delete)
@@ -154,6 +155,10 @@ class CommandExecutor:
             return protocol.Reply(req_id=msg.req_id, ok=True, count=n)
         if isinstance(msg, protocol.FetchChunks):
             return await self._fetch(msg)
+        if isinstance(msg, protocol.ListChunks):
+            listing = [protocol.ChunkListing(*s) for s in store.summaries()]
+            return protocol.Reply(req_id=msg.req_id, ok=True, count=len(listing),
+                                  listing=listing)
         raise CommandRefused("bad_request", f"unknown command {type(msg).__name__}")
 
     async def _fetch(self, msg: protocol.FetchChunks) -> protocol.Reply:

@@ -170,7 +170,12 @@ class ChunkFetcher:
             # A converted chunk's bytes are not the source's: its checksum is computed here,
             # later (the store's backlog, as for a chunk the engine saved).
             store.commit(c.key, None if msg.convert is not None else c.checksum, hold=msg.hold,
-                         blocks=None if msg.blocks is None else _chunk_blocks(msg.blocks[i]))
+                         blocks=None if msg.blocks is None else _chunk_blocks(msg.blocks[i]),
+                         parent=c.parent, pinned=msg.pinned is not None and msg.pinned[i])
+        if msg.pinned is not None and present:  # already here: pinned as the source had them
+            here = set(present)
+            store.set_pinned([c.key for c, pin in zip(msg.chunks, msg.pinned)
+                              if pin and c.key in here])
         logger.debug("fetched %d chunks (%d bytes) from %s in %.1f ms (read and verify%s)",
                      len(reserved), moved, msg.source.instance_id,
                      (time.perf_counter() - t_read) * 1e3,
@@ -184,6 +189,8 @@ class ChunkFetcher:
         layout, shards, source = self.layout, [msg.chunks], None
         if msg.blocks is not None and len(msg.blocks) != len(msg.chunks):
             raise FetchRefused("bad_request", "blocks must name every chunk's blocks, in order")
+        if msg.pinned is not None and len(msg.pinned) != len(msg.chunks):
+            raise FetchRefused("bad_request", "pinned must say for every chunk, in order")
         conv = msg.convert
         if conv is not None:
             try:

@@ -10,7 +10,7 @@ endpoint but ``GET /health`` and the status page's static HTML (no data: the pag
 token and sends it with its requests) needs it, and ``/metrics`` too unless the operator opened
 it (``--metrics-open``).
 
-Routes: ``POST /move``, ``GET /events``, ``GET /events/{event_id}``,
+Routes: ``POST /move``, ``POST /drain``, ``GET /events``, ``GET /events/{event_id}``,
 ``POST /events/{event_id}/cancel``, ``POST /check_finish``, ``POST /lookup``, ``POST /pin``,
 ``POST /unpin``, ``POST /clear``, ``GET /instances``, ``GET /health``, ``GET /metrics``
 (Prometheus), ``GET /`` (status page), ``GET /openapi.json``; LMCache's ``POST /health`` and
@@ -65,6 +65,19 @@ async def move(request: Request) -> Response:
     job = ctl.create_move(src, dst, tokens, copy, body.max_bytes_per_s)
     if wait is None:
         return json_response(protocol.MoveResponse(job.num_tokens, job.event_id))
+    return json_response(await job.wait(wait))
+
+
+async def drain(request: Request) -> Response:
+    """``?wait=S``: answer with the job's status once it ends (or after S <= 60 s)."""
+    ctl = _ctl(request)
+    wait = query_wait(request)
+    body = await read_json(request, protocol.DrainRequest)
+    src = ctl.registry.require(body.instance_id)
+    to = None if body.to is None else [ctl.registry.require(i) for i in body.to]
+    job = ctl.create_drain(src, to, body.copy, body.max_bytes_per_s)
+    if wait is None:
+        return json_response(protocol.DrainResponse(job.event_id, job.drain.destinations_named))
     return json_response(await job.wait(wait))
 
 
@@ -144,7 +157,8 @@ async def instances(request: Request) -> Response:
             capacity_bytes=i.capacity_bytes, available_bytes=i.available_bytes,
             same_host_copy=reg.shared_pool is not None,
             last_heartbeat_s_ago=round(now - i.last_heartbeat, 3), world_size=i.world_size,
-            ranks=ranks, block_hashing=reg.block_hashing, engine_events=reg.engine_events))
+            ranks=ranks, block_hashing=reg.block_hashing, engine_events=reg.engine_events,
+            draining=ctl.draining.get(i.instance_id, "")))
     return json_response(protocol.InstanceList(out))
 
 
@@ -220,14 +234,20 @@ ENDPOINTS: list[Endpoint] = [
              protocol.MoveResponse, protocol.MoveRequest,
              ("bad_request", "not_found", "incompatible", "unavailable", "store_full",
               "conflict"), params=("wait",), auth=True),
+    Endpoint("POST", "/drain", drain, "Move (or copy) everything an instance holds to other "
+             "instances, whole prefixes where they fit, pins carried over; starts a job "
+             "(with `wait`: answers with its status once it ended). Moves into the instance "
+             "are refused while it drains.", protocol.DrainResponse, protocol.DrainRequest,
+             ("bad_request", "not_found", "incompatible", "unavailable", "conflict"),
+             params=("wait",), auth=True),
     Endpoint("GET", "/events", events, "Recent jobs, newest first.", protocol.EventList,
              params=("limit",), errors=("bad_request",), auth=True),
     Endpoint("GET", "/events/{event_id}", event, "One job's status (with `wait`: once it ended).",
              protocol.JobStatusBody, params=("event_id", "wait"),
              errors=("bad_request", "not_found"), auth=True),
-    Endpoint("POST", "/events/{event_id}/cancel", cancel, "Stop a move or copy: batches in "
-             "flight finish, no other starts, the source keeps every chunk; the job ends "
-             "`cancelled` (with `wait`: answers once it ended).", protocol.JobStatusBody,
+    Endpoint("POST", "/events/{event_id}/cancel", cancel, "Stop a move, copy or drain: "
+             "batches in flight finish, no other starts, the source keeps every chunk not yet "
+             "moved; the job ends `cancelled` (with `wait`: answers once it ended).", protocol.JobStatusBody,
              params=("event_id", "wait"), errors=("bad_request", "not_found", "conflict"),
              auth=True),
     Endpoint("POST", "/pin", _store_op("pin"), "Pin the chunks of a prefix at one instance "

@@ -136,6 +136,13 @@ class Instance:
         return min((m.available_bytes for m in self.members.values()), default=0)
 
     @property
+    def free_bytes(self) -> int:
+        """Bytes of empty slots at the rank with the least, as of the last heartbeats (what a
+        drain fills: it never evicts a destination's own KV to make room)."""
+        return min((m.reg.capacity_bytes // m.reg.slot_bytes * m.reg.slot_bytes - m.used_bytes
+                    for m in self.members.values()), default=0)
+
+    @property
     def used_bytes(self) -> int:
         return sum(m.used_bytes for m in self.members.values())
 

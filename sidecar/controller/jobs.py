@@ -80,8 +80,10 @@ class JobCancelled(Exception):
 class Job:
     """One operation on chunks, reported by event id.
 
-    ``kind`` is "move" or "copy" (asynchronous: ``source`` → ``destination``), or "pin",
-    "unpin", "clear" (one instance, ``source``; they end before their HTTP answer).
+    ``kind`` is "move" or "copy" (asynchronous: ``source`` → ``destination``), "drain"
+    (asynchronous: everything ``source`` holds, to the instances in ``destination``; its
+    progress is ``drain``, a :class:`~sidecar.controller.drain.Drain`), or "pin", "unpin",
+    "clear" (one instance, ``source``; they end before their HTTP answer).
     """
 
     event_id: str
@@ -101,8 +103,10 @@ class Job:
     finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     # Set by request_cancel(): no further fetch batch starts.
     cancel_requested: bool = False
-    # A move's or copy's own bandwidth cap (POST /move's max_bytes_per_s), if any.
+    # A move's, copy's or drain's own bandwidth cap (max_bytes_per_s in POST /move, /drain).
     max_bytes_per_s: int | None = None
+    # A drain's plan and progress (sidecar.controller.drain.Drain).
+    drain: Any = None
 
     def begin(self) -> None:
         self.status = "running"
@@ -127,6 +131,7 @@ class Job:
         if self.kind not in protocol.TRANSFER_KINDS:
             raise ApiError("conflict", f"a {self.kind} job cannot be cancelled (it ends with "
                                        f"its request)")
+        # (A drain stops between batches: those in flight finish whole.)
         if self.status in protocol.FINAL_STATES:
             raise ApiError("conflict", f"job {self.event_id} already ended: {self.status}")
         self.cancel_requested = True
@@ -146,8 +151,10 @@ class Job:
         return protocol.JobStatusBody(
             event_id=self.event_id, status=self.status, kind=self.kind, source=self.source,
             destination=self.destination, num_tokens=self.num_tokens, num_chunks=self.num_chunks,
-            bytes=self.bytes, total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
-            error=self.error, error_kind=self.error_kind, max_bytes_per_s=self.max_bytes_per_s)
+            bytes=self.bytes if self.drain is None else self.drain.bytes,
+            total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
+            error=self.error, error_kind=self.error_kind, max_bytes_per_s=self.max_bytes_per_s,
+            drain=None if self.drain is None else self.drain.to_status())
 
 
 class JobTable:
@@ -250,7 +257,8 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                        fetch_batch_bytes: int, lease_s: float,
                        limits: tuple[RateLimit, ...] = (),
                        conversion: Conversion | None = None,
-                       blocks: dict[bytes, protocol.ChunkBlocksMsg] | None = None) -> None:
+                       blocks: dict[bytes, protocol.ChunkBlocksMsg] | None = None,
+                       pinned: set[bytes] | None = None, background: bool = False) -> None:
     """Lease the chunks at every source rank, fetch them at every destination rank (batches,
     two in flight per lane), then end the leases — deleting the chunks at the sources for a
     move, and only once every lane's destination holds every one of them (a tensor-parallel
@@ -267,6 +275,8 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
         conversion: the source's format, when the destination must convert.
         blocks: each chunk's vLLM blocks in the destination's hashing, by key, when the
             destination publishes KV events (every fetch then names its chunks' blocks).
+        pinned: chunks to pin at the destination as they land (a drain carries pins over).
+        background: take the caps' grants behind every operator's move (a drain's batches).
     Raises:
         JobFailed: a step failed (its kind and cause); JobCancelled: a cancel stopped it.
     """
@@ -307,7 +317,8 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
              for s in lane.sources])
         return protocol.FetchChunks(
             source=first.peer, chunks=chunks, hold=hold, lease_s=lease_s, convert=convert,
-            blocks=None if blocks is None else [blocks[c.key] for c in chunks])
+            blocks=None if blocks is None else [blocks[c.key] for c in chunks],
+            pinned=[c.key in pinned for c in chunks] if pinned else None)
 
     async def fetch(lane: Lane, window: asyncio.Semaphore, picked: list[int]) -> bool:
         async with window:
@@ -315,7 +326,7 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                 return False  # an earlier batch failed, or a cancel: do not start this one
             shares = [sum(leased[s.holder][i].nbytes for i in picked) for s in lane.sources]
             for limit in limits:
-                await limit.take(sum(shares))
+                await limit.take(sum(shares), background=background)
             if failed.is_set() or job.cancel_requested:
                 return False  # ...which may have come while it waited for its turn
             cmd = fetch_command(lane, picked)

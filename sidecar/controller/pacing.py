@@ -7,7 +7,10 @@ Contract
 * A :class:`RateLimit` paces *starts*: ``await take(n)`` returns when ``n`` more bytes may be
   sent. It keeps a virtual clock — the time by which everything already granted would have
   gone at the cap — and a caller waits until that clock, then advances it by ``n / rate``.
-  Grants are first come, first served; an idle limit does not bank credit beyond ``burst_s``.
+  Grants are first come, first served — except *background* ones (a drain's batches), which
+  reserve nothing ahead: each waits until every grant already made is due and then takes
+  its own, so an operator's move asked for meanwhile goes first. An idle limit does not bank
+  credit beyond ``burst_s``.
 * Only the controller's event loop calls it (no locking). Cancelling a waiting ``take`` gives
   back nothing it did not take.
 * Accuracy follows from the grant size: over any window of W seconds, at most
@@ -40,8 +43,17 @@ class RateLimit:
         self._clock = clock
         self._next = clock()
 
-    async def take(self, nbytes: int) -> float:
-        """Wait until ``nbytes`` may start; returns the seconds waited."""
+    async def take(self, nbytes: int, background: bool = False) -> float:
+        """Wait until ``nbytes`` may start; returns the seconds waited. ``background``: yield
+        to every grant asked for before this one starts (see the module docstring)."""
+        waited = 0.0
+        if background:
+            while (ahead := self._next - self._clock()) > 0:
+                await asyncio.sleep(ahead)
+                waited += ahead
+        return waited + await self._grant(nbytes)
+
+    async def _grant(self, nbytes: int) -> float:
         now = self._clock()
         start = max(self._next, now - self.burst_s)
         self._next = start + nbytes / self.bytes_per_s

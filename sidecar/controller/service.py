@@ -20,6 +20,9 @@ Contract
   (:mod:`vllm_kvmove.convert`); a move between compatible engines whose formats cannot be
   converted is refused (409) naming the fields. A destination that publishes KV events is
   told each chunk's vLLM blocks, named in its hashing from the move's tokens.
+* A drain (:meth:`Controller.create_drain`, :mod:`~sidecar.controller.drain`) is one job of
+  many moves: each batch claims its chunks like a move, and its fetches yield to operators'
+  moves under the controller's cap. While an instance drains, nothing moves into it (409).
 * Lookups answer from the index alone, never asking a sidecar.
 * Prompts are tokenized by an engine's own ``/tokenize`` (the engine whose KV is meant), so
   the controller needs no tokenizer of its own.
@@ -38,6 +41,7 @@ import msgspec
 
 from sidecar import protocol
 from sidecar.controller.channel import SidecarChannel
+from sidecar.controller.drain import DRAIN_BATCH_BYTES, Drain, DrainHooks
 from sidecar.controller.index import ChunkIndex
 from sidecar.controller.instances import Instance, InstanceRegistry
 from sidecar.controller.jobs import (Conversion, Job, JobCancelled, JobFailed, JobTable, Lane,
@@ -81,6 +85,8 @@ class Controller:
         self.channel = SidecarChannel(settings, self.registry, self.controller_id, self.metrics)
         self._job_tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
+        # Instances being drained -> the drain's event id (nothing moves into them meanwhile).
+        self.draining: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -183,14 +189,17 @@ class Controller:
         return chunk_spans(tokens, inst.reg.chunk_size, inst.reg.fingerprint)
 
     # -- jobs ------------------------------------------------------------------------------
-    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool,
-                    max_bytes_per_s: int | None = None) -> Job:
-        """Validate a move (or copy) and start its job, paced at ``max_bytes_per_s`` (and the
-        controller's cap). Raises ApiError; changes nothing on error."""
+    def _check_pair(self, src: Instance, dst: Instance) -> None:
+        """Raise the ApiError that refuses moving ``src``'s KV into ``dst``, if any: the same
+        instance, either down, ``dst`` draining, KV not compatible or not convertible."""
         if src.instance_id == dst.instance_id:
             raise ApiError("bad_request", "source and destination are the same instance")
         self.registry.require_up(src, "source instance")
         self.registry.require_up(dst, "destination instance")
+        draining = self.draining.get(dst.instance_id)
+        if draining is not None:
+            raise ApiError("conflict", f"{dst.instance_id} is being drained (job {draining}): "
+                                       f"it takes no KV until the drain ends")
         if src.reg.fingerprint != dst.reg.fingerprint:
             diffs = layout_mismatch(src.reg.layout, dst.reg.layout)
             raise ApiError("incompatible", f"KV of {src.instance_id} and {dst.instance_id} is not "
@@ -199,6 +208,12 @@ class Controller:
         if problems:
             raise ApiError("incompatible", f"KV of {src.instance_id} cannot be converted for "
                                            f"{dst.instance_id}: {'; '.join(problems)}")
+
+    def create_move(self, src: Instance, dst: Instance, tokens: list[int], copy: bool,
+                    max_bytes_per_s: int | None = None) -> Job:
+        """Validate a move (or copy) and start its job, paced at ``max_bytes_per_s`` (and the
+        controller's cap). Raises ApiError; changes nothing on error."""
+        self._check_pair(src, dst)
         spans = self.spans_at(src, tokens)
         kind = "copy" if copy else "move"
         holder = f"{kind} {uuid.uuid4().hex}"
@@ -222,39 +237,22 @@ class Controller:
         job = self.jobs.new(kind, src.instance_id, dst.instance_id, [s.key for s in spans],
                             spans[-1].end, event_id=holder.split()[1])
         job.max_bytes_per_s = max_bytes_per_s
-        task = asyncio.create_task(self._run_transfer_job(job, holder, tokens[:job.num_tokens]))
-        self._job_tasks.add(task)
-        task.add_done_callback(self._job_tasks.discard)
+        self._start(job, self._move_steps(job, tokens[:job.num_tokens]), holder)
         return job
 
-    async def _run_transfer_job(self, job: Job, holder: str, tokens: list[int]) -> None:
+    def _start(self, job: Job, steps: Any, holder: str | None = None) -> None:
+        """Run a job's ``steps`` (a coroutine) as its task: it ends the job with their outcome
+        and releases the job's chunk claims (``holder``'s), whatever happens."""
+        task = asyncio.create_task(self._run_job(job, steps, holder))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
+
+    async def _run_job(self, job: Job, steps: Any, holder: str | None) -> None:
         job.begin()
         cancelled = False
         error = kind = None
         try:
-            src = self.registry.get(job.source)
-            dst = self.registry.get(job.destination)
-            if src is None or dst is None or not (src.complete and dst.complete):
-                raise JobFailed("unavailable", "an instance unregistered before the job started")
-            lanes, conversion = self._plan(src, dst)
-            blocks = None
-            if dst.reg.block_hashing is not None:  # it publishes KV events: name the blocks
-                blocks = await asyncio.to_thread(_blocks_by_key, dst, job.keys, tokens)
-            limits = tuple(lim for lim in (
-                RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
-                self.bandwidth) if lim is not None)
-            # The source's lease bounds how long a lost job holds its chunks; a capped job
-            # needs it to last at least as long as the cap makes it (twice over: the
-            # controller's cap is shared). Past it a read may fail its checksum — the job then
-            # fails, and nothing is lost — so the margin is generous.
-            lease_s = 2 * self.settings.command_timeout_s
-            if limits:
-                slowest = min(lim.bytes_per_s for lim in limits)
-                lease_s = min(lease_s + 2 * len(job.keys) * src.reg.slot_bytes / slowest,
-                              protocol.MAX_LEASE_S)
-            await run_transfer(job, lanes, self.channel.command, self.settings.fetch_batch_bytes,
-                               lease_s=lease_s, limits=limits, conversion=conversion,
-                               blocks=blocks)
+            await steps
         except JobCancelled as e:
             error, cancelled = str(e), True
         except JobFailed as e:
@@ -263,11 +261,141 @@ class Controller:
             logger.exception("job %s crashed", job.event_id)
             error, kind = f"internal error: {type(e).__name__}: {e}", "internal"
         finally:
-            self.locks.release(holder)
+            if holder is not None:
+                self.locks.release(holder)
+            if job.drain is not None:
+                job.bytes = job.drain.bytes
+                self.draining.pop(job.source, None)
         self.jobs.finish(job, error, kind, cancelled)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
+
+    async def _move_steps(self, job: Job, tokens: list[int]) -> None:
+        src = self.registry.get(job.source)
+        dst = self.registry.get(job.destination)
+        if src is None or dst is None or not (src.complete and dst.complete):
+            raise JobFailed("unavailable", "an instance unregistered before the job started")
+        limits = tuple(lim for lim in (
+            RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
+            self.bandwidth) if lim is not None)
+        await self._transfer(job, src, dst, limits, tokens=tokens)
+
+    async def _transfer(self, job: Job, src: Instance, dst: Instance,
+                        limits: tuple[RateLimit, ...], tokens: list[int] | None = None,
+                        pinned: set[bytes] | None = None, background: bool = False) -> None:
+        """``job.keys`` from ``src`` to ``dst`` (:func:`run_transfer`, planned by
+        :meth:`_plan`), with the destination's block names when it publishes KV events and
+        ``tokens`` (the keys' prompt) are known."""
+        lanes, conversion = self._plan(src, dst)
+        blocks = None
+        if dst.reg.block_hashing is not None and tokens is not None:
+            blocks = await asyncio.to_thread(_blocks_by_key, dst, job.keys, tokens)
+        # The source's lease bounds how long a lost job holds its chunks; a capped job needs it
+        # to last at least as long as the cap makes it (twice over: the controller's cap is
+        # shared). Past it a read may fail its checksum — the job then fails, and nothing is
+        # lost — so the margin is generous.
+        lease_s = 2 * self.settings.command_timeout_s
+        if limits:
+            slowest = min(lim.bytes_per_s for lim in limits)
+            lease_s = min(lease_s + 2 * len(job.keys) * src.reg.slot_bytes / slowest,
+                          protocol.MAX_LEASE_S)
+        await run_transfer(job, lanes, self.channel.command, self.settings.fetch_batch_bytes,
+                           lease_s=lease_s, limits=limits, conversion=conversion, blocks=blocks,
+                           pinned=pinned, background=background)
+
+    def create_drain(self, src: Instance, to: list[Instance] | None, copy: bool,
+                     max_bytes_per_s: int | None = None) -> Job:
+        """Validate a drain of ``src`` into ``to`` (default: every other instance that is up,
+        can take its KV and is not draining) and start its job; ``src`` counts as draining
+        until it ends. Raises ApiError; changes nothing on error."""
+        self.registry.require_up(src, "instance to drain")
+        if src.instance_id in self.draining:
+            raise ApiError("conflict", f"{src.instance_id} is being drained already (job "
+                                       f"{self.draining[src.instance_id]})")
+        if to is None:
+            to = []
+            for other in self.registry.instances.values():
+                try:
+                    self._check_pair(src, other)
+                except ApiError:
+                    continue
+                to.append(other)
+            if not to:
+                raise ApiError("unavailable", f"no other instance that is up and can take the "
+                                              f"KV of {src.instance_id}")
+        else:
+            for dst in to:
+                self._check_pair(src, dst)
+        dests = list(dict.fromkeys(d.instance_id for d in to))
+        job = self.jobs.new("drain", src.instance_id, ",".join(dests), [], 0)
+        job.max_bytes_per_s = max_bytes_per_s
+        own = RateLimit(max_bytes_per_s) if max_bytes_per_s else None
+        limits = tuple(lim for lim in (own, self.bandwidth) if lim is not None)
+        # Batches of at most a second at the slowest cap: a cancel stops a capped drain soon.
+        batch = DRAIN_BATCH_BYTES if not limits else \
+            max(1, min(DRAIN_BATCH_BYTES, int(min(lim.bytes_per_s for lim in limits))))
+        job.drain = Drain(job, dests, copy, self._drain_hooks(src.instance_id, limits), batch)
+        self.draining[src.instance_id] = job.event_id
+        self._start(job, job.drain.run())
+        return job
+
+    def _drain_hooks(self, source: str, limits: tuple[RateLimit, ...]) -> DrainHooks:
+        """How a drain of ``source`` reaches the fleet: listings and batches through the
+        channel (paced by ``limits``, behind operators' moves), room and costs from the
+        heartbeats and the index."""
+        registry = self.registry
+
+        def live(iid: str) -> Instance:
+            inst = registry.get(iid)
+            if inst is None or not registry.is_up(inst):
+                raise JobFailed("unavailable", f"{iid} is down")
+            return inst
+
+        async def list_chunks() -> list[protocol.ChunkListing]:
+            inst = live(source)
+            replies = await asyncio.gather(*(self.channel.command(m.holder, protocol.ListChunks())
+                                             for m in inst.ranked()))
+            failed = next((r for r in replies if not r.ok), None)
+            if failed is not None:
+                raise JobFailed(failed.error_kind or "internal",
+                                f"listing the chunks of {source} failed: {failed.error}")
+            # A tensor-parallel engine holds a chunk where every rank holds its shard.
+            every = set.intersection(*({c.key for c in r.listing} for r in replies))
+            return [c for c in replies[0].listing if c.key in every]
+
+        async def transfer(batch: Job, destination: str, pinned: set[bytes]) -> None:
+            src, dst = live(source), live(destination)
+            holder = f"drain {batch.event_id}"
+            try:
+                self.locks.acquire(holder, [
+                    Claim(source, tuple(batch.keys), exclusive=batch.kind == "move"),
+                    Claim(destination, tuple(batch.keys), exclusive=True)])
+            except ApiError as e:
+                raise JobFailed(e.kind, e.message) from None
+            try:
+                await self._transfer(batch, src, dst, limits, pinned=pinned, background=True)
+            finally:
+                self.locks.release(holder)
+
+        def room(iid: str) -> int:
+            inst = registry.get(iid)
+            return 0 if inst is None else inst.free_bytes
+
+        def chunk_cost(iid: str, key: bytes) -> int:
+            inst = registry.get(iid)
+            if inst is None:
+                return 1 << 62
+            return 0 if registry.holds(inst, key) else inst.reg.slot_bytes
+
+        def alive(iid: str) -> bool:
+            inst = registry.get(iid)
+            return inst is not None and registry.is_up(inst)
+
+        src = registry.require(source)
+        per_rank, ranks = src.layout.valid_bytes, src.world_size
+        return DrainHooks(list_chunks, transfer, room, chunk_cost, alive,
+                          lambda n: per_rank(n) * ranks)
 
     @staticmethod
     def _plan(src: Instance, dst: Instance) -> tuple[list[Lane], Conversion | None]:

@@ -25,13 +25,15 @@ BIG_LAYOUT = tiny_layout(model="big-kv", num_layers=16, num_kv_heads=8, head_siz
 GIB_TOKENS = list(range(1, 1 + 64 * 256))
 
 
-def put_bytes(store: ChunkStore, key: bytes, num_tokens: int, data: torch.Tensor) -> bytes:
-    """Store a chunk whose valid bytes are ``data`` (uint8); return them."""
+def put_bytes(store: ChunkStore, key: bytes, num_tokens: int, data: torch.Tensor,
+              parent: bytes | None = None) -> bytes:
+    """Store a chunk whose valid bytes are ``data`` (uint8), after ``parent`` in its prompt;
+    return them."""
     slot = store.reserve(key, num_tokens)
     assert slot is not None and data.numel() == store.layout.valid_bytes(num_tokens)
     start = slot * store.slot_bytes
     store.pool[start:start + data.numel()].copy_(data)
-    store.commit(key)
+    store.commit(key, parent=parent)
     return data.numpy().tobytes()
 
 
@@ -41,22 +43,28 @@ def fill_named(sidecar, tokens: list[int], hasher, seed: int = 0) -> list[ChunkB
     spans = chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)
     named = hasher.prompt_blocks(tokens, sidecar.layout.chunk_size)
     g = torch.Generator().manual_seed(seed)
-    for span, blocks in zip(spans, named):
+    for i, (span, blocks) in enumerate(zip(spans, named)):
         slot = sidecar.store.reserve(span.key, span.num_tokens)
         n = sidecar.layout.valid_bytes(span.num_tokens)
         start = slot * sidecar.store.slot_bytes
         sidecar.store.pool[start:start + n].copy_(
             torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g))
-        sidecar.store.commit(span.key, blocks=blocks)
+        sidecar.store.commit(span.key, blocks=blocks, parent=_parent(spans, i))
     return named
 
 
-def put_chunk(store: ChunkStore, key: bytes, num_tokens: int, seed: int) -> bytes:
+def _parent(spans, i: int) -> bytes | None:
+    """The key of the chunk before ``spans[i]`` in its prompt (as the connector commits it)."""
+    return spans[i - 1].key if i else None
+
+
+def put_chunk(store: ChunkStore, key: bytes, num_tokens: int, seed: int,
+              parent: bytes | None = None) -> bytes:
     """Write a chunk of seeded random bytes into ``store``; return its valid bytes."""
     g = torch.Generator().manual_seed(seed)
     n = store.layout.valid_bytes(num_tokens)
     return put_bytes(store, key, num_tokens, torch.randint(0, 256, (n,), dtype=torch.uint8,
-                                                            generator=g))
+                                                            generator=g), parent)
 
 
 def packed_chunk(layout: KVLayout, world_size: int, rank: int, k: torch.Tensor,
@@ -86,10 +94,13 @@ def keys_of(sidecar, tokens: list[int]) -> list[bytes]:
 
 
 def fill(sidecar, tokens: list[int], seed: int = 0) -> dict[bytes, bytes]:
-    """Store every chunk of ``tokens`` in the sidecar's store, as the connector would;
-    returns each chunk's bytes by key."""
+    """Store every chunk of ``tokens`` in the sidecar's store, as the connector would (a chunk
+    it holds already, from a prompt with the same prefix, is kept); returns each chunk's bytes
+    by key."""
     spans = chunk_spans(tokens, sidecar.layout.chunk_size, sidecar.fingerprint)
-    return {s.key: put_chunk(sidecar.store, s.key, s.num_tokens, seed + i) for i, s in enumerate(spans)}
+    return {s.key: chunk_bytes(sidecar, s.key) if sidecar.store.contains(s.key) else
+            put_chunk(sidecar.store, s.key, s.num_tokens, seed + i, _parent(spans, i))
+            for i, s in enumerate(spans)}
 
 
 def chunk_bytes(sidecar, key: bytes) -> bytes:
@@ -116,12 +127,13 @@ def synthetic_chunk(layout: KVLayout, num_tokens: int, seed: int) -> torch.Tenso
 def fill_synthetic(store: ChunkStore, fingerprint: str, seed: int, tokens: list[int]) -> list[bytes]:
     """Store every chunk of ``tokens`` (chunk i gets ``synthetic_chunk(..., seed + i)``)."""
     keys = []
-    for i, span in enumerate(chunk_spans(tokens, store.layout.chunk_size, fingerprint)):
+    spans = chunk_spans(tokens, store.layout.chunk_size, fingerprint)
+    for i, span in enumerate(spans):
         slot = store.reserve(span.key, span.num_tokens)
         if slot is not None:
             data = synthetic_chunk(store.layout, span.num_tokens, seed + i)
             start = slot * store.slot_bytes
             store.pool[start:start + data.numel()].copy_(data)
-            store.commit(span.key)
+            store.commit(span.key, parent=_parent(spans, i))
         keys.append(span.key)
     return keys

@@ -95,3 +95,24 @@ def test_a_capped_job_sends_its_batches_paced_and_a_cancel_stops_the_waiting_one
         assert 2 <= len(sent) <= 4 and max(sent) < cancelled_at, sent
 
     asyncio.run(main())
+
+
+def test_a_background_grant_lets_a_later_foreground_one_go_first():
+    """A drain's batch (background) waiting for the cap does not keep a turn: an operator's
+    move asking meanwhile is granted first; without the flag, first come first served."""
+    async def scenario(background: bool) -> list[str]:
+        limit = RateLimit(10 * MiB)
+        order: list[str] = []
+
+        async def take(name: str, bg: bool) -> None:
+            await limit.take(MiB, background=bg)
+            order.append(name)
+
+        await limit.take(MiB)  # the cap is busy for 0.1 s
+        waiting = asyncio.create_task(take("drain", background))
+        await asyncio.sleep(0.02)
+        await asyncio.gather(waiting, take("move", False))
+        return order
+
+    assert asyncio.run(scenario(background=True)) == ["move", "drain"]
+    assert asyncio.run(scenario(background=False)) == ["drain", "move"]

@@ -1,0 +1,226 @@
+"""Drains between real sidecars over NIXL (a real controller process, no vLLM): ``POST /drain``
+and ``kvmove drain`` empty an instance into the others — each prefix family whole at one
+destination, bytes identical, the operator's pins carried over; a drain that cannot fit copies
+what fits and says what stays; a destination killed mid-drain leaves its share to the others
+and nothing is lost; while an instance drains it takes no KV and ``/instances`` says so; a
+cancel stops it between batches; bad requests are refused with the error envelope and start
+nothing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.harness.api import LOC, lookup
+from tests.harness.fleet import Fleet
+from tests.harness.stores import BIG_LAYOUT, chunk_bytes, fill, fill_synthetic, keys_of
+from tests.harness.stores import synthetic_chunk
+from vllm_kvmove.hashing import chunk_spans
+
+CHUNK = 32  # tokens per chunk of the tiny layout
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("drain"))
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def prompt(seed: int, chunks: int, head: list[int] | None = None) -> list[int]:
+    """``chunks`` chunks of tokens: ``head`` (whole chunks) then tokens of ``seed``."""
+    head = head or []
+    return head + [seed * 1000 + i for i in range(chunks * CHUNK - len(head))]
+
+
+def drain(fleet, instance_id: str, **body) -> dict:
+    r = fleet.http.post("/drain", json={"instance_id": instance_id, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def holders(fleet, tokens: list[int]) -> dict[str, int]:
+    return lookup(fleet.http, tokens)
+
+
+def home_of(fleet, tokens: list[int], among: set[str], timeout: float = 10) -> str:
+    """The one instance of ``among`` that holds all of ``tokens`` once the index settled (no
+    other instance holding any of it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = holders(fleet, tokens)
+        if len(got) == 1 and next(iter(got)) in among and got[next(iter(got))] == len(tokens):
+            return next(iter(got))
+        assert time.monotonic() < deadline, f"{tokens[:3]}...: held by {got}"
+        time.sleep(0.02)
+
+
+def draining(fleet, instance_id: str) -> str:
+    listed = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}
+    return listed[instance_id]["draining"]
+
+
+def test_a_drain_empties_the_source_into_the_others_whole_prefixes_pins_and_bytes(fleet, capsys):
+    src = fleet.add_sidecar("dr-src", slots=32)
+    dests = {"dr-d1": fleet.add_sidecar("dr-d1", slots=8),
+             "dr-d2": fleet.add_sidecar("dr-d2", slots=8)}
+    p1 = prompt(1, 4)
+    p2 = prompt(2, 4, head=p1[:2 * CHUNK])  # shares p1's first two chunks: one family
+    p3, p4 = prompt(3, 3), prompt(4, 2)
+    data = {}
+    for seed, p in enumerate((p1, p2, p3, p4)):
+        data |= fill(src, p, seed=100 * seed)
+    assert len(data) == 11
+    fleet.wait_lookup(p4, {"dr-src": len(p4)})
+    r = fleet.http.post("/pin", json={"instance_id": "dr-src", "location": LOC, "tokens": p4})
+    assert r.status_code == 200, r.text
+
+    assert fleet.kvmove("drain", "--from", "dr-src", "--wait") == 0
+    out = capsys.readouterr().out
+    assert "drain dr-src -> dr-d1, dr-d2" in out and "done: 3 of 3 prefixes (11 chunks)" in out
+    job = fleet.http.get("/events", params={"limit": 1}).json()["events"][0]
+    assert job["kind"] == "drain" and job["status"] == "done", job
+    d = job["drain"]
+    assert (d["units_total"], d["units_done"], d["chunks_done"]) == (3, 3, 11) and not d["problems"]
+    assert job["bytes"] == job["total_bytes"] == 11 * src.layout.chunk_bytes
+
+    assert src.store.stats()["num_chunks"] == 0
+    homes = [home_of(fleet, p, set(dests)) for p in (p1, p2, p3, p4)]  # each whole at one
+    for p, home in zip((p1, p2, p3, p4), homes):
+        for k in keys_of(src, p):
+            assert chunk_bytes(dests[home], k) == data[k]
+    home1, home2, _, home4 = homes
+    assert home1 == home2  # one family
+    pinned = {s.key for s in dests[home4].store.summaries() if s.pinned}
+    assert pinned == set(keys_of(src, p4))
+    # Parents travel too: a later drain of the destination keeps the family together.
+    parents = {s.key: s.parent for s in dests[home1].store.summaries()}
+    k1 = keys_of(src, p1)
+    assert [parents[k] for k in k1] == [None] + k1[:-1]
+    assert draining(fleet, "dr-src") == ""
+
+
+def test_a_drain_that_cannot_fit_copies_what_fits_and_says_what_stays(fleet):
+    src = fleet.add_sidecar("fit-src", slots=32, model="fit")
+    dst = fleet.add_sidecar("fit-d", slots=4, model="fit")
+    p1 = prompt(5, 4)
+    p2 = prompt(6, 4, head=p1[:2 * CHUNK])
+    p3 = prompt(7, 3)
+    for p in (p1, p2, p3):
+        fill(src, p)
+    fleet.wait_lookup(p3, {"fit-src": len(p3)})
+    eid = drain(fleet, "fit-src")["event_id"]
+    st = fleet.wait_job(eid)
+    assert st["status"] == "failed" and st["error_kind"] == "store_full", st
+    d = st["drain"]
+    assert (d["units_total"], d["units_done"], d["units_skipped"]) == (3, 1, 2)
+    stays = {(p["first_chunk"], p["num_chunks"]) for p in d["problems"]}
+    assert stays == {(keys_of(src, p2)[2].hex(), 2), (keys_of(src, p3)[0].hex(), 3)}
+    assert all(p["reason"].startswith("no room") for p in d["problems"])
+    # p1 (the family's head, parents first) fitted and was copied; the source keeps all.
+    assert fleet.wait_lookup(p1, {"fit-src": len(p1), "fit-d": len(p1)})
+    assert src.store.stats()["num_chunks"] == 9 and dst.store.stats()["num_chunks"] == 4
+
+
+def test_while_an_instance_drains_it_takes_no_kv_and_a_cancel_stops_it(fleet, capsys):
+    # 512 KiB chunks, drained at 8 MiB/s: 64 chunks take 4 s.
+    layout = dict(model="slow", num_layers=4, num_kv_heads=8, head_size=128)
+    src = fleet.add_sidecar("slow-src", slots=64, **layout)
+    dst = fleet.add_sidecar("slow-d", slots=64, **layout)
+    other = fleet.add_sidecar("slow-o", slots=8, **layout)
+    families = [prompt(10 + i, 4) for i in range(16)]
+    data = {}
+    for i, p in enumerate(families):
+        data |= fill(src, p, seed=10 * i)
+    small = prompt(40, 1)
+    fill(other, small)
+    fleet.wait_lookup(families[-1], {"slow-src": 4 * CHUNK})
+    eid = drain(fleet, "slow-src", to=["slow-d"], max_bytes_per_s=8 * MiB)["event_id"]
+
+    assert draining(fleet, "slow-src") == eid and draining(fleet, "slow-d") == ""
+    r = fleet.move("slow-o", "slow-src", tokens=small)
+    assert r.status_code == 409 and "drained" in r.json()["error"]["message"], r.text
+    r = fleet.http.post("/drain", json={"instance_id": "slow-src"})
+    assert r.status_code == 409 and eid in r.json()["error"]["message"], r.text
+    r = fleet.http.post("/drain", json={"instance_id": "slow-o", "to": ["slow-src"]})
+    assert r.status_code == 409, r.text
+    assert fleet.kvmove("instances") == 0
+    assert "up, draining" in capsys.readouterr().out
+
+    while fleet.http.get(f"/events/{eid}").json()["drain"]["units_done"] < 2:
+        time.sleep(0.05)
+    st = fleet.http.post(f"/events/{eid}/cancel", params={"wait": 30}).json()
+    assert st["status"] == "cancelled", st
+    d = st["drain"]
+    assert 2 <= d["units_done"] < 16 and d["units_skipped"] == 16 - d["units_done"]
+    assert {p["reason"] for p in d["problems"]} == {"cancelled"}
+    # Nothing lost: each family whole at the source or at the destination, bytes intact.
+    moved = 0
+    for p in families:
+        home = home_of(fleet, p, {"slow-src", "slow-d"})
+        moved += home == "slow-d"
+        sc = dst if home == "slow-d" else src
+        for k in keys_of(src, p):
+            assert chunk_bytes(sc, k) == data[k]
+    assert moved == d["units_done"]
+    # Over: moves into it are taken again.
+    assert draining(fleet, "slow-src") == ""
+    r = fleet.move("slow-o", "slow-src", tokens=small, copy=True)
+    assert r.status_code == 200, r.text
+    assert fleet.wait_job(r.json()["event_id"])["status"] == "done"
+
+
+def test_a_destination_killed_mid_drain_leaves_its_share_to_the_other(fleet):
+    """16 MiB chunks at 32 MiB/s: the victim's batch is mid-way when it is killed; its units go
+    to the survivor, the source deletes nothing that did not land, nothing is lost."""
+    big = dict(model=BIG_LAYOUT.model, num_layers=16, num_kv_heads=8, head_size=128,
+               block_size=128, chunk_size=256)
+    src = fleet.add_sidecar("kill-src", slots=8, **big)
+    survivor = fleet.add_sidecar("kill-live", slots=8, **big)
+    victim = fleet.spawn_sidecar("kill-dead", BIG_LAYOUT, 8)
+    prompts = [list(range(1 + 1000 * i, 1 + 1000 * i + 512)) for i in range(4)]
+    for i, p in enumerate(prompts):
+        fill_synthetic(src.store, src.fingerprint, 10 * i, p)
+    fleet.wait_lookup(prompts[-1], {"kill-src": 512})
+    eid = drain(fleet, "kill-src", max_bytes_per_s=32 * MiB)["event_id"]
+    deadline = time.monotonic() + 10
+    while fleet.http.get(f"/events/{eid}").json()["bytes"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    fleet.cluster.kill(victim)
+    st = fleet.wait_job(eid, timeout=60)
+    assert st["status"] == "done", st
+    dests = {x["instance_id"]: x for x in st["drain"]["destinations"]}
+    assert dests["kill-dead"]["lost"] and dests["kill-dead"]["units"] == 0
+    assert dests["kill-live"]["units"] == 4 and st["drain"]["units_done"] == 4
+    assert src.store.stats()["num_chunks"] == 0
+    for i, p in enumerate(prompts):
+        for j, s in enumerate(chunk_spans(p, 256, src.fingerprint)):
+            expect = synthetic_chunk(survivor.layout, s.num_tokens, 10 * i + j)
+            assert chunk_bytes(survivor, s.key) == expect.numpy().tobytes()
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    ({"instance_id": "nobody"}, 404, "not_found"),
+    ({"instance_id": "bad-src", "to": ["bad-src"]}, 400, "bad_request"),
+    ({"instance_id": "bad-src", "to": ["bad-other"]}, 409, "incompatible"),
+    ({"instance_id": "bad-src", "to": []}, 400, "bad_request"),
+    ({"instance_id": "bad-src", "max_bytes_per_s": 5}, 400, "bad_request"),
+    ({"to": ["bad-src"]}, 400, "bad_request"),
+    ({"instance_id": "bad-src"}, 503, "unavailable"),  # no other instance of its model
+])
+def test_a_bad_drain_is_refused_and_starts_nothing(fleet, body, status, kind):
+    if "bad-src" not in fleet.sidecars:
+        fill(fleet.add_sidecar("bad-src", model="lonely"), prompt(50, 2))
+        fleet.add_sidecar("bad-other", model="another")
+        fleet.wait_lookup(prompt(50, 2), {"bad-src": 2 * CHUNK})
+    before = len(fleet.http.get("/events?limit=1000").json()["events"])
+    r = fleet.http.post("/drain", json=body)
+    assert r.status_code == status and r.json()["error"]["kind"] == kind, r.text
+    assert len(fleet.http.get("/events?limit=1000").json()["events"]) == before
+    listed = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}
+    assert listed["bad-src"]["draining"] == "" and listed["bad-src"]["num_chunks"] == 2
