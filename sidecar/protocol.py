@@ -42,7 +42,8 @@ from vllm_kvmove.shm import PoolHandle
 
 # Version 4: the controller lists a store's chunks with their prompt parents and pins
 # (ListChunks, a drain's plan); leased chunks name their parent, and a fetch may pin what it
-# writes (FetchChunks.pinned).
+# writes (FetchChunks.pinned); an engine shutting down asks for its drain (Leaving →
+# DrainEnded).
 # Version 3: a sidecar registers as one rank of a tensor-parallel engine (Register's rank and
 # world_size, EventBatch's rank); fetches may convert between formats (FetchChunks.convert).
 # Version 2: the transfer lease and the operator's pin got names of their own. A sidecar and a
@@ -297,7 +298,14 @@ class Goodbye(_Tagged):
     instance_id: Name
 
 
-SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply, Goodbye]
+class Leaving(_Tagged):
+    """The engine is shutting down and wants its KV kept: drain the instance (one drain,
+    whichever rank asks first) and send every rank a :class:`DrainEnded` once it ended."""
+
+    instance_id: Name
+
+
+SidecarMessage = Union[Register, Snapshot, Heartbeat, Reply, Goodbye, Leaving]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +335,29 @@ class Resync(_Tagged):
     """Send :class:`Register` and :class:`Snapshot` again (gap seen, or unknown sender)."""
 
     reason: str = ""
+
+
+class DrainEnded(_Tagged):
+    """The drain of this sidecar's instance ended (or could not start: ``event_id`` "").
+
+    Attributes:
+        event_id: the drain job.
+        status: its final state ("done", "failed" or "cancelled").
+        error: why not everything moved (or why it could not start), "" if it did.
+        units_done, units_total: prefixes moved, of those planned.
+        chunks_done: chunks moved.
+        bytes: bytes moved.
+        destinations: where they went.
+    """
+
+    event_id: str
+    status: str
+    error: Text = ""
+    units_done: Count = 0
+    units_total: Count = 0
+    chunks_done: Count = 0
+    bytes: Count = 0
+    destinations: list[str] = []
 
 
 class LeaseChunks(_Command, kw_only=True):
@@ -439,7 +470,8 @@ class FetchChunks(_Command, kw_only=True):
 
 
 ControllerMessage = Union[RegisterAck, RegisterRefused, HeartbeatAck, Resync, LeaseChunks,
-                          EndLease, FetchChunks, SetPinned, ClearChunks, ListChunks]
+                          EndLease, FetchChunks, SetPinned, ClearChunks, ListChunks,
+                          DrainEnded]
 
 
 # ---------------------------------------------------------------------------------------------

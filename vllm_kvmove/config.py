@@ -76,6 +76,13 @@ class KVMoveConfig:
             stream (``--kv-events-config``) carries them too, when enabled.
         kv_events_topic: the ZMQ topic of those events; "" (default):
             ``kv@<instance_id>@<model>`` (rank r > 0: ``kv@<instance_id>.rank<r>@<model>``).
+        drain_on_shutdown: when the engine shuts down (SIGTERM), ask the controller to drain
+            it — move everything its store holds to the other engines — and wait for the
+            drain before exiting, up to ``drain_timeout_s``. vLLM kills its engine process
+            ``--shutdown-timeout`` seconds after SIGTERM (at once with the default 0): give
+            the engine ``--shutdown-timeout`` above ``drain_timeout_s``.
+        drain_timeout_s: the longest wait for that drain; what has not moved by then is
+            reported in the engine's log (and stays, lost with the engine).
     """
 
     instance_id: str = "kvmove_instance"
@@ -101,6 +108,8 @@ class KVMoveConfig:
     metrics_open: bool = False
     tls_cert: str = ""
     tls_key: str = ""
+    drain_on_shutdown: bool = False
+    drain_timeout_s: float = 60.0
     # LMCache keys that were accepted without effect (reported once at start-up).
     notes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 

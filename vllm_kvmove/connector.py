@@ -62,6 +62,7 @@ Process-wide changes, all in the worker process unless noted:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -253,6 +254,13 @@ class KVMoveConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = load_config(extra)
         _refuse_parallelism(vllm_config)
+        if self.config.drain_on_shutdown and role == KVConnectorRole.WORKER:
+            grace = getattr(vllm_config, "shutdown_timeout", 0) or 0
+            if grace <= self.config.drain_timeout_s:
+                logger.warning("kvmove: drain_on_shutdown waits up to %.0f s, but vLLM kills "
+                               "this engine %s s after SIGTERM (--shutdown-timeout): give it "
+                               "--shutdown-timeout above drain_timeout_s",
+                               self.config.drain_timeout_s, grace)
         self._world_size = vllm_config.parallel_config.tensor_parallel_size
         self.layout = layout_from_vllm(vllm_config, kv_cache_config, self.config.chunk_size,
                                        self.config.hash_seed)
@@ -424,10 +432,15 @@ class KVMoveConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
-        """Both roles, at engine shutdown (vLLM calls it on SIGINT in the worker, not on
-        SIGTERM): stop the sidecar (it says goodbye to the controller), the lookup server and
-        client. Blocks up to ~5 s for the sidecar's thread."""
+        """Both roles, at engine shutdown (the worker's, when the engine process exits — on
+        SIGTERM only if vLLM's ``--shutdown-timeout`` gives it time: with the default 0 it is
+        killed at once): with ``drain_on_shutdown``, first have the controller drain the store
+        and wait for it (up to ``drain_timeout_s``, logging what did not move); then stop the
+        sidecar (it says goodbye to the controller), the lookup server and client. Blocks up
+        to ~5 s more for the sidecar's thread."""
         if self._sidecar is not None:
+            if self.config.drain_on_shutdown:
+                self._drain_before_exit(self._sidecar)
             self._sidecar.stop()
             self._sidecar = None
         if self._lookup_server is not None:
@@ -435,6 +448,27 @@ class KVMoveConnector(KVConnectorBase_V1):
             self._lookup_server = None
         for client in self._lookups:
             client.close()
+
+    def _drain_before_exit(self, sidecar: Any) -> None:
+        t0 = time.monotonic()
+        timeout = self.config.drain_timeout_s
+        logger.info("kvmove: shutting down; draining %s (up to %.0f s)",
+                    self.config.instance_id, timeout)
+        ended = sidecar.leave(timeout)
+        took = time.monotonic() - t0
+        if ended is None:
+            logger.warning("kvmove: the drain of %s did not end in %.0f s; what it had not "
+                           "moved is lost with this engine", self.config.instance_id, took)
+        elif ended.status == "done":
+            logger.info("kvmove: drained %s in %.1f s: %d prefixes (%d chunks, %d bytes) to %s",
+                        self.config.instance_id, took, ended.units_done, ended.chunks_done,
+                        ended.bytes, ", ".join(ended.destinations) or "nowhere (it was empty)")
+        else:
+            logger.warning("kvmove: the drain of %s %s after %.1f s: %d of %d prefixes moved "
+                           "(to %s); the rest is lost with this engine: %s (job %s)",
+                           self.config.instance_id, ended.status, took, ended.units_done,
+                           ended.units_total, ", ".join(ended.destinations) or "nowhere",
+                           ended.error, ended.event_id or "none")
 
     # ======================================================================================
     # Scheduler side

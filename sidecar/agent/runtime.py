@@ -143,6 +143,7 @@ class Sidecar:
         self._server: Any = None
         self._dealer: LoopSocket | None = None
         self._push: LoopSocket | None = None
+        self._drained: asyncio.Future | None = None  # the DrainEnded that leave() awaits
         self._tasks: set[asyncio.Task] = set()
         # Same-host peers' pools, mapped on first use (see vllm_kvmove.shm).
         self.peer_pools = (PeerPools(config.copy_threads, thread_init=widen_cpu_affinity)
@@ -166,6 +167,34 @@ class Sidecar:
         if loop is not None and stopping is not None and not loop.is_closed():
             loop.call_soon_threadsafe(stopping.set)
         self._thread.join(timeout=timeout)
+
+    def leave(self, timeout: float) -> protocol.DrainEnded | None:
+        """Ask the controller to drain this engine (it is shutting down) and wait until the
+        drain ended, at most ``timeout`` seconds; the events of the store are flushed first,
+        so the controller plans from all it holds. Call from any thread but the sidecar's.
+
+        Returns:
+            how the drain ended, or None if no answer came in time (or the sidecar is not
+            running, or no controller is configured).
+        """
+        loop = self.loop
+        if loop is None or loop.is_closed() or self._dealer is None:
+            return None
+
+        async def ask() -> protocol.DrainEnded | None:
+            self._drained = loop.create_future()
+            await self.flush_events()
+            await self._send(self._dealer, protocol.Leaving(self.config.instance_id))
+            try:
+                return await asyncio.wait_for(self._drained, timeout)
+            except asyncio.TimeoutError:
+                return None
+
+        try:
+            return asyncio.run_coroutine_threadsafe(ask(), loop).result(timeout + 5)
+        except Exception:  # noqa: BLE001 - a stopped loop: nothing to wait for
+            logger.exception("could not ask the controller for a drain")
+            return None
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the sidecar serves. Raises RuntimeError if it failed or timed out."""
@@ -402,6 +431,9 @@ class Sidecar:
             self._drop("refused", f"the controller refused our registration: {msg.reason}")
         elif isinstance(msg, protocol.Resync):
             await self._send_registration()
+        elif isinstance(msg, protocol.DrainEnded):
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(msg)
         else:
             task = asyncio.create_task(self._run_command(msg))
             self._tasks.add(task)

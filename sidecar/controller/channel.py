@@ -38,7 +38,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import zmq
@@ -88,6 +88,9 @@ class SidecarChannel:
         self._pull: LoopSocket | None = None
         self._tasks: list[asyncio.Task] = []
         self.dropped: Counter[tuple[str, str]] = Counter()  # (socket, reason) -> messages
+        # Called with the member whose engine is shutting down (its Leaving): the controller
+        # drains the instance.
+        self.on_leaving: Callable[[Member], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,6 +161,12 @@ class SidecarChannel:
         finally:
             self._pending.pop(msg.req_id, None)
 
+    def notify(self, holder: str, msg: Any) -> None:
+        """Send ``msg`` (no reply expected) to the registered sidecar named ``holder``, if any."""
+        member = self.registry.member(holder)
+        if member is not None:
+            self._send(member.identity, msg)
+
     def _send(self, identity: bytes, msg: Any) -> None:
         assert self._router is not None
         try:
@@ -216,6 +225,9 @@ class SidecarChannel:
             self._send(identity, protocol.Resync("unknown sender: register first"))
         elif isinstance(msg, protocol.Goodbye):
             registry.goodbye(member)
+        elif isinstance(msg, protocol.Leaving):
+            if self.on_leaving is not None:
+                self.on_leaving(member)
         elif isinstance(msg, protocol.Snapshot):
             registry.apply_snapshot(member, msg)
         elif isinstance(msg, protocol.Heartbeat):

@@ -22,7 +22,10 @@ Contract
   told each chunk's vLLM blocks, named in its hashing from the move's tokens.
 * A drain (:meth:`Controller.create_drain`, :mod:`~sidecar.controller.drain`) is one job of
   many moves: each batch claims its chunks like a move, and its fetches yield to operators'
-  moves under the controller's cap. While an instance drains, nothing moves into it (409).
+  moves under the controller's cap. While an instance drains, nothing moves into it (409). An
+  engine shutting down with ``drain_on_shutdown`` asks for its drain itself (a
+  :class:`~sidecar.protocol.Leaving` from any rank); every rank hears how it ended
+  (:class:`~sidecar.protocol.DrainEnded`), whoever started it.
 * Lookups answer from the index alone, never asking a sidecar.
 * Prompts are tokenized by an engine's own ``/tokenize`` (the engine whose KV is meant), so
   the controller needs no tokenizer of its own.
@@ -43,7 +46,7 @@ from sidecar import protocol
 from sidecar.controller.channel import SidecarChannel
 from sidecar.controller.drain import DRAIN_BATCH_BYTES, Drain, DrainHooks
 from sidecar.controller.index import ChunkIndex
-from sidecar.controller.instances import Instance, InstanceRegistry
+from sidecar.controller.instances import Instance, InstanceRegistry, Member
 from sidecar.controller.jobs import (Conversion, Job, JobCancelled, JobFailed, JobTable, Lane,
                                      Source, run_transfer)
 from sidecar.controller.locks import ChunkLocks, Claim
@@ -83,6 +86,7 @@ class Controller:
         self.bandwidth = (RateLimit(settings.max_bytes_per_s)
                           if settings.max_bytes_per_s else None)
         self.channel = SidecarChannel(settings, self.registry, self.controller_id, self.metrics)
+        self.channel.on_leaving = self._on_leaving
         self._job_tasks: set[asyncio.Task] = set()
         self._http: httpx.AsyncClient | None = None
         # Instances being drained -> the drain's event id (nothing moves into them meanwhile).
@@ -267,6 +271,8 @@ class Controller:
                 job.bytes = job.drain.bytes
                 self.draining.pop(job.source, None)
         self.jobs.finish(job, error, kind, cancelled)
+        if job.drain is not None:
+            self._tell_drained(job.source, job)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
                     f" ({job.error})" if job.error else "")
@@ -339,6 +345,38 @@ class Controller:
         self.draining[src.instance_id] = job.event_id
         self._start(job, job.drain.run())
         return job
+
+    def _on_leaving(self, member: Member) -> None:
+        """An engine is shutting down and asks for its drain (any rank; again is harmless):
+        start it, unless it runs already; if it cannot start, say why at once."""
+        inst = self.registry.get(member.reg.instance_id)
+        if inst is None or inst.instance_id in self.draining:
+            return
+        try:
+            job = self.create_drain(inst, None, copy=False)
+        except ApiError as e:
+            logger.warning("%s is shutting down; no drain: %s", inst.instance_id, e.message)
+            self._tell_drained(inst.instance_id, None, e.message)
+            return
+        logger.info("%s is shutting down: drain %s to %s", inst.instance_id, job.event_id,
+                    job.destination)
+
+    def _tell_drained(self, instance_id: str, job: Job | None, why: str = "") -> None:
+        """Send every rank of ``instance_id`` how its drain ended (``job``), or why none ran."""
+        inst = self.registry.get(instance_id)
+        if inst is None:
+            return
+        if job is None:
+            msg = protocol.DrainEnded(event_id="", status="failed", error=why)
+        else:
+            st = job.drain.to_status()
+            msg = protocol.DrainEnded(
+                event_id=job.event_id, status=job.status, error=job.error or "",
+                units_done=st.units_done, units_total=st.units_total,
+                chunks_done=st.chunks_done, bytes=job.bytes,
+                destinations=[d.instance_id for d in st.destinations if d.units])
+        for m in inst.ranked():
+            self.channel.notify(m.holder, msg)
 
     def _drain_hooks(self, source: str, limits: tuple[RateLimit, ...]) -> DrainHooks:
         """How a drain of ``source`` reaches the fleet: listings and batches through the

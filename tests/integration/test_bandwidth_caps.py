@@ -1,7 +1,9 @@
-"""Bandwidth caps, measured from outside: a copy capped by its own ``max_bytes_per_s`` and two
-uncapped copies at once under the controller's ``--max-mib-per-s`` move at most 10 % more
-than the cap in any 1 s window (sampled from the job's progress), and take at least the time
-the cap implies; a cap below 1 MiB/s is refused with the error envelope and starts nothing.
+"""Bandwidth caps, measured from outside: a copy and a drain capped by their own
+``max_bytes_per_s``, and two uncapped copies at once under the controller's
+``--max-mib-per-s``, move at most 10 % more than the cap in any 1 s window (sampled from the
+job's progress), and take at least the time the cap implies; under the controller's cap an
+operator's copy overtakes a running drain; a cap below 1 MiB/s is refused with the error
+envelope and starts nothing.
 
 Real sidecar processes reading 512 MiB of synthetic KV over NIXL in 4 MiB chunks (16 KiB of
 KV per token): the caps' batches are a twentieth of a second (6.4 MiB at 128 MiB/s, one chunk),
@@ -108,6 +110,58 @@ def test_two_copies_together_keep_to_the_controllers_cap(fleet):
           f"({peak / GLOBAL_CAP:.3f}× the cap)")
     assert peak <= 1.1 * GLOBAL_CAP
     assert took >= 0.9 * (2 * TOTAL - GLOBAL_CAP / 10) / GLOBAL_CAP
+    clear(fleet, "cap-d1", "cap-d2")
+
+
+def drain_copy(fleet, **body) -> str:
+    r = fleet.http.post("/drain", json={"instance_id": "cap-src", "to": ["cap-d1"], "copy": True,
+                                        **body})
+    assert r.status_code == 200, r.text
+    return r.json()["event_id"]
+
+
+@pytest.mark.timeout(120)
+def test_a_capped_drain_holds_its_cap_over_every_second(fleet):
+    t0 = time.monotonic()
+    eid = drain_copy(fleet, max_bytes_per_s=JOB_CAP)
+    samples = progress(fleet, [eid])
+    took = time.monotonic() - t0
+    peak = busiest_second(samples)
+    st = fleet.http.get(f"/events/{eid}").json()
+    print(f"\n[caps] a drain capped at 128 MiB/s: {TOTAL / MiB:.0f} MiB in {took:.2f} s "
+          f"({TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
+          f"({peak / JOB_CAP:.3f}× the cap)")
+    assert st["kind"] == "drain" and st["bytes"] == TOTAL and st["drain"]["units_done"] == 1
+    assert peak <= 1.1 * JOB_CAP
+    assert took >= 0.9 * (TOTAL - JOB_CAP / 10) / JOB_CAP
+    clear(fleet, "cap-d1")
+
+
+@pytest.mark.timeout(120)
+def test_an_operators_move_overtakes_a_drain_under_the_controllers_cap(fleet):
+    """Under the controller's cap, a drain's batches take no turn ahead: while an operator's
+    128 MiB copy runs, the drain moves at most the grants it had already taken (three
+    twentieths of a second at the cap), not the half it would get first come, first served."""
+    eid = drain_copy(fleet)
+    while fleet.http.get(f"/events/{eid}").json()["bytes"] == 0:
+        time.sleep(0.01)
+    part = TOKENS[:32 * LAYOUT.chunk_size]
+    r = fleet.http.post("/move", json={"old_position": ["cap-src", LOC],
+                                       "new_position": ["cap-d2", LOC], "tokens": part,
+                                       "copy": True})
+    assert r.status_code == 200, r.text
+    mid = r.json()["event_id"]
+    drained_before = fleet.http.get(f"/events/{eid}").json()["bytes"]
+    while (st := fleet.http.get(f"/events/{mid}").json())["status"] in ("pending", "running"):
+        time.sleep(0.01)
+    drained_after = fleet.http.get(f"/events/{eid}").json()["bytes"]
+    assert st["status"] == "done" and st["bytes"] == 32 * LAYOUT.chunk_bytes, st
+    during = drained_after - drained_before
+    print(f"\n[caps] an operator's 128 MiB copy took {st['elapsed_s']:.2f} s; the drain "
+          f"moved {during / MiB:.1f} MiB meanwhile")
+    assert st["elapsed_s"] >= 0.4  # the copy itself kept to the cap (0.5 s)
+    assert during <= 3 * GLOBAL_CAP / 20
+    assert fleet.wait_job(eid)["status"] == "done"
     clear(fleet, "cap-d1", "cap-d2")
 
 

@@ -224,3 +224,26 @@ def test_a_bad_drain_is_refused_and_starts_nothing(fleet, body, status, kind):
     assert len(fleet.http.get("/events?limit=1000").json()["events"]) == before
     listed = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}
     assert listed["bad-src"]["draining"] == "" and listed["bad-src"]["num_chunks"] == 2
+
+
+def test_a_sidecar_leaving_is_drained_and_hears_how_it_ended(fleet):
+    """What an engine with ``drain_on_shutdown`` does at exit (:meth:`Sidecar.leave`): the
+    controller drains it and tells it the outcome; with nowhere to go it hears why at once."""
+    src = fleet.add_sidecar("lv-src", slots=16, model="leaving")
+    dst = fleet.add_sidecar("lv-d", slots=16, model="leaving")
+    p1, p2 = prompt(60, 3), prompt(61, 2)
+    data = fill(src, p1) | fill(src, p2, seed=7)
+    ended = src.leave(timeout=30)  # the store's events are flushed first: no wait for the index
+    assert ended is not None and ended.status == "done", ended
+    assert (ended.units_done, ended.units_total, ended.chunks_done) == (2, 2, 5)
+    assert ended.destinations == ["lv-d"] and ended.bytes == 5 * src.layout.chunk_bytes
+    assert src.store.stats()["num_chunks"] == 0
+    for k, v in data.items():
+        assert chunk_bytes(dst, k) == v
+
+    alone = fleet.add_sidecar("lv-alone", slots=4, model="alone")
+    fill(alone, prompt(62, 1))
+    ended = alone.leave(timeout=30)
+    assert ended is not None and ended.status == "failed" and ended.event_id == ""
+    assert "no other instance" in ended.error
+    assert alone.store.stats()["num_chunks"] == 1
