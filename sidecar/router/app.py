@@ -224,7 +224,8 @@ class Router:
             # the host store a prompt's partial last chunk too.
             route = "gpu" if gpu and gpu >= extra else "host" if extra else "load"
             out.append(Choice(e, score, gpu, held, route))
-        out.sort(key=lambda c: (-c.score, c.engine.load, c.engine.instance_id))
+        # A draining engine is going away, its KV with it: the last resort.
+        out.sort(key=lambda c: (c.engine.draining, -c.score, c.engine.load, c.engine.instance_id))
         return out
 
     async def pull(self, tokens: list[int], choices: list[Choice]) -> Choice | None:

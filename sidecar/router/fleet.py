@@ -5,7 +5,7 @@ Contract
 --------
 * One per router, on its event loop (nothing here is thread-safe).
 * Engines come from the controller (``GET /instances``, every ``refresh_s``: engine URL, up,
-  block hashing, the engine's own KV events endpoint) or from a fixed list. An engine the
+  draining, block hashing, the engine's own KV events endpoint) or from a fixed list. An engine the
   router failed to reach is kept out of rotation for ``cooldown_s``.
 * Two tiers of prefixes, in tokens matched from a prompt's start:
 
@@ -60,6 +60,7 @@ class Engine:
         inflight: requests the router has in flight to it.
         others: running + waiting requests not the router's, per its last ``/metrics`` read.
         down_until: monotonic time before which it is out of rotation (it failed).
+        draining: a drain is emptying it (it is going away): ranked after every other.
     """
 
     instance_id: str
@@ -72,6 +73,7 @@ class Engine:
     others: int = 0
     down_until: float = 0.0
     last_seq: int = 0
+    draining: bool = False
 
     def usable(self, now: float) -> bool:
         return self.up and now >= self.down_until
@@ -171,7 +173,7 @@ class EngineBook:
             if e is None or e.url != info.engine_url.rstrip("/"):
                 e = self.engines[info.instance_id] = Engine(info.instance_id,
                                                             info.engine_url.rstrip("/"))
-            e.up = info.up
+            e.up, e.draining = info.up, bool(info.draining)
             h = info.block_hashing
             e.hasher = None if h is None else BlockHasher(h.algo, h.seed, h.block_size)
             e.events = info.engine_events

@@ -73,6 +73,8 @@ def test_the_score_weighs_gpu_host_and_load():
         assert [c.engine.instance_id for c in router.rank(TOKENS, {})] == ["host", "gpu", "idle"]
         host.down_until = float("inf")  # failed: out of rotation
         assert "host" not in [c.engine.instance_id for c in router.rank(TOKENS, {})]
+        idle.others, gpu.inflight, gpu.draining = 0, 0, True  # going away: the last resort
+        assert [c.engine.instance_id for c in router.rank(TOKENS, {"gpu": 72})] == ["idle", "gpu"]
         await router.stop()
 
     asyncio.run(main())
