@@ -1,22 +1,51 @@
 """P9 — routing by prefix: a shared-prefix workload on two engines through ``kvmove-router``,
 through plain round-robin, and through an oracle that knows where each prefix lives, in one
-run: TTFT p50/p90 and throughput.
+run: TTFT p50/p90 and throughput; then pull-on-route with one engine made busy.
 
-Workload: 8 system prompts of 2,048 tokens, each followed by short user turns (32 tokens, new
-each time): 96 requests in a seeded random order, arriving open-loop at a steady rate, each
-streamed (``max_tokens`` 4); TTFT = time to the first streamed chunk. Engines: the demo model
-(1 KiB of KV per token) with the connector (host store 0.25 GiB: every prefix fits) and vLLM's
-own KV events on, each engine's paged cache held to ``GPU_BLOCKS`` blocks of 128 tokens (four
-prefixes and the turns in flight: every prefix on every engine would thrash it). The "oracle"
-is the static placement a client that knows the workload would choose: prefix i to engine
-``i % 2`` (four per engine, which fit). Before each arm both engines' prefix caches and host
-stores are emptied, so every arm starts cold and pays its own first prefills.
+Model: a prefill-dominated one — random-init Llama, 16 layers, 8 attention and 8 KV heads of
+128, hidden 256 (``kv64k-16l``: 64 KiB of KV per token, 128 MiB per 2,048-token prefix): a
+cold 2,080-token prefill costs ~1.3-1.6 s on one core here, a prefix-cache hit ~0.1 s.
+
+Engines: two, one core each (OpenMP bound to core 0 / 1), with the connector and vLLM's own
+KV events on. Each engine's caches hold about half of the workload's prefixes: its paged
+cache ``GPU_BLOCKS`` blocks of 128 tokens (four prefixes of 16 blocks and 8 blocks for turns in
+flight), its host store ``HOST_GIB`` (slots of one 256-token chunk, 16 MiB each: four
+prefixes of 8 chunks and 8 more; each request also stores its own partial last chunk, a slot).
+So all 8 prefixes fit in the two engines together but not in one: round-robin makes each
+engine see all of them (its caches thrash), routing by prefix can partition them.
+
+Workload: 8 system prompts of 2,048 tokens, each request one of them followed by a new
+32-token user turn; ``WARMUP`` requests (each prefix twice) then ``MEASURED`` (each prefix 15
+times), each block in a seeded random order, open-loop at a steady rate, streamed
+(``max_tokens`` 4); TTFT = time to the first streamed chunk. Percentiles are over the measured
+requests only (the steady state: every arm starts cold and pays its first prefills in the
+warm-up, which is recorded separately).
+
+Rate: calibrated first on one idle engine — a cold prefill ``C``, a prefix-cache (GPU) hit
+``H`` and a host-store hit — and set to ``LOAD`` × round-robin's estimated capacity
+``2 / (m·C + (1-m)·H)`` with ``m`` = ``RR_MISS_EST`` (each engine's caches hold half the
+prefixes). Round-robin's actual share of prompt tokens prefilled is measured (engines'
+``/metrics``) and reported.
+
+Arms (each from cold: prefix caches reset, host stores cleared): "round-robin" (request i to
+engine i mod 2, straight), "router" (through ``kvmove-router``, defaults: pull-on-route off),
+"oracle" (prefix p straight to engine p mod 2: the static placement a client that knows the
+workload and the caches' size would choose — four prefixes per engine, which fit — with no
+proxy hop).
+
+Pull-on-route: both engines cold, two prefixes prefilled on engine 1 (its GPU cache and host
+store), engine 1 then kept busy by ``BUSY`` long generations sent straight to it. Per trial,
+a new turn after one of those prefixes goes through a router with ``--pull-min-tokens`` off,
+through one with it on, and straight to the busy holder; engine 2's caches are emptied after
+each trial, so every trial finds the prefix on engine 1 only.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,65 +56,189 @@ from common import WORK, Result, make_model, percentile
 from tests.harness.engines import connector_config
 from tests.harness.processes import LocalCluster, free_port
 
-PREFIXES, PREFIX_TOKENS, TURN_TOKENS = 8, 2048, 32
-REQUESTS, RATE = 96, 3.0  # requests, per second
-GPU_BLOCKS = 72
+MODEL = ("kv64k-16l", dict(layers=16, heads=8, kv_heads=8, head_dim=128, hidden=256))
+PREFIXES, PREFIX_TOKENS, TURN_TOKENS, MAX_TOKENS = 8, 2048, 32, 4
+WARMUP_ROUNDS, MEASURED_ROUNDS = 4, 15  # each prefix this many times
+GPU_BLOCKS = 48  # 3 prefixes × 16 blocks (or 2 and turns in flight)
+HOST_GIB = 0.75  # 48 slots of 16 MiB: 4 prefixes × 8 chunks + 16 turns
+LOAD, RR_MISS_EST, CAL_ROUNDS = 0.9, 0.5, 3
+ALT_LOAD_TOKENS = 256  # an extra arm: the router with --load-tokens 256 (0: none)
+BUSY, BUSY_TOKENS, PULL_TRIALS, PULL_MIN = 4, 2048, 6, 1024
+ARMS, PULL = ("round-robin", "router", "oracle"), True  # all, but in a development run
 
 
-def _workload(seed: int = 7) -> list[tuple[int, list[int]]]:
+def _rand(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 4000) for _ in range(n)]
+
+
+def _workload(seed: int = 7) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
+    """The prefixes, and the requests in arrival order: (prefix index, prompt)."""
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(3, 4000) for _ in range(PREFIX_TOKENS)] for _ in range(PREFIXES)]
-    order = [i % PREFIXES for i in range(REQUESTS)]
-    rng.shuffle(order)
-    return [(i, prefixes[i] + [rng.randrange(3, 4000) for _ in range(TURN_TOKENS)])
-            for i in order]
+    prefixes = [_rand(rng, PREFIX_TOKENS) for _ in range(PREFIXES)]
+    order = []
+    for rounds in (WARMUP_ROUNDS, MEASURED_ROUNDS):
+        block = [i % PREFIXES for i in range(rounds * PREFIXES)]
+        rng.shuffle(block)
+        order += block
+    return prefixes, [(i, prefixes[i] + _rand(rng, TURN_TOKENS)) for i in order]
 
 
-def _ttft(url: str, model: str, prompt: list[int]) -> float:
+def _ttft(url: str, model: str, prompt: list[int], out: dict | None = None) -> float:
+    """Stream a completion; seconds to its first chunk (the answer is read to its end).
+    ``out`` gets the router's headers."""
+    return _timed(url, model, prompt, out)[0]
+
+
+def _timed(url: str, model: str, prompt: list[int],
+           out: dict | None = None) -> tuple[float, float]:
+    """Stream a completion; seconds to its first chunk and to its end."""
     t0 = time.perf_counter()
+    first = None
     with httpx.stream("POST", url + "/v1/completions", timeout=600, json={
-            "model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+            "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": True}) as r:
         r.raise_for_status()
+        if out is not None:
+            out.update(engine=r.headers.get("x-kvmove-engine"),
+                       route=r.headers.get("x-kvmove-route"))
         for line in r.iter_lines():
-            if line.startswith("data: "):
-                return time.perf_counter() - t0
-    raise AssertionError("no streamed chunk")
+            if first is None and line.startswith("data: "):
+                first = time.perf_counter() - t0
+    if first is None:
+        raise AssertionError("no streamed chunk")
+    return first, time.perf_counter() - t0
 
 
-def _arm(pick, model: str, workload) -> tuple[list[float], float]:
-    """Send the workload open-loop at RATE; ``pick(i, prefix)`` is the URL for request i.
-    Returns the TTFTs and the requests per second completed."""
-    ttfts: list[float] = [0.0] * len(workload)
-    lock = threading.Lock()
+def _prompt_tokens(url: str) -> dict[str, float]:
+    """The engine's prompt-token counters: total, and cached by source."""
+    out = {"total": 0.0, "device": 0.0, "host": 0.0, "other_cached": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("vllm:prompt_tokens_total"):
+            out["total"] += float(value)
+        elif name.startswith("vllm:prompt_tokens_cached_by_source_total"):
+            m = re.search(r'source="([^"]+)"', name)
+            key = m.group(1) if m and m.group(1) in ("device", "host") else "other_cached"
+            out[key] += float(value)
+    return out
+
+
+def _arm(pick, model: str, workload, rate: float, urls: list[str]):
+    """Send the workload open-loop at ``rate``; ``pick(i, prefix)`` is the URL for request i.
+    Returns TTFTs (arrival order), requests/s completed over the measured part, and the
+    engines' prompt tokens (total, cached on device / host) during the arm."""
+    ttfts = [0.0] * len(workload)
+    ends = [0.0] * len(workload)
+    where: list[str] = [""] * len(workload)
 
     def one(i: int) -> None:
         prefix, prompt = workload[i]
-        t = _ttft(pick(i, prefix), model, prompt)
-        with lock:
-            ttfts[i] = t
+        url, info = pick(i, prefix), {}
+        ttfts[i] = _ttft(url, model, prompt, info)
+        ends[i] = time.perf_counter()
+        where[i] = (f"{info['engine']}/{info['route']}" if info.get("engine")
+                    else f"r{urls.index(url) + 1}")
 
+    before = [_prompt_tokens(u) for u in urls]
+    warm = WARMUP_ROUNDS * PREFIXES
+    at = [i / rate for i in range(len(workload))]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(32) as pool:
+    with ThreadPoolExecutor(128) as pool:
         futures = []
         for i in range(len(workload)):
-            time.sleep(max(0.0, t0 + i / RATE - time.perf_counter()))
+            time.sleep(max(0.0, t0 + at[i] - time.perf_counter()))
             futures.append(pool.submit(one, i))
         for f in futures:
             f.result()
-    return ttfts, len(workload) / (time.perf_counter() - t0)
+    rps = (len(workload) - warm) / (max(ends[warm:]) - (t0 + at[warm]))
+    after = [_prompt_tokens(u) for u in urls]
+    tokens = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in after[0]}
+    return ttfts, rps, tokens, where
+
+
+def _reset_engine(ctl, iid: str, e, model: str) -> None:
+    httpx.post(e.url + "/reset_prefix_cache", timeout=60).raise_for_status()
+    httpx.post(ctl.url + "/clear", json={"instance_id": iid}, timeout=60).raise_for_status()
+    # A step, so the engine publishes its reset (vLLM publishes KV events when it steps).
+    httpx.post(e.url + "/v1/completions", timeout=120, json={
+        "model": model, "prompt": [1, 2, 3], "max_tokens": 1}).raise_for_status()
+
+
+def _busy(url: str, model: str, stop: threading.Event, rng: random.Random) -> None:
+    """Keep one long generation running on ``url`` until ``stop``."""
+    while not stop.is_set():
+        try:
+            with httpx.stream("POST", url + "/v1/completions", timeout=600, json={
+                    "model": model, "prompt": _rand(rng, 64), "max_tokens": BUSY_TOKENS,
+                    "ignore_eos": True, "temperature": 0, "stream": True}) as r:
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
+def _wait_router(router, up: int = 2, busy: str | None = None, timeout: float = 60) -> None:
+    """Until ``router`` sees ``up`` engines (and, with ``busy``, that engine's load ≥ BUSY-1)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = httpx.get(router.url + "/health", timeout=10).json()
+        ok = h.get("engines_up", 0) >= up
+        if busy is not None:
+            e = h.get("by_engine", {}).get(busy, {})
+            ok = ok and e.get("inflight", 0) + e.get("others", 0) >= BUSY - 1
+        if ok:
+            return
+        assert time.monotonic() < deadline, f"router never saw what it waited for: {h}"
+        time.sleep(0.5)
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.0f}"
+
+
+def _summary(t: list[float], rps: float, tok: dict, where: list[str],
+             workload) -> dict:
+    """One arm's figures: measured p50/p90, the warm-up's, requests/s, the share of prompt
+    tokens prefilled (the rest came from a cache) and from host stores, where requests went."""
+    warm = WARMUP_ROUNDS * PREFIXES
+    cached = tok["device"] + tok["host"] + tok["other_cached"]
+    placed: dict[int, dict[str, int]] = {}
+    routes: dict[str, int] = {}
+    for (prefix, _), w in list(zip(workload, where))[warm:]:
+        engine, _, route = w.partition("/")
+        placed.setdefault(prefix, {}).setdefault(engine, 0)
+        placed[prefix][engine] += 1
+        if route:
+            routes[route] = routes.get(route, 0) + 1
+    return {"p50": percentile(t[warm:], 50), "p90": percentile(t[warm:], 90),
+            "warm_p50": percentile(t[:warm], 50), "warm_p90": percentile(t[:warm], 90),
+            "rps": rps, "prefilled": 1 - cached / tok["total"], "host": tok["host"] / tok["total"],
+            "split": sum(len(v) > 1 for v in placed.values()),
+            "placed": {k: placed[k] for k in sorted(placed)}, "routes": routes}
+
+
+def _describe(name: str, a: dict) -> str:
+    split = "" if a["routes"] == {} else (
+        f", routes {a['routes']}, prefixes sent to both engines {a['split']} of {PREFIXES}")
+    return (f"{name}: p50/p90 {_ms(a['p50'])}/{_ms(a['p90'])} ms (warm-up "
+            f"{_ms(a['warm_p50'])}/{_ms(a['warm_p90'])}), {a['rps']:.2f} req/s, "
+            f"{a['prefilled']:.0%} of prompt tokens prefilled, {a['host']:.0%} from host "
+            f"stores{split}")
 
 
 def run() -> list[Result]:
-    model = str(make_model("tiny-llama"))
+    t_start = time.monotonic()
+    model = str(make_model(MODEL[0], **MODEL[1]))
     cluster = LocalCluster(model, WORK / "p9")
+    stop_busy = threading.Event()
     try:
         port, pull, reply = free_port(), free_port(), free_port()
         ctl = cluster.start_controller(port, pull, reply)
         engines = {}
         for cpu, iid in enumerate(("r1", "r2")):
             http = free_port()
-            kv = connector_config(iid, http, pull, reply)
+            kv = connector_config(iid, http, pull, reply, max_local_cpu_size=HOST_GIB)
             events = {"enable_kv_cache_events": True, "publisher": "zmq",
                       "endpoint": f"tcp://*:{free_port()}", "topic": f"kv@{iid}@bench"}
             engines[iid] = cluster.start_engine(
@@ -93,53 +246,175 @@ def run() -> list[Result]:
                 env={"VLLM_SERVER_DEV_MODE": "1"},
                 extra_args=["--kv-events-config", json.dumps(events),
                             "--num-gpu-blocks-override", str(GPU_BLOCKS)])
-        rport = free_port()
-        router = cluster.start_router(rport, ["--controller", ctl.url, "--log-level", "warning"])
-        for p in (ctl, *engines.values(), router):
-            cluster.wait_ready(p, timeout=400)
-        deadline = time.monotonic() + 60
-        while httpx.get(router.url + "/health").json().get("engines_up", 0) < 2:
-            assert time.monotonic() < deadline, "the router never saw both engines"
-            time.sleep(0.5)
+        cluster.wait_ready(ctl, timeout=60)  # a router exits if it cannot read it at start
+
+        def start_router(*args: str):
+            proc = cluster.start_router(free_port(), ["--controller", ctl.url,
+                                                      "--log-level", "warning", *args])
+            cluster.wait_ready(proc, timeout=60)
+            _wait_router(proc)
+            return proc
+
+        for e in engines.values():
+            cluster.wait_ready(e, timeout=400)
+        router = start_router()
         urls = [engines["r1"].url, engines["r2"].url]
-        workload = _workload()
+        prefixes, workload = _workload()
+        warm = WARMUP_ROUNDS * PREFIXES
 
         def cold() -> None:
             for iid, e in engines.items():
-                httpx.post(e.url + "/reset_prefix_cache", timeout=30).raise_for_status()
-                httpx.post(ctl.url + "/clear", json={"instance_id": iid},
-                           timeout=30).raise_for_status()
-                # A step, so the engine publishes its reset (vLLM publishes when it steps).
-                httpx.post(e.url + "/v1/completions", timeout=60, json={
-                    "model": model, "prompt": [1, 2, 3], "max_tokens": 1}).raise_for_status()
+                _reset_engine(ctl, iid, e, model)
             time.sleep(1.0)
 
+        # -- calibration: both engines at once (as in the arms: both cores busy) -----------
+        rng = random.Random(99)
+        cal: dict[str, list[tuple[float, float]]] = {"cold": [], "gpu_hit": [], "host_hit": []}
+
+        def both(kind: str, prompts: list[list[int]]) -> None:
+            with ThreadPoolExecutor(2) as pool:
+                cal[kind] += list(pool.map(lambda a: _timed(a[0], model, a[1]),
+                                           zip(urls, prompts)))
+
+        for _ in range(CAL_ROUNDS):
+            bases = [_rand(rng, PREFIX_TOKENS) for _ in urls]
+            both("cold", [b + _rand(rng, TURN_TOKENS) for b in bases])
+            both("gpu_hit", [b + _rand(rng, TURN_TOKENS) for b in bases])
+            for u in urls:
+                httpx.post(u + "/reset_prefix_cache", timeout=60).raise_for_status()
+            both("host_hit", [b + _rand(rng, TURN_TOKENS) for b in bases])
+        med = {k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v))
+               for k, v in cal.items()}
+        (c, c_all), (h, h_all), (hh, _) = med["cold"], med["gpu_hit"], med["host_hit"]
+        rr_capacity = 2 / (RR_MISS_EST * c_all + (1 - RR_MISS_EST) * h_all)
+        rate = LOAD * rr_capacity
+        calib = (f"calibration (both engines at once, medians of {2 * CAL_ROUNDS}): cold "
+                 f"{PREFIX_TOKENS + TURN_TOKENS}-token prompt TTFT {_ms(c)} ms ({_ms(c_all)} ms "
+                 f"to its last token), GPU prefix-cache hit {_ms(h)} ms ({_ms(h_all)}), "
+                 f"host-store hit {_ms(hh)} ms; round-robin capacity est. "
+                 f"2/({RR_MISS_EST}·cold + {1 - RR_MISS_EST}·hit, to the last token) = "
+                 f"{rr_capacity:.2f} req/s; rate {LOAD}× that = {rate:.2f} req/s")
+        print(f"[P9] {calib}", flush=True)
+
+        # -- the arms --------------------------------------------------------------------
+        alt = f"router --load-tokens {ALT_LOAD_TOKENS}"
         arms = {"round-robin": lambda i, prefix: urls[i % 2],
                 "router": lambda i, prefix: router.url,
+                alt: None,
                 "oracle": lambda i, prefix: urls[prefix % 2]}
-        measured = {}
+        measured, summary = {}, {}
         for name, pick in arms.items():
+            if name not in ARMS and not (name == alt and ALT_LOAD_TOKENS):
+                continue
+            other = None
+            if name == alt:
+                other = start_router("--load-tokens", str(ALT_LOAD_TOKENS))
+                pick = lambda i, prefix, url=other.url: url  # noqa: E731
             cold()
-            measured[name] = _arm(pick, model, workload)
-        p = {name: (percentile(t, 50), percentile(t, 90), rps)
-             for name, (t, rps) in measured.items()}
-        rr, rt, orc = p["round-robin"], p["router"], p["oracle"]
-        notes = (f"TTFT p50/p90 ms: round-robin {rr[0]*1e3:.0f}/{rr[1]*1e3:.0f}, router "
-                 f"{rt[0]*1e3:.0f}/{rt[1]*1e3:.0f}, oracle {orc[0]*1e3:.0f}/{orc[1]*1e3:.0f}; "
-                 f"requests/s {rr[2]:.2f} / {rt[2]:.2f} / {orc[2]:.2f}; {REQUESTS} requests at "
-                 f"{RATE}/s, {PREFIXES} prefixes of {PREFIX_TOKENS} tokens, {GPU_BLOCKS} KV "
-                 f"blocks per engine, host stores on")
-        trials = {f"{name}_ttft_s": t for name, (t, _) in measured.items()}
-        return [
+            t0 = time.monotonic()
+            measured[name] = _arm(pick, model, workload, rate, urls)
+            summary[name] = _summary(*measured[name], workload)
+            if other is not None:
+                cluster.stop(other)
+            print(f"[P9] {_describe(name, summary[name])}; {time.monotonic() - t0:.0f} s",
+                  flush=True)
+            t, _, _, where = measured[name]
+            print(f"[P9] {name}, each request (prefix:engine/route:ms): " + " ".join(
+                f"{p}:{w}:{t[i] * 1e3:.0f}" for i, ((p, _), w) in enumerate(zip(workload, where))),
+                flush=True)
+
+        # -- pull-on-route, one engine busy ----------------------------------------------
+        pull_result = None
+        try:
+            if not PULL:
+                raise RuntimeError("skipped")
+            puller = start_router("--pull-min-tokens", str(PULL_MIN), "--pull-wait", "10")
+            cold()
+            held = prefixes[:2]
+            for p in held:  # on r1 only: its GPU cache and its host store
+                _ttft(urls[0], model, p + _rand(rng, TURN_TOKENS))
+            for k in range(BUSY):
+                threading.Thread(target=_busy, daemon=True, args=(
+                    urls[0], model, stop_busy, random.Random(1000 + k))).start()
+            _wait_router(router, busy="r1")
+            _wait_router(puller, busy="r1")
+            time.sleep(2.0)
+            pt: dict[str, list[float]] = {"pull off": [], "pull on": [], "straight to holder": []}
+            pr: dict[str, list[str]] = {k: [] for k in pt}
+            targets = {"pull off": router.url, "pull on": puller.url,
+                       "straight to holder": urls[0]}
+            for k in range(PULL_TRIALS):
+                for name in (list(pt) if k % 2 == 0 else list(pt)[::-1]):
+                    info: dict = {}
+                    pt[name].append(_ttft(targets[name], model,
+                                          held[k % 2] + _rand(rng, TURN_TOKENS), info))
+                    pr[name].append(f"{info.get('engine') or 'r1'}/{info.get('route') or '-'}")
+                    _reset_engine(ctl, "r2", engines["r2"], model)
+                    time.sleep(1.0)
+            pull_result = (pt, pr)
+            for name in pt:
+                print(f"[P9] busy holder, {name}: TTFT median "
+                      f"{_ms(statistics.median(pt[name]))} ms, {pr[name]}", flush=True)
+        except Exception as err:  # noqa: BLE001 - report the main arms even so
+            print(f"[P9] pull-on-route part failed: {err!r}", flush=True)
+        finally:
+            stop_busy.set()
+
+        # -- results ---------------------------------------------------------------------
+        rr, rt, orc = summary["round-robin"], summary["router"], summary["oracle"]
+        overloaded = [n for n, a in summary.items() if a["rps"] < 0.95 * rate]
+        notes = ("; ".join(_describe(n, a) for n, a in summary.items()) +
+                 f". {MEASURED_ROUNDS * PREFIXES} measured requests after {warm} warm-up "
+                 f"(the cold start: not in p50/p90), open-loop at {rate:.2f}/s"
+                 + (f" (below it, so overloaded: {', '.join(overloaded)})" if overloaded else "")
+                 + f"; {PREFIXES} prefixes of {PREFIX_TOKENS} tokens + {TURN_TOKENS}-token "
+                 f"turns, max_tokens {MAX_TOKENS}; model {MODEL[0]} (64 KiB of KV per token); "
+                 f"per engine {GPU_BLOCKS} KV blocks of 128 tokens + a {HOST_GIB} GiB host "
+                 f"store (together about 4 of the 8 prefixes). {calib}. Whole P9 run "
+                 f"{time.monotonic() - t_start:.0f} s.")
+        trials = {f"{n}_ttft_s": m[0] for n, m in measured.items()}
+        trials["calibration_ttft_s"] = [t for v in cal.values() for t, _ in v]
+        base = {"round_robin_p90_ms": rr["p90"] * 1e3, "round_robin_p50_ms": rr["p50"] * 1e3,
+                "router_p50_ms": rt["p50"] * 1e3, "rate_rps": rate}
+        results = [
             Result(id="P9-vs-round-robin", measure="TTFT p90, router vs round-robin",
-                   value=rt[1] * 1e3, unit="ms", baseline={"round_robin_p90_ms": rr[1] * 1e3},
-                   ratio=rr[1] / rt[1], goal="≥ 10× lower than round-robin",
-                   met=rr[1] / rt[1] >= 10, trials=trials, notes=notes),
-            Result(id="P9-vs-oracle", measure="TTFT p90, router vs an oracle",
-                   value=rt[1] * 1e3, unit="ms", baseline={"oracle_p90_ms": orc[1] * 1e3},
-                   ratio=rt[1] / orc[1], goal="≤ 1.2× the oracle", met=rt[1] / orc[1] <= 1.2,
-                   notes=notes)]
+                   value=rt["p90"] * 1e3, unit="ms", baseline=base,
+                   ratio=rr["p90"] / rt["p90"], goal="≥ 10× lower than round-robin",
+                   met=rr["p90"] / rt["p90"] >= 10, trials=trials, notes=notes),
+            Result(id="P9-vs-oracle", measure="TTFT p90, router vs an oracle (static "
+                   "placement, no proxy)", value=rt["p90"] * 1e3, unit="ms",
+                   baseline={"oracle_p90_ms": orc["p90"] * 1e3, "oracle_p50_ms": orc["p50"] * 1e3},
+                   ratio=rt["p90"] / orc["p90"], goal="≤ 1.2× the oracle",
+                   met=rt["p90"] / orc["p90"] <= 1.2, notes=notes)]
+        if alt in summary:
+            a = summary[alt]
+            results.append(Result(
+                id="P9-load-tokens", measure=f"TTFT p90, {alt} (not the default) vs "
+                "round-robin", value=a["p90"] * 1e3, unit="ms",
+                baseline={"round_robin_p90_ms": rr["p90"] * 1e3,
+                          "oracle_p90_ms": orc["p90"] * 1e3, "p50_ms": a["p50"] * 1e3},
+                ratio=rr["p90"] / a["p90"], goal="—", met=True,
+                notes=f"the same workload and rate; vs the oracle "
+                      f"{a['p90'] / orc['p90']:.2f}×. {_describe(alt, a)}"))
+        if pull_result is not None:
+            pt, pr = pull_result
+            off, on = statistics.median(pt["pull off"]), statistics.median(pt["pull on"])
+            direct = statistics.median(pt["straight to holder"])
+            results.append(Result(
+                id="P9-pull", measure="TTFT of a prefix held by a busy engine, router with "
+                "pull-on-route vs without (median)", value=on * 1e3, unit="ms",
+                baseline={"pull_off_ms": off * 1e3, "straight_to_busy_holder_ms": direct * 1e3},
+                ratio=off / on, goal="—", met=True,
+                trials={f"{k}_ttft_s": v for k, v in pt.items()},
+                notes=(f"engine r1 holds the prefix (GPU cache and host store) and runs {BUSY} "
+                       f"long generations (64-token prompts, max_tokens {BUSY_TOKENS}) sent "
+                       f"straight to it; {PULL_TRIALS} trials, each a new turn after one of "
+                       f"two such prefixes, through a router without pull-on-route, one with "
+                       f"--pull-min-tokens {PULL_MIN}, and straight to r1; r2's caches emptied "
+                       f"after each. Where each went (engine/route): {pr}")))
+        return results
     finally:
+        stop_busy.set()
         cluster.stop_all()
 
 

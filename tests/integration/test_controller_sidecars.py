@@ -61,7 +61,7 @@ def test_check_finish_lmcache_style(fleet, pair):
     assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
     assert set(st) == {"event_id", "status", "kind", "source", "destination", "num_tokens",
                        "num_chunks", "bytes", "total_bytes", "elapsed_s", "error", "error_kind",
-                       "max_bytes_per_s"}
+                       "max_bytes_per_s", "drain"}
 
 
 def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):
