@@ -242,8 +242,9 @@ class Endpoint:
         path: Starlette route path (``{name}`` for path parameters).
         handler: ``async (request) -> Response``.
         summary: one line for the document.
-        ok: the 200 body: a msgspec type (JSON), ``dict`` (any JSON object), or a media type
-            string for a non-JSON body.
+        ok: the 200 body: a msgspec type (JSON), a tuple of them (one of them, as a query
+            parameter decides: ``anyOf``), ``dict`` (any JSON object), or a media type string
+            for a non-JSON body.
         body: the msgspec type of the JSON request body, if the handler reads one.
         errors: error kinds (keys of ``STATUS_BY_KIND``) the handler can answer besides the
             body errors every ``body`` endpoint has.
@@ -439,6 +440,8 @@ def _ok_response(ep: Endpoint, refs: dict[type, dict[str, Any]]) -> dict[str, An
         content = {"application/json": {"schema": {"type": "object"}}}
     elif isinstance(ep.ok, str):
         content = {ep.ok: {"schema": {"type": "string"}}}
+    elif isinstance(ep.ok, tuple):
+        content = {"application/json": {"schema": {"anyOf": [refs[t] for t in ep.ok]}}}
     else:
         content = {"application/json": {"schema": refs[ep.ok]}}
     out: dict[str, Any] = {"description": "Success.", "content": content}
@@ -466,7 +469,7 @@ def build_document(title: str, description: str, endpoints: list[Endpoint]) -> d
     types."""
     types: list[type] = [ErrorEnvelope]
     for ep in endpoints:
-        for t in (ep.body, ep.ok):
+        for t in (ep.body, *(ep.ok if isinstance(ep.ok, tuple) else (ep.ok,))):
             if isinstance(t, type) and issubclass(t, msgspec.Struct) and t not in types:
                 types.append(t)
     refs_list, schemas = msgspec.json.schema_components(types, ref_template=_REF)

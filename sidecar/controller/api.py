@@ -231,13 +231,14 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/openapi.json", openapi, "This document.", dict, auth=True),
     Endpoint("POST", "/move", move, "Move or copy the KV of a token prefix between instances; "
              "starts a job (with `wait`: answers with the job's status once it ended).",
-             protocol.MoveResponse, protocol.MoveRequest,
+             (protocol.MoveResponse, protocol.JobStatusBody), protocol.MoveRequest,
              ("bad_request", "not_found", "incompatible", "unavailable", "store_full",
               "conflict"), params=("wait",), auth=True),
     Endpoint("POST", "/drain", drain, "Move (or copy) everything an instance holds to other "
              "instances, whole prefixes where they fit, pins carried over; starts a job "
              "(with `wait`: answers with its status once it ended). Moves into the instance "
-             "are refused while it drains.", protocol.DrainResponse, protocol.DrainRequest,
+             "are refused while it drains.", (protocol.DrainResponse, protocol.JobStatusBody),
+             protocol.DrainRequest,
              ("bad_request", "not_found", "incompatible", "unavailable", "conflict"),
              params=("wait",), auth=True),
     Endpoint("GET", "/events", events, "Recent jobs, newest first.", protocol.EventList,

@@ -13,7 +13,7 @@ deeply nested JSON, and the sidecar's chunk keys and limits. Each asserts the st
 message, and that no store changed.
 
 State: the fuzzer is steered towards two instances of its own (``fuzz-a``, ``fuzz-b``; it may
-move, pin and clear their chunks: that is legitimate), and the hand-written cases use two others
+move, drain, pin and clear their chunks: that is legitimate), and the hand-written cases use two others
 (``hand-src``, ``hand-dst``) that no fuzzed request names. A fake engine answers ``/tokenize``
 so prompts are tokenized as they would be in production (no vLLM is started).
 """
@@ -424,6 +424,8 @@ def _steer(world: World, case, use_ids: bool, src: str, dst: str, prefix: int, k
             body["old_position"], body["new_position"] = [src, LOC], [dst, LOC]
         if "instance_id" in body:
             body["instance_id"] = src
+        if case.path == "/drain":  # not to every instance (its default): the hand ones too
+            body["to"] = [dst]
         if "location" in body:
             body["location"] = LOC
         if isinstance(body.get("tokens"), list):
