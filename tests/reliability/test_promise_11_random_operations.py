@@ -1,5 +1,5 @@
-"""Promise 11: whatever mix of moves, copies, clears, pins and cancels runs at once among three
-sidecars, at every quiet point: every prefix an operator did not clear is held whole somewhere,
+"""Promise 11: whatever mix of moves, copies, drains, clears, pins and cancels runs at once
+among three sidecars, at every quiet point: every prefix an operator did not clear is held whole somewhere,
 every chunk anywhere is byte for byte the one first written, and nothing is left held (no
 load's or lease's hold, no half-written chunk).
 
@@ -47,6 +47,8 @@ operation = st.one_of(
     # A prefix copied to a second sidecar, then moved both ways between the two at once.
     st.tuples(st.just("opposite"), prefix, st.integers(0, 2), st.integers(1, 2)),
     st.tuples(st.just("clear"), instance, st.integers(0, len(SCRATCH) - 1)),
+    # Everything a sidecar holds, to the other two (or copied there).
+    st.tuples(st.just("drain"), instance, st.booleans()),
     st.tuples(st.sampled_from(["pin", "unpin"]), instance, prefix),
     st.tuples(st.just("cancel"), st.integers(0, 1 << 16)),
 )
@@ -60,7 +62,7 @@ class Fleetwide(RuleBasedStateMachine):
     fleet = None  # set by the test
     client: httpx.Client
     original: dict[bytes, bytes] = {}
-    runs = {"operations": 0, "conflicts": 0, "done": 0, "cancelled": 0}
+    runs = {"operations": 0, "conflicts": 0, "done": 0, "cancelled": 0, "drains": 0}
 
     def __init__(self):
         super().__init__()
@@ -106,6 +108,11 @@ class Fleetwide(RuleBasedStateMachine):
             r = self.client.post("/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
                                                 "tokens": tokens_of(p), "copy": copy})
             allowed = {200, 400, 404, 409}  # 400: src == dst; 404: src holds none of it
+        elif kind == "drain":
+            _, iid, copy = op
+            r = self.client.post("/drain", json={"instance_id": iid, "copy": copy})
+            # 409: it, or a destination, is draining already; 503: every other one is.
+            allowed = {200, 409, 503}
         elif kind == "clear":
             _, iid, p = op
             r = self.client.post("/clear", json={"instance_id": iid, "tokens": SCRATCH[p]})
@@ -122,8 +129,9 @@ class Fleetwide(RuleBasedStateMachine):
         assert r.status_code in allowed, (op, r.status_code, r.text)
         Fleetwide.runs["operations"] += 1
         Fleetwide.runs["conflicts"] += r.status_code == 409 and kind != "cancel"
-        if r.status_code == 200 and kind == "move":
+        if r.status_code == 200 and kind in ("move", "drain"):
             self.jobs.append(r.json()["event_id"])
+            Fleetwide.runs["drains"] += kind == "drain"
 
     @rule(ops=st.lists(operation, min_size=2, max_size=8))
     def burst(self, ops):
@@ -172,6 +180,7 @@ def test_random_concurrent_operations_lose_nothing(fleet):
         Fleetwide.client.close()
     runs = Fleetwide.runs
     print(f"\n[promise 11] {EXAMPLES} runs of up to {STEPS} bursts: {runs['operations']} "
-          f"operations, {runs['conflicts']} refused as conflicting, {runs['done']} moves/copies "
-          f"done, {runs['cancelled']} cancelled")
-    assert runs["done"] > 0 and runs["conflicts"] > 0  # the runs did move KV, and did collide
+          f"operations, {runs['conflicts']} refused as conflicting, {runs['done']} moves/copies/"
+          f"drains done, {runs['cancelled']} cancelled, {runs['drains']} drains started")
+    # The runs did move KV, drained, and collided.
+    assert runs["done"] > 0 and runs["conflicts"] > 0 and runs["drains"] > 0
