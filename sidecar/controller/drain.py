@@ -27,7 +27,8 @@ Contract
   cancelled batch leaves its units at the source — a drain never leaves KV held nowhere. A
   failed batch:
     - whose destination is down: the destination is *lost*; this batch and the rest of its
-      queue are planned again over the other destinations;
+      queue are planned again over the other destinations (so is its queue when a drain of its
+      own begins: a draining instance takes no KV);
     - whose source is down: every unit not yet moved fails (there is nothing left to read);
     - of several units: each is tried again alone (one bad unit does not fail its neighbours);
     - of one unit: the unit fails with the cause (skipped when the source no longer holds it).
@@ -181,6 +182,7 @@ class DrainHooks:
         chunk_cost: bytes a chunk takes at a destination (0 if it holds it already).
         alive: whether an instance is up.
         chunk_bytes: bytes a chunk of n tokens is, over every rank of the source.
+        accepts: whether a destination takes KV now (up, and not being drained itself).
     """
 
     list_chunks: Callable[[], Awaitable[list[protocol.ChunkListing]]]
@@ -189,6 +191,7 @@ class DrainHooks:
     chunk_cost: Callable[[str, bytes], int]
     alive: Callable[[str], bool]
     chunk_bytes: Callable[[int], int]
+    accepts: Callable[[str], bool] | None = None
 
 
 class Drain:
@@ -261,9 +264,12 @@ class Drain:
             await self._execute(self._plan(units))
         self._finish()
 
+    def _accepts(self, d: str) -> bool:
+        accepts = self.hooks.accepts or self.hooks.alive
+        return not self.destinations[d].lost and accepts(d)
+
     def _live(self) -> list[str]:
-        return [d for d, info in self.destinations.items()
-                if not info.lost and self.hooks.alive(d)]
+        return [d for d in self.destinations if self._accepts(d)]
 
     def _plan(self, units: list[Unit]) -> dict[str, list[Unit]]:
         room = {d: max(0, self.hooks.room(d) - self._planned[d]) for d in self._live()}
@@ -308,6 +314,9 @@ class Drain:
                     else:
                         self._problem(unit, "skipped", "cancelled", "cancelled")
                 return
+            if not self._accepts(d):  # down, or a drain of its own began: the others take it
+                self._lose(d, [], q, "it takes no KV now", queues, ensure)
+                return
             batch = [q.popleft()]
             size = self._cost(d, batch[0])
             while q and not batch[0].solo and not q[0].solo and q[0].keep == batch[0].keep \
@@ -344,20 +353,8 @@ class Drain:
             for unit in batch:
                 self._problem(unit, "failed", why, kind)
             return
-        if not self.hooks.alive(d):  # (a dead peer's commands fail once it is seen down)
-            # Lost: what it was to take is planned again over the others.
-            logger.warning("drain %s: destination %s lost (%s); planning its %d unit(s) "
-                           "again", self.job.event_id, d, why, len(batch) + len(q))
-            self.destinations[d].lost = True
-            rest = batch + list(q)
-            for unit in q:
-                self._planned[d] -= self._cost(d, unit)
-            q.clear()
-            for unit in rest:
-                unit.solo = False
-            for other, units in self._plan(rest).items():
-                queues.setdefault(other, deque()).extend(units)
-                ensure(other)
+        if not self._accepts(d):  # (a dead peer's commands fail once it is seen down)
+            self._lose(d, batch, q, why, queues, ensure)
             return
         if len(batch) > 1:  # each again, alone
             for unit in reversed(batch):
@@ -367,6 +364,23 @@ class Drain:
             return
         outcome = "skipped" if kind in ("not_found", "cancelled") else "failed"
         self._problem(batch[0], outcome, why, kind)
+
+    def _lose(self, d: str, batch: list[Unit], q: deque[Unit], why: str,
+              queues: dict[str, deque[Unit]], ensure: Callable[[str], None]) -> None:
+        """Destination ``d`` is lost: what it was to take (a failed ``batch`` and its queue
+        ``q``) is planned again over the others."""
+        logger.warning("drain %s: destination %s lost (%s); planning its %d unit(s) again",
+                       self.job.event_id, d, why, len(batch) + len(q))
+        self.destinations[d].lost = True
+        rest = batch + list(q)
+        for unit in q:
+            self._planned[d] -= self._cost(d, unit)
+        q.clear()
+        for unit in rest:
+            unit.solo = False
+        for other, units in self._plan(rest).items():
+            queues.setdefault(other, deque()).extend(units)
+            ensure(other)
 
     def _finish(self) -> None:
         u = self.units

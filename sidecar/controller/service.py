@@ -433,7 +433,8 @@ class Controller:
         src = registry.require(source)
         per_rank, ranks = src.layout.valid_bytes, src.world_size
         return DrainHooks(list_chunks, transfer, room, chunk_cost, alive,
-                          lambda n: per_rank(n) * ranks)
+                          lambda n: per_rank(n) * ranks,
+                          accepts=lambda iid: alive(iid) and iid not in self.draining)
 
     @staticmethod
     def _plan(src: Instance, dst: Instance) -> tuple[list[Lane], Conversion | None]:

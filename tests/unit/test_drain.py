@@ -243,3 +243,18 @@ def test_a_copy_drain_reports_copy():
     _, d = drain(fleet, copy=True)
     run(d)
     assert d.to_status().copy is True
+
+
+def test_a_destination_that_begins_a_drain_of_its_own_takes_no_more():
+    fleet = FakeFleet(listing("a", "b", "c", "d"), {"d1": 2000, "d2": 2000})
+    draining: set[str] = set()
+    hooks = fleet.hooks()
+    hooks.accepts = lambda d: d in fleet.up and d not in draining
+    job = Job("drain-1", "drain", "src", "d1,d2", [], 0)
+    job.drain = d = Drain(job, ["d1", "d2"], False, hooks, batch_bytes=SLOT)
+    fleet.on_batch = lambda dst, j: draining.add("d1")  # after the first batch, wherever it went
+    run(d)
+    assert not fleet.src
+    first = fleet.batches[0][0]
+    assert [dst for dst, _ in fleet.batches].count("d1") == (1 if first == "d1" else 0)
+    assert {x.instance_id: x.lost for x in d.to_status().destinations}["d1"]
