@@ -4,40 +4,43 @@ run: TTFT p50/p90 and throughput; then pull-on-route with one engine made busy.
 
 Model: a prefill-dominated one — random-init Llama, 16 layers, 8 attention and 8 KV heads of
 128, hidden 256 (``kv64k-16l``: 64 KiB of KV per token, 128 MiB per 2,048-token prefix): a
-cold 2,080-token prefill costs ~1.3-1.6 s on one core here, a prefix-cache hit ~0.1 s.
+cold 2,080-token prompt costs ~1 s to its first token on one idle core here, ~2 s with both
+engines busy; a prefix-cache hit ~0.2 s (≈ 0.4 s with both busy), nearly all fixed cost.
 
 Engines: two, one core each (OpenMP bound to core 0 / 1), with the connector and vLLM's own
 KV events on. Each engine's caches hold about half of the workload's prefixes: its paged
-cache ``GPU_BLOCKS`` blocks of 128 tokens (four prefixes of 16 blocks and 8 blocks for turns in
-flight), its host store ``HOST_GIB`` (slots of one 256-token chunk, 16 MiB each: four
-prefixes of 8 chunks and 8 more; each request also stores its own partial last chunk, a slot).
-So all 8 prefixes fit in the two engines together but not in one: round-robin makes each
+cache ``GPU_BLOCKS`` blocks of 128 tokens (three prefixes of 16 blocks, or two and the turns
+in flight), its host store ``HOST_GIB`` (48 slots of one 256-token chunk, 16 MiB each: four
+prefixes of 8 chunks and 16 more — every request also stores its own partial last chunk in a
+slot). All 8 prefixes fit in the two engines together, not in one: round-robin makes each
 engine see all of them (its caches thrash), routing by prefix can partition them.
 
-Workload: 8 system prompts of 2,048 tokens, each request one of them followed by a new
-32-token user turn; ``WARMUP`` requests (each prefix twice) then ``MEASURED`` (each prefix 15
-times), each block in a seeded random order, open-loop at a steady rate, streamed
-(``max_tokens`` 4); TTFT = time to the first streamed chunk. Percentiles are over the measured
-requests only (the steady state: every arm starts cold and pays its first prefills in the
-warm-up, which is recorded separately).
+Workload: 8 system prompts of 2,048 tokens; each request one of them followed by a new
+32-token user turn, streamed (``max_tokens`` 4); TTFT = time to the first streamed chunk.
+``WARMUP_ROUNDS`` × 8 requests (the cold start) then ``MEASURED_ROUNDS`` × 8, each round
+block in a seeded random order, all open-loop at one steady rate. Percentiles are over the
+measured requests (the steady state); the warm-up's are reported beside them.
 
-Rate: calibrated first on one idle engine — a cold prefill ``C``, a prefix-cache (GPU) hit
-``H`` and a host-store hit — and set to ``LOAD`` × round-robin's estimated capacity
-``2 / (m·C + (1-m)·H)`` with ``m`` = ``RR_MISS_EST`` (each engine's caches hold half the
-prefixes). Round-robin's actual share of prompt tokens prefilled is measured (engines'
-``/metrics``) and reported.
+Rate: calibrated first with both engines busy at once (fresh prompts, not the workload's) —
+a cold prompt, a GPU prefix-cache hit and a host-store hit, each timed to its first token
+and to its last — and set to ``LOAD`` × round-robin's estimated capacity
+``2 / (m·cold + (1-m)·hit)`` (to the last token) with ``m`` = ``RR_MISS_EST`` (each engine's
+caches hold half the prefixes). The share of prompt tokens each arm really prefilled (the
+engines' ``/metrics``) is reported, and an arm that completed fewer than 95 % of the rate is
+flagged as overloaded.
 
 Arms (each from cold: prefix caches reset, host stores cleared): "round-robin" (request i to
-engine i mod 2, straight), "router" (through ``kvmove-router``, defaults: pull-on-route off),
-"oracle" (prefix p straight to engine p mod 2: the static placement a client that knows the
-workload and the caches' size would choose — four prefixes per engine, which fit — with no
-proxy hop).
+engine i mod 2, straight), "router" (through ``kvmove-router``, defaults: ``--load-tokens``
+1024, pull-on-route off), "router --load-tokens 256" (the same with an in-flight request
+worth 256 tokens of prefix, not 1024: a setting, not the default), "oracle" (prefix p
+straight to engine p mod 2: the static placement of a client that knows the workload and the
+caches' size — four prefixes per engine, which fit — and no proxy hop).
 
-Pull-on-route: both engines cold, two prefixes prefilled on engine 1 (its GPU cache and host
-store), engine 1 then kept busy by ``BUSY`` long generations sent straight to it. Per trial,
-a new turn after one of those prefixes goes through a router with ``--pull-min-tokens`` off,
-through one with it on, and straight to the busy holder; engine 2's caches are emptied after
-each trial, so every trial finds the prefix on engine 1 only.
+Pull-on-route: both engines cold, two prefixes prefilled on engine r1 (its GPU cache and host
+store), r1 then kept busy by ``BUSY`` long generations sent straight to it. Per trial, a new
+turn after one of those prefixes goes through the router without pull-on-route, through one
+with ``--pull-min-tokens``, and straight to the busy holder; r2's caches are emptied after
+each request, so every one finds the prefix on r1 only.
 """
 
 from __future__ import annotations

@@ -282,10 +282,13 @@ class Controller:
         dst = self.registry.get(job.destination)
         if src is None or dst is None or not (src.complete and dst.complete):
             raise JobFailed("unavailable", "an instance unregistered before the job started")
-        limits = tuple(lim for lim in (
-            RateLimit(job.max_bytes_per_s) if job.max_bytes_per_s else None,
-            self.bandwidth) if lim is not None)
-        await self._transfer(job, src, dst, limits, tokens=tokens)
+        await self._transfer(job, src, dst, self._limits(job.max_bytes_per_s), tokens=tokens)
+
+    def _limits(self, max_bytes_per_s: int | None) -> tuple[RateLimit, ...]:
+        """The caps a job's batches wait for: its own (a new pacer, shared by all its batches)
+        and the controller's (shared by every job)."""
+        own = RateLimit(max_bytes_per_s) if max_bytes_per_s else None
+        return tuple(lim for lim in (own, self.bandwidth) if lim is not None)
 
     async def _transfer(self, job: Job, src: Instance, dst: Instance,
                         limits: tuple[RateLimit, ...], tokens: list[int] | None = None,
@@ -336,8 +339,7 @@ class Controller:
         dests = list(dict.fromkeys(d.instance_id for d in to))
         job = self.jobs.new("drain", src.instance_id, ",".join(dests), [], 0)
         job.max_bytes_per_s = max_bytes_per_s
-        own = RateLimit(max_bytes_per_s) if max_bytes_per_s else None
-        limits = tuple(lim for lim in (own, self.bandwidth) if lim is not None)
+        limits = self._limits(max_bytes_per_s)
         # Batches of at most a second at the slowest cap: a cancel stops a capped drain soon.
         batch = DRAIN_BATCH_BYTES if not limits else \
             max(1, min(DRAIN_BATCH_BYTES, int(min(lim.bytes_per_s for lim in limits))))
