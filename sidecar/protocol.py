@@ -553,13 +553,16 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
 # Controller HTTP API (JSON)
 # ---------------------------------------------------------------------------------------------
 class MoveRequest(msgspec.Struct, forbid_unknown_fields=False):
-    """``POST /move``. Exactly one of ``tokens`` and ``prompt``.
+    """``POST /move``. Exactly one of ``tokens``, ``prompt``, ``prefixes`` and ``all``.
 
     Attributes:
         old_position: ``[instance_id, location]`` of the source.
         new_position: ``[instance_id, location]`` of the destination.
         tokens: prompt token ids.
         prompt: prompt text, tokenized by the source engine's ``/tokenize``.
+        prefixes: several prompts' token ids: one job moves what the source holds of each
+            (a batch move: its status reports per prefix family, as a drain's does).
+        all: every chunk the source holds (a batch move).
         copy: keep the source's chunks (default: move, deleting them once the destination
             holds them).
         should_copy: LMCache's name for ``copy``.
@@ -570,6 +573,8 @@ class MoveRequest(msgspec.Struct, forbid_unknown_fields=False):
     new_position: tuple[str, str]
     tokens: list[int] | None = None
     prompt: str | None = None
+    prefixes: Annotated[list[list[int]], msgspec.Meta(min_length=1, max_length=4096)] | None = None
+    all: bool = False
     copy: bool | None = None
     should_copy: bool | None = None
     max_bytes_per_s: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] | None = None
@@ -722,7 +727,8 @@ class JobStatusBody(msgspec.Struct):
         error: cause, when failed (or what a cancelled job had moved).
         error_kind: the cause's kind (a key of the HTTP error map, e.g. ``store_full``).
         max_bytes_per_s: the job's own bandwidth cap, if it was given one.
-        drain: a drain's progress (units, destinations, what did not move and why).
+        drain: a drain's or batch move's progress (units, destinations, what did not move
+            and why).
     """
 
     event_id: str

@@ -60,9 +60,18 @@ async def move(request: Request) -> Response:
     body = await read_json(request, protocol.MoveRequest)
     src = _position(ctl, *body.old_position, "old_position")
     dst = _position(ctl, *body.new_position, "new_position")
-    tokens = await ctl.tokens_of(body.tokens, body.prompt, src)
     copy = bool(body.copy if body.copy is not None else body.should_copy)
-    job = ctl.create_move(src, dst, tokens, copy, body.max_bytes_per_s)
+    if body.all or body.prefixes is not None:  # a batch move
+        if body.tokens is not None or body.prompt is not None or \
+                (body.all and body.prefixes is not None):
+            raise ApiError("bad_request", "give exactly one of 'tokens', 'prompt', 'prefixes' "
+                                          "and 'all'")
+        prefixes = None if body.all else [await ctl.tokens_of(p, None, src)
+                                          for p in body.prefixes]
+        job = ctl.create_batch_move(src, dst, prefixes, copy, body.max_bytes_per_s)
+    else:
+        tokens = await ctl.tokens_of(body.tokens, body.prompt, src)
+        job = ctl.create_move(src, dst, tokens, copy, body.max_bytes_per_s)
     if wait is None:
         return json_response(protocol.MoveResponse(job.num_tokens, job.event_id))
     return json_response(await job.wait(wait))
@@ -229,8 +238,9 @@ _STORE_OP_ERRORS = ("not_found", "unavailable", "timeout")
 ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/", status_page, "Live status page of the fleet.", "text/html"),
     Endpoint("GET", "/openapi.json", openapi, "This document.", dict, auth=True),
-    Endpoint("POST", "/move", move, "Move or copy the KV of a token prefix between instances; "
-             "starts a job (with `wait`: answers with the job's status once it ended).",
+    Endpoint("POST", "/move", move, "Move or copy the KV of a token prefix (or of several, or "
+             "all a source holds) between instances; starts a job (with `wait`: answers with "
+             "the job's status once it ended).",
              (protocol.MoveResponse, protocol.JobStatusBody), protocol.MoveRequest,
              ("bad_request", "not_found", "incompatible", "unavailable", "store_full",
               "conflict"), params=("wait",), auth=True),

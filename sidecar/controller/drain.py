@@ -4,7 +4,9 @@ Contract
 --------
 * A :class:`Drain` is the state and the steps of one ``"drain"`` job. The controller creates it
   (:meth:`~sidecar.controller.service.Controller.create_drain`, which validates and marks the
-  source *draining*) and runs :meth:`Drain.run` as the job's task. It reaches the fleet only
+  source *draining*) and runs :meth:`Drain.run` as the job's task. A *batch move* (``POST
+  /move`` with several prefixes, or all a source holds) runs the same steps into one
+  destination, over the chunks it selected. It reaches the fleet only
   through the callables it is given (:class:`DrainHooks`): the source's chunk listing, one
   batch's transfer (a move or copy of its own, under its own chunk claims), each
   destination's free room and per-chunk cost, and whether an instance is up. So it knows
@@ -217,6 +219,7 @@ class Drain:
         self._in_flight: dict[str, Job] = {}
         self._bytes_done = 0
         self._source_lost = False
+        self.tokens = 0  # of the chunks listed
 
     # -- progress --------------------------------------------------------------------------
     @property
@@ -259,7 +262,8 @@ class Drain:
             self.units["total"] += len(units)
             self.chunks["total"] += len(listing)
             self.job.num_chunks = self.chunks["total"]
-            self.job.num_tokens += sum(c.num_tokens for c in listing)
+            self.tokens += sum(c.num_tokens for c in listing)
+            self.job.num_tokens = max(self.job.num_tokens, self.tokens)
             self.job.total_bytes += sum(self.hooks.chunk_bytes(c.num_tokens) for c in listing)
             await self._execute(self._plan(units))
         self._finish()

@@ -80,6 +80,10 @@ class ChunkIndex:
         """The keys ``instance_id`` holds (a live view: do not change the index meanwhile)."""
         return self._by_instance.get(instance_id, ())
 
+    def num_tokens(self, instance_id: str, key: bytes) -> int:
+        """Tokens of the chunk ``key`` at ``instance_id`` (0 if it does not hold it)."""
+        return self._holders.get(key, {}).get(instance_id, 0)
+
     def holds(self, instance_id: str, key: bytes) -> bool:
         return instance_id in self._holders.get(key, ())
 

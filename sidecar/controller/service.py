@@ -269,9 +269,10 @@ class Controller:
                 self.locks.release(holder)
             if job.drain is not None:
                 job.bytes = job.drain.bytes
+            if job.kind == "drain":
                 self.draining.pop(job.source, None)
         self.jobs.finish(job, error, kind, cancelled)
-        if job.drain is not None:
+        if job.kind == "drain":
             self._tell_drained(job.source, job)
         logger.info("%s %s %s→%s: %s, %d bytes in %.3f s%s", job.kind, job.event_id, job.source,
                     job.destination, job.status, job.bytes, job.ended - job.created,
@@ -313,6 +314,39 @@ class Controller:
                            lease_s=lease_s, limits=limits, conversion=conversion, blocks=blocks,
                            pinned=pinned, background=background)
 
+    def create_batch_move(self, src: Instance, dst: Instance, prefixes: list[list[int]] | None,
+                          copy: bool, max_bytes_per_s: int | None = None) -> Job:
+        """Validate a move (or copy) of what ``src`` holds of several ``prefixes`` (None: of
+        everything it holds) and start its job: a drain's steps (:class:`Drain`: prefix
+        families, batches, failures) into ``dst`` alone, the destination evicting to make
+        room as for any move. Raises ApiError; changes nothing on error."""
+        self._check_pair(src, dst)
+        registry = self.registry
+        if prefixes is None:
+            keys = {k for k in self.index.keys_of(src.holders[0]) if registry.holds(src, k)}
+        else:
+            keys = set()
+            for tokens in prefixes:
+                spans = self.spans_at(src, tokens)
+                keys.update(s.key for s in spans[:registry.held_prefix(src, spans)])
+        if not keys:
+            raise ApiError("not_found", f"{src.instance_id} holds no KV "
+                                        f"{'at all' if prefixes is None else 'of these prefixes'}")
+        missing = sum(1 for k in keys if not registry.holds(dst, k))
+        if missing * dst.reg.slot_bytes > dst.available_bytes:
+            raise ApiError("store_full", f"{dst.instance_id} can free {dst.available_bytes} "
+                                         f"bytes (the rest is held, pinned or in use); the move "
+                                         f"needs {missing * dst.reg.slot_bytes}")
+        job = self.jobs.new("copy" if copy else "move", src.instance_id, dst.instance_id, [],
+                            sum(self.index.num_tokens(src.holders[0], k) for k in keys))
+        job.max_bytes_per_s = max_bytes_per_s
+        limits = self._limits(max_bytes_per_s)
+        job.drain = Drain(job, [dst.instance_id], copy,
+                          self._drain_hooks(src.instance_id, limits, select=keys, evict=True),
+                          _batch_bytes(limits))
+        self._start(job, job.drain.run())
+        return job
+
     def create_drain(self, src: Instance, to: list[Instance] | None, copy: bool,
                      max_bytes_per_s: int | None = None) -> Job:
         """Validate a drain of ``src`` into ``to`` (default: every other instance that is up,
@@ -340,10 +374,8 @@ class Controller:
         job = self.jobs.new("drain", src.instance_id, ",".join(dests), [], 0)
         job.max_bytes_per_s = max_bytes_per_s
         limits = self._limits(max_bytes_per_s)
-        # Batches of at most a second at the slowest cap: a cancel stops a capped drain soon.
-        batch = DRAIN_BATCH_BYTES if not limits else \
-            max(1, min(DRAIN_BATCH_BYTES, int(min(lim.bytes_per_s for lim in limits))))
-        job.drain = Drain(job, dests, copy, self._drain_hooks(src.instance_id, limits), batch)
+        job.drain = Drain(job, dests, copy, self._drain_hooks(src.instance_id, limits),
+                          _batch_bytes(limits))
         self.draining[src.instance_id] = job.event_id
         self._start(job, job.drain.run())
         return job
@@ -380,10 +412,12 @@ class Controller:
         for m in inst.ranked():
             self.channel.notify(m.holder, msg)
 
-    def _drain_hooks(self, source: str, limits: tuple[RateLimit, ...]) -> DrainHooks:
-        """How a drain of ``source`` reaches the fleet: listings and batches through the
-        channel (paced by ``limits``, behind operators' moves), room and costs from the
-        heartbeats and the index."""
+    def _drain_hooks(self, source: str, limits: tuple[RateLimit, ...],
+                     select: set[bytes] | None = None, evict: bool = False) -> DrainHooks:
+        """How a drain of ``source`` (or a batch move: only the chunks in ``select``) reaches
+        the fleet: listings and batches through the channel (paced by ``limits``, behind
+        operators' moves), room and costs from the heartbeats and the index (room: empty
+        slots, or with ``evict`` what a destination can free, as for any move)."""
         registry = self.registry
 
         def live(iid: str) -> Instance:
@@ -402,6 +436,8 @@ class Controller:
                                 f"listing the chunks of {source} failed: {failed.error}")
             # A tensor-parallel engine holds a chunk where every rank holds its shard.
             every = set.intersection(*({c.key for c in r.listing} for r in replies))
+            if select is not None:
+                every &= select
             return [c for c in replies[0].listing if c.key in every]
 
         async def transfer(batch: Job, destination: str, pinned: set[bytes]) -> None:
@@ -420,7 +456,7 @@ class Controller:
 
         def room(iid: str) -> int:
             inst = registry.get(iid)
-            return 0 if inst is None else inst.free_bytes
+            return 0 if inst is None else inst.available_bytes if evict else inst.free_bytes
 
         def chunk_cost(iid: str, key: bytes) -> int:
             inst = registry.get(iid)
@@ -502,6 +538,14 @@ class Controller:
             raise ApiError(failed.error_kind or "internal",
                            f"{kind} at {inst.instance_id}: {failed.error}")
         return job
+
+
+def _batch_bytes(limits: tuple[RateLimit, ...]) -> int:
+    """A drain's (or batch move's) batch size: at most a second at its slowest cap, so that a
+    cancel stops it soon."""
+    if not limits:
+        return DRAIN_BATCH_BYTES
+    return max(1, min(DRAIN_BATCH_BYTES, int(min(lim.bytes_per_s for lim in limits))))
 
 
 def _blocks_by_key(dst: Instance, keys: list[bytes],

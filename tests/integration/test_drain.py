@@ -247,3 +247,41 @@ def test_a_sidecar_leaving_is_drained_and_hears_how_it_ended(fleet):
     assert ended is not None and ended.status == "failed" and ended.event_id == ""
     assert "no other instance" in ended.error
     assert alone.store.stats()["num_chunks"] == 1
+
+
+def test_a_batch_move_takes_several_prefixes_or_everything_in_one_job(fleet):
+    src = fleet.add_sidecar("bm-src", slots=16, model="batch")
+    dst = fleet.add_sidecar("bm-d", slots=16, model="batch")
+    small = fleet.add_sidecar("bm-small", slots=2, model="batch")
+    p1, p3, p4 = prompt(71, 3), prompt(73, 2), prompt(74, 2)
+    data = fill(src, p1) | fill(src, p3, seed=3) | fill(src, p4, seed=4)
+    fleet.wait_lookup(p4, {"bm-src": len(p4)})
+    before = len(fleet.http.get("/events?limit=1000").json()["events"])
+    for body, status, kind in (
+            ({"prefixes": []}, 400, "bad_request"),
+            ({"prefixes": [p1], "tokens": p1}, 400, "bad_request"),
+            ({"all": True, "prefixes": [p1]}, 400, "bad_request"),
+            ({"prefixes": [[1, -2]]}, 400, "bad_request"),
+            ({"prefixes": [prompt(99, 1)]}, 404, "not_found")):
+        r = fleet.move("bm-src", "bm-d", **body)
+        assert r.status_code == status and r.json()["error"]["kind"] == kind, (body, r.text)
+    r = fleet.move("bm-src", "bm-small", prefixes=[p1, p3])
+    assert r.status_code == 507 and r.json()["error"]["kind"] == "store_full", r.text
+    assert len(fleet.http.get("/events?limit=1000").json()["events"]) == before
+
+    r = fleet.move("bm-src", "bm-d", prefixes=[p1, p3])
+    assert r.status_code == 200 and r.json()["num_tokens"] == len(p1) + len(p3), r.text
+    st = fleet.wait_job(r.json()["event_id"])
+    assert st["status"] == "done" and st["kind"] == "move", st
+    assert (st["drain"]["units_done"], st["drain"]["chunks_done"]) == (2, 5)
+    assert home_of(fleet, p1, {"bm-d"}) == home_of(fleet, p3, {"bm-d"}) == "bm-d"
+    assert home_of(fleet, p4, {"bm-src"}) == "bm-src"
+
+    r = fleet.move("bm-src", "bm-d", all=True, copy=True)
+    assert r.status_code == 200 and r.json()["num_tokens"] == len(p4), r.text
+    st = fleet.wait_job(r.json()["event_id"])
+    assert st["status"] == "done" and st["kind"] == "copy" and st["drain"]["units_done"] == 1
+    fleet.wait_lookup(p4, {"bm-src": len(p4), "bm-d": len(p4)})
+    for k, v in data.items():
+        assert chunk_bytes(dst, k) == v
+    assert draining(fleet, "bm-src") == ""  # a batch move is no drain
