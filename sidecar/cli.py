@@ -148,7 +148,10 @@ def plural(n: int, word: str) -> str:
 
 # -- commands --------------------------------------------------------------------------------
 def prefix_body(args: argparse.Namespace) -> dict:
-    """The ``tokens`` or ``prompt`` field of a request, from ``--tokens`` / ``--prompt``."""
+    """The ``tokens``, ``prompt`` or ``all`` field of a request, from ``--tokens`` /
+    ``--prompt`` / ``--all``."""
+    if getattr(args, "all", False):
+        return {"all": True}
     if args.tokens is not None:
         return {"tokens": args.tokens}
     if args.prompt is not None:
@@ -367,12 +370,16 @@ def token_list(text: str) -> list[int]:
     return tokens
 
 
-def add_prefix_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    """``--prompt TEXT | --tokens 1,2,3``: the prefix whose KV a command is about."""
+def add_prefix_args(parser: argparse.ArgumentParser, required: bool,
+                    every: str = "") -> None:
+    """``--prompt TEXT | --tokens 1,2,3``: the prefix whose KV a command is about (``every``:
+    the help of an ``--all`` among them, when the command can take everything)."""
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument("--prompt", help="prompt text (tokenized by the engine's /tokenize)")
     group.add_argument("--tokens", type=token_list, metavar="1,2,3",
                        help="prompt token ids, comma-separated")
+    if every:
+        group.add_argument("--all", action="store_true", help=every)
 
 
 def add_global_args(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
@@ -424,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instance holding the KV")
     move.add_argument("--to", dest="destination", required=True, metavar="INSTANCE",
                       help="instance to receive it")
-    add_prefix_args(move, required=True)
+    add_prefix_args(move, required=True,
+                    every="everything the source holds, in one job (whole prefixes)")
     move.add_argument("--copy", action="store_true", help="keep the KV at the source too")
     move.add_argument("--wait", action="store_true",
                       help="wait for the job to end, showing progress on stderr; exit 1 if it fails")

@@ -249,7 +249,7 @@ def test_a_sidecar_leaving_is_drained_and_hears_how_it_ended(fleet):
     assert alone.store.stats()["num_chunks"] == 1
 
 
-def test_a_batch_move_takes_several_prefixes_or_everything_in_one_job(fleet):
+def test_a_batch_move_takes_several_prefixes_or_everything_in_one_job(fleet, capsys):
     src = fleet.add_sidecar("bm-src", slots=16, model="batch")
     dst = fleet.add_sidecar("bm-d", slots=16, model="batch")
     small = fleet.add_sidecar("bm-small", slots=2, model="batch")
@@ -277,9 +277,10 @@ def test_a_batch_move_takes_several_prefixes_or_everything_in_one_job(fleet):
     assert home_of(fleet, p1, {"bm-d"}) == home_of(fleet, p3, {"bm-d"}) == "bm-d"
     assert home_of(fleet, p4, {"bm-src"}) == "bm-src"
 
-    r = fleet.move("bm-src", "bm-d", all=True, copy=True)
-    assert r.status_code == 200 and r.json()["num_tokens"] == len(p4), r.text
-    st = fleet.wait_job(r.json()["event_id"])
+    assert fleet.kvmove("move", "--from", "bm-src", "--to", "bm-d", "--all", "--copy",
+                        "--wait") == 0
+    assert f"copy bm-src -> bm-d: {len(p4)} tokens" in capsys.readouterr().out
+    st = fleet.http.get("/events", params={"limit": 1}).json()["events"][0]
     assert st["status"] == "done" and st["kind"] == "copy" and st["drain"]["units_done"] == 1
     fleet.wait_lookup(p4, {"bm-src": len(p4), "bm-d": len(p4)})
     for k, v in data.items():
