@@ -75,6 +75,13 @@ def copy(fleet, dst: str, **body) -> str:
     return r.json()["event_id"]
 
 
+def drain_copy(fleet, **body) -> str:
+    r = fleet.http.post("/drain", json={"instance_id": "cap-src", "to": ["cap-d1"], "copy": True,
+                                        **body})
+    assert r.status_code == 200, r.text
+    return r.json()["event_id"]
+
+
 def clear(fleet, *instances: str) -> None:
     for i in instances:
         r = fleet.http.post("/clear", json={"instance_id": i, "location": LOC})
@@ -82,17 +89,21 @@ def clear(fleet, *instances: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_copys_own_cap_holds_over_every_second(fleet):
+@pytest.mark.parametrize("kind", ["copy", "drain"])
+def test_a_jobs_own_cap_holds_over_every_second(fleet, kind):
     t0 = time.monotonic()
-    eid = copy(fleet, "cap-d1", max_bytes_per_s=JOB_CAP)
+    eid = (copy(fleet, "cap-d1", max_bytes_per_s=JOB_CAP) if kind == "copy"
+           else drain_copy(fleet, max_bytes_per_s=JOB_CAP))
     samples = progress(fleet, [eid])
     took = time.monotonic() - t0
     peak = busiest_second(samples)
     st = fleet.http.get(f"/events/{eid}").json()
-    print(f"\n[caps] one copy capped at 128 MiB/s: {TOTAL / MiB:.0f} MiB in {took:.2f} s "
+    print(f"\n[caps] a {kind} capped at 128 MiB/s: {TOTAL / MiB:.0f} MiB in {took:.2f} s "
           f"({TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
           f"({peak / JOB_CAP:.3f}× the cap)")
-    assert st["max_bytes_per_s"] == JOB_CAP and st["bytes"] == TOTAL
+    assert st["kind"] == kind and st["max_bytes_per_s"] == JOB_CAP and st["bytes"] == TOTAL
+    if kind == "drain":
+        assert st["drain"]["units_done"] == 1  # one prompt: one family
     assert peak <= 1.1 * JOB_CAP
     assert took >= 0.9 * (TOTAL - JOB_CAP / 10) / JOB_CAP  # the first tenth of a second is free
     clear(fleet, "cap-d1")
@@ -111,30 +122,6 @@ def test_two_copies_together_keep_to_the_controllers_cap(fleet):
     assert peak <= 1.1 * GLOBAL_CAP
     assert took >= 0.9 * (2 * TOTAL - GLOBAL_CAP / 10) / GLOBAL_CAP
     clear(fleet, "cap-d1", "cap-d2")
-
-
-def drain_copy(fleet, **body) -> str:
-    r = fleet.http.post("/drain", json={"instance_id": "cap-src", "to": ["cap-d1"], "copy": True,
-                                        **body})
-    assert r.status_code == 200, r.text
-    return r.json()["event_id"]
-
-
-@pytest.mark.timeout(120)
-def test_a_capped_drain_holds_its_cap_over_every_second(fleet):
-    t0 = time.monotonic()
-    eid = drain_copy(fleet, max_bytes_per_s=JOB_CAP)
-    samples = progress(fleet, [eid])
-    took = time.monotonic() - t0
-    peak = busiest_second(samples)
-    st = fleet.http.get(f"/events/{eid}").json()
-    print(f"\n[caps] a drain capped at 128 MiB/s: {TOTAL / MiB:.0f} MiB in {took:.2f} s "
-          f"({TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
-          f"({peak / JOB_CAP:.3f}× the cap)")
-    assert st["kind"] == "drain" and st["bytes"] == TOTAL and st["drain"]["units_done"] == 1
-    assert peak <= 1.1 * JOB_CAP
-    assert took >= 0.9 * (TOTAL - JOB_CAP / 10) / JOB_CAP
-    clear(fleet, "cap-d1")
 
 
 @pytest.mark.timeout(120)

@@ -13,22 +13,12 @@ import time
 import pytest
 
 from tests.harness.api import LOC, lookup
-from tests.harness.fleet import Fleet
 from tests.harness.stores import BIG_LAYOUT, chunk_bytes, fill, fill_synthetic, keys_of
 from tests.harness.stores import synthetic_chunk
 from vllm_kvmove.hashing import chunk_spans
 
 CHUNK = 32  # tokens per chunk of the tiny layout
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("drain"))
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def prompt(seed: int, chunks: int, head: list[int] | None = None) -> list[int]:
