@@ -250,3 +250,61 @@ def test_a_split_leases_its_one_source_once_and_every_fetch_converts():
         ("d", (0,)), ("d", (0,)), ("d\x001", (0,)), ("d\x001", (0,))]
     ends = [(h, d) for h, what, d in fake.log if what == "end" and h == "s"]
     assert ends == [("s", (True, 4 * MiB))]
+
+
+def test_a_tensor_parallel_engine_drains_rank_by_rank_into_another_format():
+    """A drain of a TP=2 engine into a TP=1 one: the listing is every rank's (a chunk counts
+    where both ranks hold it), the one destination rank reads and converts both source ranks'
+    shards, both source ranks delete once it holds them, and both hear how the drain ended."""
+    async def main():
+        ctl = Controller(ControllerSettings())
+        w = Wire()
+        w.registry, w.channel.registry = ctl.registry, ctl.registry
+        for r in (0, 1):
+            w.receive(conn("tp", r), register("tp", r, **converting(num_kv_heads=1,
+                                                                     total_kv_heads=2)))
+        w.receive(conn("one", 0), register("one", 0, world_size=1, **converting(num_kv_heads=2)))
+        tp = ctl.registry.get("tp")
+        keys = [s.key for s in chunk_spans(list(range(96)), 32, tp.reg.fingerprint)]
+        listing = [protocol.ChunkListing(k, 32, keys[i - 1] if i else None, False)
+                   for i, k in enumerate(keys)]
+        log: list[tuple[str, object, tuple]] = []
+
+        async def command(holder, msg, timeout=None, depends_on=()):
+            msg.req_id = len(log) + 1
+            log.append((holder, msg, depends_on))
+            if isinstance(msg, protocol.ListChunks):  # rank 1 lacks the third chunk's shard
+                return protocol.Reply(req_id=msg.req_id, ok=True,
+                                      listing=listing[:2] if holder == "tp\x001" else listing)
+            if isinstance(msg, protocol.LeaseChunks):
+                return protocol.Reply(req_id=msg.req_id, ok=True, chunks=[
+                    protocol.ChunkDesc(k, 32, i * 4096, 4096, 0) for i, k in enumerate(msg.keys)])
+            if isinstance(msg, protocol.FetchChunks):
+                return protocol.Reply(req_id=msg.req_id, ok=True, bytes=8192 * len(msg.chunks))
+            return protocol.Reply(req_id=msg.req_id, ok=True)
+
+        ctl.channel.command = command
+        ctl.channel._send = w.channel._send  # recorded
+        job = ctl.create_drain(tp, None, copy=False)
+        assert ctl.draining == {"tp": job.event_id} and job.destination == "one"
+        st = await job.wait(10)
+        await asyncio.sleep(0.02)  # the destination's lease ends in the background
+        return ctl, w, job, st, keys, log
+
+    ctl, w, job, st, keys, log = asyncio.run(main())
+    assert st.status == "done" and (st.drain.units_done, st.drain.chunks_done) == (1, 2), st
+    assert not ctl.draining
+    by_kind = lambda kind: [(h, m, d) for h, m, d in log if isinstance(m, kind)]  # noqa: E731
+    # Listed at each rank twice: for the plan, then for what the source gained meanwhile.
+    assert sorted(h for h, _, _ in by_kind(protocol.ListChunks)) == ["tp", "tp", "tp\x001",
+                                                                      "tp\x001"]
+    assert sorted((h, tuple(m.keys)) for h, m, _ in by_kind(protocol.LeaseChunks)) == [
+        ("tp", tuple(keys[:2])), ("tp\x001", tuple(keys[:2]))]
+    ((holder, fetch, depends),) = by_kind(protocol.FetchChunks)
+    assert holder == "one" and [s.rank for s in fetch.convert.shards] == [0, 1]
+    assert set(depends) == {"tp", "tp\x001"} and fetch.chunks[1].key == keys[1]
+    deletes = sorted(h for h, m, _ in by_kind(protocol.EndLease) if m.delete)
+    assert deletes == ["tp", "tp\x001"]
+    told = [(ident, m) for ident, m in w.sent if isinstance(m, protocol.DrainEnded)]
+    assert sorted(ident for ident, _ in told) == [conn("tp", 0), conn("tp", 1)]
+    assert all(m.status == "done" and m.event_id == job.event_id for _, m in told)
