@@ -19,7 +19,9 @@ Workload: 8 system prompts of 2,048 tokens; each request one of them followed by
 32-token user turn, streamed (``max_tokens`` 4); TTFT = time to the first streamed chunk.
 ``WARMUP_ROUNDS`` × 8 requests (the cold start) then ``MEASURED_ROUNDS`` × 8, each round
 block in a seeded random order, all open-loop at one steady rate. Percentiles are over the
-measured requests (the steady state); the warm-up's are reported beside them.
+measured requests (the steady state), pooled over ``REPEATS`` repetitions of every arm (a new
+seed each, arms in the order A B C C B A, so drift and a neighbour's load fall on all arms);
+the warm-up's are reported beside them.
 
 Rate: calibrated first with both engines busy at once (fresh prompts, not the workload's) —
 a cold prompt, a GPU prefix-cache hit and a host-store hit, each timed to its first token
@@ -30,13 +32,12 @@ engines' ``/metrics``) is reported, and an arm that completed fewer than 95 % of
 flagged as overloaded.
 
 Arms (each from cold: prefix caches reset, host stores cleared): "round-robin" (request i to
-engine i mod 2, straight), "router" (through ``kvmove-router``, defaults: ``--load-tokens``
-1024, pull-on-route off), "router --load-tokens 256" (the same with an in-flight request
-worth 256 tokens of prefix, not 1024: a setting, not the default), "oracle" (prefix p
-straight to engine p mod 2: the static placement of a client that knows the workload and the
-caches' size — four prefixes per engine, which fit — and no proxy hop).
+engine i mod 2, straight), "router" (through ``kvmove-router`` with its defaults:
+``--load-tokens`` 1024, pull-on-route off), "oracle" (prefix p straight to engine p mod 2: the
+static placement of a client that knows the workload and the caches' size — four prefixes per
+engine, which fit — and no proxy hop).
 
-Pull-on-route: both engines cold, two prefixes prefilled on engine r1 (its GPU cache and host
+Pull-on-route: both engines cold, two new prefixes prefilled on engine r1 (its GPU cache and host
 store), r1 then kept busy by ``BUSY`` long generations sent straight to it. Per trial, a new
 turn after one of those prefixes goes through the router without pull-on-route, through one
 with ``--pull-min-tokens``, and straight to the busy holder; r2's caches are emptied after
@@ -61,11 +62,11 @@ from tests.harness.processes import LocalCluster, free_port
 
 MODEL = ("kv64k-16l", dict(layers=16, heads=8, kv_heads=8, head_dim=128, hidden=256))
 PREFIXES, PREFIX_TOKENS, TURN_TOKENS, MAX_TOKENS = 8, 2048, 32, 4
-WARMUP_ROUNDS, MEASURED_ROUNDS = 4, 15  # each prefix this many times
+WARMUP_ROUNDS, MEASURED_ROUNDS = 4, 8  # each prefix this many times, per repetition
+REPEATS = 2  # of every arm, in the order A B C C B A (drift and a neighbour's load shared)
 GPU_BLOCKS = 48  # 3 prefixes × 16 blocks (or 2 and turns in flight)
 HOST_GIB = 0.75  # 48 slots of 16 MiB: 4 prefixes × 8 chunks + 16 turns
 LOAD, RR_MISS_EST, CAL_ROUNDS = 0.9, 0.5, 3
-ALT_LOAD_TOKENS = 256  # an extra arm: the router with --load-tokens 256 (0: none)
 BUSY, BUSY_TOKENS, PULL_TRIALS, PULL_MIN = 4, 2048, 6, 1024
 ARMS, PULL = ("round-robin", "router", "oracle"), True  # all, but in a development run
 
@@ -74,8 +75,8 @@ def _rand(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 4000) for _ in range(n)]
 
 
-def _workload(seed: int = 7) -> tuple[list[list[int]], list[tuple[int, list[int]]]]:
-    """The prefixes, and the requests in arrival order: (prefix index, prompt)."""
+def _workload(seed: int) -> list[tuple[int, list[int]]]:
+    """The requests in arrival order: (prefix index, prompt)."""
     rng = random.Random(seed)
     prefixes = [_rand(rng, PREFIX_TOKENS) for _ in range(PREFIXES)]
     order = []
@@ -83,7 +84,7 @@ def _workload(seed: int = 7) -> tuple[list[list[int]], list[tuple[int, list[int]
         block = [i % PREFIXES for i in range(rounds * PREFIXES)]
         rng.shuffle(block)
         order += block
-    return prefixes, [(i, prefixes[i] + _rand(rng, TURN_TOKENS)) for i in order]
+    return [(i, prefixes[i] + _rand(rng, TURN_TOKENS)) for i in order]
 
 
 def _ttft(url: str, model: str, prompt: list[int], out: dict | None = None) -> float:
@@ -159,6 +160,24 @@ def _arm(pick, model: str, workload, rate: float, urls: list[str]):
     return ttfts, rps, tokens, where
 
 
+def _preemptions(url: str) -> float:
+    """The engine's ``vllm:num_preemptions_total`` (requests it preempted: out of KV blocks)."""
+    return sum(float(line.rsplit(" ", 1)[1])
+               for line in httpx.get(url + "/metrics", timeout=60).text.splitlines()
+               if line.startswith("vllm:num_preemptions_total"))
+
+
+def _routing_seconds(url: str) -> tuple[float, float]:
+    """The router's ``kvmove_router_routing_seconds``: (sum, count)."""
+    total = count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("kvmove_router_routing_seconds_sum"):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("kvmove_router_routing_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def _reset_engine(ctl, iid: str, e, model: str) -> None:
     httpx.post(e.url + "/reset_prefix_cache", timeout=60).raise_for_status()
     httpx.post(ctl.url + "/clear", json={"instance_id": iid}, timeout=60).raise_for_status()
@@ -200,30 +219,41 @@ def _ms(x: float) -> str:
     return f"{x * 1e3:.0f}"
 
 
-def _summary(t: list[float], rps: float, tok: dict, where: list[str],
-             workload) -> dict:
-    """One arm's figures: measured p50/p90, the warm-up's, requests/s, the share of prompt
-    tokens prefilled (the rest came from a cache) and from host stores, where requests went."""
+def _summary(runs: list, workloads: list) -> dict:
+    """One arm's figures over its repetitions (``runs[k]`` on ``workloads[k]``): measured
+    p50/p90 and the warm-up's (pooled), requests/s (mean), the share of prompt tokens
+    prefilled (the rest came from a cache) and from host stores, where requests went."""
     warm = WARMUP_ROUNDS * PREFIXES
-    cached = tok["device"] + tok["host"] + tok["other_cached"]
-    placed: dict[int, dict[str, int]] = {}
+    measured, warmup, rps = [], [], []
+    tok = {"total": 0.0, "device": 0.0, "host": 0.0, "other_cached": 0.0}
     routes: dict[str, int] = {}
-    for (prefix, _), w in list(zip(workload, where))[warm:]:
-        engine, _, route = w.partition("/")
-        placed.setdefault(prefix, {}).setdefault(engine, 0)
-        placed[prefix][engine] += 1
-        if route:
-            routes[route] = routes.get(route, 0) + 1
-    return {"p50": percentile(t[warm:], 50), "p90": percentile(t[warm:], 90),
-            "warm_p50": percentile(t[:warm], 50), "warm_p90": percentile(t[:warm], 90),
-            "rps": rps, "prefilled": 1 - cached / tok["total"], "host": tok["host"] / tok["total"],
-            "split": sum(len(v) > 1 for v in placed.values()),
-            "placed": {k: placed[k] for k in sorted(placed)}, "routes": routes}
+    split = 0
+    for (t, r, tokens, where), workload in zip(runs, workloads):
+        measured += t[warm:]
+        warmup += t[:warm]
+        rps.append(r)
+        for k in tok:
+            tok[k] += tokens[k]
+        placed: dict[int, set[str]] = {}
+        for (prefix, _), w in list(zip(workload, where))[warm:]:
+            engine, _, route = w.partition("/")
+            placed.setdefault(prefix, set()).add(engine)
+            if route:
+                routes[route] = routes.get(route, 0) + 1
+        split = max(split, sum(len(v) > 1 for v in placed.values()))
+    cached = tok["device"] + tok["host"] + tok["other_cached"]
+    return {"p50": percentile(measured, 50), "p90": percentile(measured, 90),
+            "warm_p50": percentile(warmup, 50), "warm_p90": percentile(warmup, 90),
+            "rps": statistics.mean(rps), "prefilled": 1 - cached / tok["total"],
+            "host": tok["host"] / tok["total"], "split": split, "routes": routes,
+            "ttfts": measured}
 
 
 def _describe(name: str, a: dict) -> str:
     split = "" if a["routes"] == {} else (
-        f", routes {a['routes']}, prefixes sent to both engines {a['split']} of {PREFIXES}")
+        f", routes {a['routes']}, at most {a['split']} of {PREFIXES} prefixes sent to both "
+        f"engines in a repetition, the router's own time (tokens, lookup) "
+        f"{a['routing_ms']:.1f} ms a request")
     return (f"{name}: p50/p90 {_ms(a['p50'])}/{_ms(a['p90'])} ms (warm-up "
             f"{_ms(a['warm_p50'])}/{_ms(a['warm_p90'])}), {a['rps']:.2f} req/s, "
             f"{a['prefilled']:.0%} of prompt tokens prefilled, {a['host']:.0%} from host "
@@ -262,7 +292,6 @@ def run() -> list[Result]:
             cluster.wait_ready(e, timeout=400)
         router = start_router()
         urls = [engines["r1"].url, engines["r2"].url]
-        prefixes, workload = _workload()
         warm = WARMUP_ROUNDS * PREFIXES
 
         def cold() -> None:
@@ -299,32 +328,35 @@ def run() -> list[Result]:
                  f"{rr_capacity:.2f} req/s; rate {LOAD}× that = {rate:.2f} req/s")
         print(f"[P9] {calib}", flush=True)
 
-        # -- the arms --------------------------------------------------------------------
-        alt = f"router --load-tokens {ALT_LOAD_TOKENS}"
+        # -- the arms, A B C C B A ... ------------------------------------------------------
         arms = {"round-robin": lambda i, prefix: urls[i % 2],
                 "router": lambda i, prefix: router.url,
-                alt: None,
                 "oracle": lambda i, prefix: urls[prefix % 2]}
-        measured, summary = {}, {}
-        for name, pick in arms.items():
-            if name not in ARMS and not (name == alt and ALT_LOAD_TOKENS):
-                continue
-            other = None
-            if name == alt:
-                other = start_router("--load-tokens", str(ALT_LOAD_TOKENS))
-                pick = lambda i, prefix, url=other.url: url  # noqa: E731
+        names = [n for n in arms if n in ARMS]
+        order = [n for k in range(REPEATS) for n in (names if k % 2 == 0 else names[::-1])]
+        runs: dict[str, list] = {n: [] for n in names}
+        workloads = [_workload(7 + k) for k in range(REPEATS)]
+        routing = [0.0, 0.0]  # the router's own time: seconds, requests
+        for k, name in enumerate(order):
+            workload = workloads[len(runs[name])]
             cold()
             t0 = time.monotonic()
-            measured[name] = _arm(pick, model, workload, rate, urls)
-            summary[name] = _summary(*measured[name], workload)
-            if other is not None:
-                cluster.stop(other)
-            print(f"[P9] {_describe(name, summary[name])}; {time.monotonic() - t0:.0f} s",
-                  flush=True)
-            t, _, _, where = measured[name]
+            before = _routing_seconds(router.url)
+            runs[name].append(_arm(arms[name], model, workload, rate, urls))
+            if name == "router":
+                after = _routing_seconds(router.url)
+                routing = [routing[0] + after[0] - before[0], routing[1] + after[1] - before[1]]
+            t, _, _, where = runs[name][-1]
+            a = _summary(runs[name][-1:], [workload])
+            a["routing_ms"] = 1e3 * routing[0] / max(1.0, routing[1])
+            print(f"[P9] {k + 1}/{len(order)} {_describe(name, a)}; "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
             print(f"[P9] {name}, each request (prefix:engine/route:ms): " + " ".join(
                 f"{p}:{w}:{t[i] * 1e3:.0f}" for i, ((p, _), w) in enumerate(zip(workload, where))),
                 flush=True)
+        summary = {n: _summary(runs[n], workloads[:len(runs[n])]) for n in names}
+        for a in summary.values():
+            a["routing_ms"] = 1e3 * routing[0] / max(1.0, routing[1])
 
         # -- pull-on-route, one engine busy ----------------------------------------------
         pull_result = None
@@ -333,7 +365,7 @@ def run() -> list[Result]:
                 raise RuntimeError("skipped")
             puller = start_router("--pull-min-tokens", str(PULL_MIN), "--pull-wait", "10")
             cold()
-            held = prefixes[:2]
+            held = [_rand(rng, PREFIX_TOKENS) for _ in range(2)]
             for p in held:  # on r1 only: its GPU cache and its host store
                 _ttft(urls[0], model, p + _rand(rng, TURN_TOKENS))
             for k in range(BUSY):
@@ -346,6 +378,7 @@ def run() -> list[Result]:
             pr: dict[str, list[str]] = {k: [] for k in pt}
             targets = {"pull off": router.url, "pull on": puller.url,
                        "straight to holder": urls[0]}
+            preempted = _preemptions(urls[0])
             for k in range(PULL_TRIALS):
                 for name in (list(pt) if k % 2 == 0 else list(pt)[::-1]):
                     info: dict = {}
@@ -354,10 +387,12 @@ def run() -> list[Result]:
                     pr[name].append(f"{info.get('engine') or 'r1'}/{info.get('route') or '-'}")
                     _reset_engine(ctl, "r2", engines["r2"], model)
                     time.sleep(1.0)
-            pull_result = (pt, pr)
+            pull_result = (pt, pr, _preemptions(urls[0]) - preempted)
+            print(f"[P9] busy holder preempted {pull_result[2]:.0f} requests", flush=True)
             for name in pt:
                 print(f"[P9] busy holder, {name}: TTFT median "
-                      f"{_ms(statistics.median(pt[name]))} ms, {pr[name]}", flush=True)
+                      f"{_ms(statistics.median(pt[name]))} ms, max {_ms(max(pt[name]))} ms, "
+                      f"{pr[name]}", flush=True)
         except Exception as err:  # noqa: BLE001 - report the main arms even so
             print(f"[P9] pull-on-route part failed: {err!r}", flush=True)
         finally:
@@ -367,15 +402,16 @@ def run() -> list[Result]:
         rr, rt, orc = summary["round-robin"], summary["router"], summary["oracle"]
         overloaded = [n for n, a in summary.items() if a["rps"] < 0.95 * rate]
         notes = ("; ".join(_describe(n, a) for n, a in summary.items()) +
-                 f". {MEASURED_ROUNDS * PREFIXES} measured requests after {warm} warm-up "
-                 f"(the cold start: not in p50/p90), open-loop at {rate:.2f}/s"
+                 f". Each arm {REPEATS}× (order {', '.join(order)}), each time from cold: "
+                 f"{warm} warm-up requests (the cold start: not in p50/p90), then "
+                 f"{MEASURED_ROUNDS * PREFIXES} measured, open-loop at {rate:.2f}/s"
                  + (f" (below it, so overloaded: {', '.join(overloaded)})" if overloaded else "")
                  + f"; {PREFIXES} prefixes of {PREFIX_TOKENS} tokens + {TURN_TOKENS}-token "
                  f"turns, max_tokens {MAX_TOKENS}; model {MODEL[0]} (64 KiB of KV per token); "
                  f"per engine {GPU_BLOCKS} KV blocks of 128 tokens + a {HOST_GIB} GiB host "
                  f"store (together about 4 of the 8 prefixes). {calib}. Whole P9 run "
                  f"{time.monotonic() - t_start:.0f} s.")
-        trials = {f"{n}_ttft_s": m[0] for n, m in measured.items()}
+        trials = {f"{n}_ttft_s": [t for run in runs[n] for t in run[0]] for n in names}
         trials["calibration_ttft_s"] = [t for v in cal.values() for t, _ in v]
         base = {"round_robin_p90_ms": rr["p90"] * 1e3, "round_robin_p50_ms": rr["p50"] * 1e3,
                 "router_p50_ms": rt["p50"] * 1e3, "rate_rps": rate}
@@ -389,18 +425,8 @@ def run() -> list[Result]:
                    baseline={"oracle_p90_ms": orc["p90"] * 1e3, "oracle_p50_ms": orc["p50"] * 1e3},
                    ratio=rt["p90"] / orc["p90"], goal="≤ 1.2× the oracle",
                    met=rt["p90"] / orc["p90"] <= 1.2, notes=notes)]
-        if alt in summary:
-            a = summary[alt]
-            results.append(Result(
-                id="P9-load-tokens", measure=f"TTFT p90, {alt} (not the default) vs "
-                "round-robin", value=a["p90"] * 1e3, unit="ms",
-                baseline={"round_robin_p90_ms": rr["p90"] * 1e3,
-                          "oracle_p90_ms": orc["p90"] * 1e3, "p50_ms": a["p50"] * 1e3},
-                ratio=rr["p90"] / a["p90"], goal="—", met=True,
-                notes=f"the same workload and rate; vs the oracle "
-                      f"{a['p90'] / orc['p90']:.2f}×. {_describe(alt, a)}"))
         if pull_result is not None:
-            pt, pr = pull_result
+            pt, pr, preempted = pull_result
             off, on = statistics.median(pt["pull off"]), statistics.median(pt["pull on"])
             direct = statistics.median(pt["straight to holder"])
             results.append(Result(
@@ -414,7 +440,13 @@ def run() -> list[Result]:
                        f"straight to it; {PULL_TRIALS} trials, each a new turn after one of "
                        f"two such prefixes, through a router without pull-on-route, one with "
                        f"--pull-min-tokens {PULL_MIN}, and straight to r1; r2's caches emptied "
-                       f"after each. Where each went (engine/route): {pr}")))
+                       f"after each. Max TTFT: pull off {_ms(max(pt['pull off']))} ms, pull "
+                       f"on {_ms(max(pt['pull on']))} ms, straight to the holder "
+                       f"{_ms(max(pt['straight to holder']))} ms; the holder preempted "
+                       f"{preempted:.0f} requests during the trials (vLLM preempts when out of "
+                       f"KV blocks: {BUSY} generations of up to {64 + BUSY_TOKENS} tokens take "
+                       f"up to {BUSY * -(-(64 + BUSY_TOKENS) // 128)} blocks of its "
+                       f"{GPU_BLOCKS}). Where each went (engine/route): {pr}")))
         return results
     finally:
         stop_busy.set()
