@@ -170,20 +170,23 @@ class Sidecar:
 
     def leave(self, timeout: float) -> protocol.DrainEnded | None:
         """Ask the controller to drain this engine (it is shutting down) and wait until the
-        drain ended, at most ``timeout`` seconds; the events of the store are flushed first,
-        so the controller plans from all it holds. Call from any thread but the sidecar's.
+        drain ended, at most ``timeout`` seconds. Call from any thread but the sidecar's.
 
         Returns:
-            how the drain ended, or None if no answer came in time (or the sidecar is not
-            running, or no controller is configured).
+            how the drain ended, or None if no answer came in time — or at once if the sidecar
+            is not running, has no controller, or has not heard from it lately (an engine
+            whose controller is gone does not wait for it).
         """
         loop = self.loop
-        if loop is None or loop.is_closed() or self._dealer is None:
+        silent = time.monotonic() - self._last_heard > max(5.0, 3 * self.config.heartbeat_interval_s)
+        if loop is None or loop.is_closed() or self._dealer is None or \
+                self.controller_id is None or silent:
+            logger.warning("no drain: the controller %s", "is not configured" if
+                           self._dealer is None else "has not answered lately")
             return None
 
         async def ask() -> protocol.DrainEnded | None:
             self._drained = loop.create_future()
-            await self.flush_events()
             await self._send(self._dealer, protocol.Leaving(self.config.instance_id))
             try:
                 return await asyncio.wait_for(self._drained, timeout)

@@ -114,8 +114,14 @@ class EngineBook:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        """Read the engines once and keep re-reading them; a controller that is not up yet
+        does not stop the router (it serves the fixed engines, if any, meanwhile)."""
         if self.controller:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - started before the controller: the loop retries
+                logger.warning("cannot read the engines from %s yet; retrying every %.1f s",
+                               self.controller, self.refresh_s)
             self._task = asyncio.create_task(self._refresh_loop())
         self._load_task = asyncio.create_task(self._load_loop())
 

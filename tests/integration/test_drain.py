@@ -223,7 +223,7 @@ def test_a_sidecar_leaving_is_drained_and_hears_how_it_ended(fleet):
     dst = fleet.add_sidecar("lv-d", slots=16, model="leaving")
     p1, p2 = prompt(60, 3), prompt(61, 2)
     data = fill(src, p1) | fill(src, p2, seed=7)
-    ended = src.leave(timeout=30)  # the store's events are flushed first: no wait for the index
+    ended = src.leave(timeout=30)  # the drain lists the store itself: no wait for the index
     assert ended is not None and ended.status == "done", ended
     assert (ended.units_done, ended.units_total, ended.chunks_done) == (2, 2, 5)
     assert ended.destinations == ["lv-d"] and ended.bytes == 5 * src.layout.chunk_bytes
@@ -237,6 +237,11 @@ def test_a_sidecar_leaving_is_drained_and_hears_how_it_ended(fleet):
     assert ended is not None and ended.status == "failed" and ended.event_id == ""
     assert "no other instance" in ended.error
     assert alone.store.stats()["num_chunks"] == 1
+    # No controller to ask (it is gone, or none is configured): no wait at all.
+    lonely = fleet.add_sidecar("lv-none", slots=4, model="alone", wait=False,
+                               config={"controller_reply_url": "", "controller_pull_url": ""})
+    t0 = time.monotonic()
+    assert lonely.leave(timeout=30) is None and time.monotonic() - t0 < 1
 
 
 def test_a_batch_move_takes_several_prefixes_or_everything_in_one_job(fleet, capsys):

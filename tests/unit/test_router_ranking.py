@@ -90,3 +90,27 @@ def test_an_engines_own_queue_is_read_from_its_metrics():
         'vllm:num_requests_running_total 99.0', "garbage line"])
     assert queued_requests(text) == 5
     assert queued_requests("") == 0
+
+
+def test_a_router_started_before_its_controller_waits_for_it():
+    """Started while the controller is not up yet: it starts anyway (no engines), and the
+    engines appear once the controller answers."""
+    calls = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, content=msgspec.json.encode(protocol.InstanceList([])))
+
+    async def main():
+        client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+        book = EngineBook("http://controller", {}, client, refresh_s=0.05)
+        await book.start()  # does not raise
+        assert book.engines == {}
+        await asyncio.sleep(0.2)
+        await book.stop()
+        await client.aclose()
+
+    asyncio.run(main())
+    assert len(calls) >= 2 and set(calls) == {"/instances"}
