@@ -45,24 +45,28 @@ def fleet(tmp_path_factory):
         f.close()
 
 
-def progress(fleet, event_ids: list[str]) -> list[tuple[float, int]]:
-    """(time, bytes moved by all the jobs together), every 20 ms until every job ended."""
+def progress(fleet, event_ids: list[str]) -> list[tuple[float, float, int]]:
+    """(time before the read, time after it, bytes moved by all the jobs together), every
+    20 ms until every job ended."""
     samples = []
     while True:
+        before = time.monotonic()
         states = [fleet.http.get(f"/events/{e}").json() for e in event_ids]
-        samples.append((time.monotonic(), sum(s["bytes"] for s in states)))
+        samples.append((before, time.monotonic(), sum(s["bytes"] for s in states)))
         if all(s["status"] not in ("pending", "running") for s in states):
             assert all(s["status"] == "done" for s in states), states
             return samples
         time.sleep(0.02)
 
 
-def busiest_second(samples: list[tuple[float, int]]) -> int:
-    """The most bytes moved within any 1 s between two samples."""
+def busiest_second(samples: list[tuple[float, float, int]]) -> int:
+    """The most bytes moved between two samples surely at most 1 s apart: each read happened
+    somewhere between its before and after times, so a pair counts only if the later one's
+    after is within 1 s of the earlier one's before (a stalled poll cannot shrink a window)."""
     best = 0
-    for i, (t0, b0) in enumerate(samples):
-        for t1, b1 in samples[i:]:
-            if t1 - t0 > 1.0:
+    for i, (start, _, b0) in enumerate(samples):
+        for _, end, b1 in samples[i + 1:]:
+            if end - start > 1.0:
                 break
             best = max(best, b1 - b0)
     return best
@@ -101,12 +105,12 @@ def test_a_jobs_own_cap_holds_over_every_second(fleet, kind):
     print(f"\n[caps] a {kind} capped at 128 MiB/s: {TOTAL / MiB:.0f} MiB in {took:.2f} s "
           f"({TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
           f"({peak / JOB_CAP:.3f}× the cap)")
+    clear(fleet, "cap-d1")  # first: a failure here must not leave the next test nothing to move
     assert st["kind"] == kind and st["max_bytes_per_s"] == JOB_CAP and st["bytes"] == TOTAL
     if kind == "drain":
         assert st["drain"]["units_done"] == 1  # one prompt: one family
     assert peak <= 1.1 * JOB_CAP
     assert took >= 0.9 * (TOTAL - JOB_CAP / 10) / JOB_CAP  # the first tenth of a second is free
-    clear(fleet, "cap-d1")
 
 
 @pytest.mark.timeout(120)
@@ -119,9 +123,9 @@ def test_two_copies_together_keep_to_the_controllers_cap(fleet):
     print(f"\n[caps] two copies under the controller's 256 MiB/s: {2 * TOTAL / MiB:.0f} MiB in "
           f"{took:.2f} s ({2 * TOTAL / took / MiB:.1f} MiB/s), busiest second {peak / MiB:.1f} MiB "
           f"({peak / GLOBAL_CAP:.3f}× the cap)")
+    clear(fleet, "cap-d1", "cap-d2")
     assert peak <= 1.1 * GLOBAL_CAP
     assert took >= 0.9 * (2 * TOTAL - GLOBAL_CAP / 10) / GLOBAL_CAP
-    clear(fleet, "cap-d1", "cap-d2")
 
 
 @pytest.mark.timeout(120)
@@ -130,26 +134,29 @@ def test_an_operators_move_overtakes_a_drain_under_the_controllers_cap(fleet):
     128 MiB copy runs, the drain moves at most the grants it had already taken (three
     twentieths of a second at the cap), not the half it would get first come, first served."""
     eid = drain_copy(fleet)
-    while fleet.http.get(f"/events/{eid}").json()["bytes"] == 0:
-        time.sleep(0.01)
-    part = TOKENS[:32 * LAYOUT.chunk_size]
-    r = fleet.http.post("/move", json={"old_position": ["cap-src", LOC],
-                                       "new_position": ["cap-d2", LOC], "tokens": part,
-                                       "copy": True})
-    assert r.status_code == 200, r.text
-    mid = r.json()["event_id"]
-    drained_before = fleet.http.get(f"/events/{eid}").json()["bytes"]
-    while (st := fleet.http.get(f"/events/{mid}").json())["status"] in ("pending", "running"):
-        time.sleep(0.01)
-    drained_after = fleet.http.get(f"/events/{eid}").json()["bytes"]
+    try:
+        while fleet.http.get(f"/events/{eid}").json()["bytes"] == 0:
+            time.sleep(0.01)
+        part = TOKENS[:32 * LAYOUT.chunk_size]
+        r = fleet.http.post("/move", json={"old_position": ["cap-src", LOC],
+                                           "new_position": ["cap-d2", LOC], "tokens": part,
+                                           "copy": True})
+        assert r.status_code == 200, r.text
+        mid = r.json()["event_id"]
+        drained_before = fleet.http.get(f"/events/{eid}").json()["bytes"]
+        while (st := fleet.http.get(f"/events/{mid}").json())["status"] in ("pending", "running"):
+            time.sleep(0.01)
+        drained_after = fleet.http.get(f"/events/{eid}").json()["bytes"]
+    finally:
+        drained = fleet.wait_job(eid)
+        clear(fleet, "cap-d1", "cap-d2")
     assert st["status"] == "done" and st["bytes"] == 32 * LAYOUT.chunk_bytes, st
     during = drained_after - drained_before
     print(f"\n[caps] an operator's 128 MiB copy took {st['elapsed_s']:.2f} s; the drain "
           f"moved {during / MiB:.1f} MiB meanwhile")
     assert st["elapsed_s"] >= 0.4  # the copy itself kept to the cap (0.5 s)
     assert during <= 3 * GLOBAL_CAP / 20
-    assert fleet.wait_job(eid)["status"] == "done"
-    clear(fleet, "cap-d1", "cap-d2")
+    assert drained["status"] == "done"
 
 
 @pytest.mark.parametrize("cap", [0, MiB - 1, "fast", 1 << 51])
