@@ -351,7 +351,7 @@ class DrainEnded(_Tagged):
     """
 
     event_id: str
-    status: str
+    status: JobStatus
     error: Text = ""
     units_done: Count = 0
     units_total: Count = 0
@@ -627,7 +627,7 @@ class DrainProblem(msgspec.Struct):
     """A unit of a drain that did not move (it stays at the source).
 
     Attributes:
-        first_chunk: the hex key of its first chunk (the one that starts the prefix).
+        first_chunk: the hex key of its first chunk (units are ordered parents first).
         num_chunks: its chunks; ``num_tokens``: their tokens.
         outcome: "skipped" (no room, cancelled, gone from the source) or "failed".
         reason: why.
@@ -645,7 +645,8 @@ class DrainStatus(msgspec.Struct):
 
     A *unit* is one prefix family — the chunks of the prompts that share a first chunk —
     moved whole to one destination where it fits; a family that fits nowhere whole is split
-    parents-first, the part that fits moved and the rest a unit skipped for want of room.
+    parents-first: the part that fits is copied (the source keeps the whole family, so the rest
+    stays usable there) and the rest is a unit skipped for want of room.
 
     Attributes:
         units_total, units_done, units_failed, units_skipped: units planned, moved, failed,
