@@ -86,7 +86,7 @@ async def drain(request: Request) -> Response:
     to = None if body.to is None else [ctl.registry.require(i) for i in body.to]
     job = ctl.create_drain(src, to, body.copy, body.max_bytes_per_s)
     if wait is None:
-        return json_response(protocol.DrainResponse(job.event_id, job.drain.destinations_named))
+        return json_response(protocol.DrainResponse(job.event_id, list(job.drain.destinations)))
     return json_response(await job.wait(wait))
 
 

@@ -215,17 +215,15 @@ class Drain:
         self.chunks = Counter()  # total, done
         self.problems: list[protocol.DrainProblem] = []
         self.problem_kinds: Counter[str] = Counter()
-        self._planned = Counter()  # bytes queued or in flight per destination, not yet landed
+        # Units waiting per destination, and the worker sending them (one per destination).
+        self._queues: dict[str, deque[Unit]] = {}
+        self._workers: dict[str, asyncio.Task] = {}
         self._in_flight: dict[str, Job] = {}
         self._bytes_done = 0
         self._source_lost = False
         self.tokens = 0  # of the chunks listed
 
     # -- progress --------------------------------------------------------------------------
-    @property
-    def destinations_named(self) -> list[str]:
-        return list(self.destinations)
-
     @property
     def bytes(self) -> int:
         """Bytes moved so far, batches in flight included."""
@@ -265,7 +263,7 @@ class Drain:
             self.tokens += sum(c.num_tokens for c in listing)
             self.job.num_tokens = max(self.job.num_tokens, self.tokens)
             self.job.total_bytes += sum(self.hooks.chunk_bytes(c.num_tokens) for c in listing)
-            await self._execute(self._plan(units))
+            await self._execute(units)
         self._finish()
 
     def _accepts(self, d: str) -> bool:
@@ -275,43 +273,44 @@ class Drain:
     def _live(self) -> list[str]:
         return [d for d in self.destinations if self._accepts(d)]
 
-    def _plan(self, units: list[Unit]) -> dict[str, list[Unit]]:
-        room = {d: max(0, self.hooks.room(d) - self._planned[d]) for d in self._live()}
+    def _plan(self, units: list[Unit]) -> None:
+        """Place ``units`` over the destinations that take KV now (their room less what is
+        queued or in flight to them) and queue them there, starting workers as needed."""
+        room = {d: max(0, self.hooks.room(d) - self._pending(d)) for d in self._live()}
         plan, skipped = assign(units, room, self.hooks.chunk_cost)
         # A unit split in two (the part that fitted, the rest) counts as two from now on.
         self.units["total"] += sum(map(len, plan.values())) + len(skipped) - len(units)
         for unit, why in skipped:
             self._problem(unit, "skipped", why, "store_full")
         for d, queued in plan.items():
-            self._planned[d] += sum(self._cost(d, u) for u in queued)
-        return plan
+            if queued:
+                self._queues.setdefault(d, deque()).extend(queued)
+                if d not in self._workers or self._workers[d].done():
+                    self._workers[d] = asyncio.create_task(self._worker(d))
+
+    def _pending(self, d: str) -> int:
+        """Bytes still to land at ``d``: its queue and its batch in flight."""
+        cost = self.hooks.chunk_cost
+        return sum(self._cost(d, u) for u in self._queues.get(d, ())) + sum(
+            cost(d, k) for job in self._in_flight.values() if job.destination == d
+            for k in job.keys)
 
     def _cost(self, d: str, unit: Unit) -> int:
         return sum(self.hooks.chunk_cost(d, k) for k in unit.keys)
 
-    async def _execute(self, plan: dict[str, list[Unit]]) -> None:
-        queues = {d: deque(units) for d, units in plan.items()}
-        workers: dict[str, asyncio.Task] = {}
-
-        def ensure(d: str) -> None:
-            if queues.get(d) and (d not in workers or workers[d].done()):
-                workers[d] = asyncio.create_task(self._worker(d, queues, ensure))
-
-        for d in queues:
-            ensure(d)
-        while any(not w.done() for w in workers.values()):
-            await asyncio.wait([w for w in workers.values() if not w.done()])
-        for w in workers.values():
+    async def _execute(self, units: list[Unit]) -> None:
+        self._plan(units)
+        while any(not w.done() for w in self._workers.values()):
+            await asyncio.wait([w for w in self._workers.values() if not w.done()])
+        for w in self._workers.values():
             w.result()  # a bug in a worker surfaces as the job's internal error
 
-    async def _worker(self, d: str, queues: dict[str, deque[Unit]],
-                      ensure: Callable[[str], None]) -> None:
-        q = queues[d]
+    async def _worker(self, d: str) -> None:
+        q = self._queues[d]
         while q:
             if self.job.cancel_requested or self._source_lost:
                 while q:
                     unit = q.popleft()
-                    self._planned[d] -= self._cost(d, unit)
                     if self._source_lost:
                         self._problem(unit, "failed", f"the source {self.job.source} is down",
                                       "unavailable")
@@ -319,7 +318,7 @@ class Drain:
                         self._problem(unit, "skipped", "cancelled", "cancelled")
                 return
             if not self._accepts(d):  # down, or a drain of its own began: the others take it
-                self._lose(d, [], q, "it takes no KV now", queues, ensure)
+                self._lose(d, [], "it takes no KV now")
                 return
             batch = [q.popleft()]
             size = self._cost(d, batch[0])
@@ -335,14 +334,13 @@ class Drain:
                 await self.hooks.transfer(child, d, set().union(*(u.pinned for u in batch)))
             except (JobFailed, JobCancelled) as e:
                 kind = e.kind if isinstance(e, JobFailed) else "cancelled"
-                self._failed_batch(d, batch, q, kind, str(e), queues, ensure)
+                self._failed_batch(d, batch, kind, str(e))
                 if self.destinations[d].lost:
                     return
                 continue
             finally:
                 del self._in_flight[child.event_id]
                 self._bytes_done += child.bytes
-                self._planned[d] -= size
             info = self.destinations[d]
             info.units += len(batch)
             info.chunks += len(keys)
@@ -350,41 +348,35 @@ class Drain:
             self.units["done"] += len(batch)
             self.chunks["done"] += len(keys)
 
-    def _failed_batch(self, d: str, batch: list[Unit], q: deque[Unit], kind: str, why: str,
-                      queues: dict[str, deque[Unit]], ensure: Callable[[str], None]) -> None:
+    def _failed_batch(self, d: str, batch: list[Unit], kind: str, why: str) -> None:
         if not self.hooks.alive(self.job.source):
             self._source_lost = True
             for unit in batch:
                 self._problem(unit, "failed", why, kind)
             return
         if not self._accepts(d):  # (a dead peer's commands fail once it is seen down)
-            self._lose(d, batch, q, why, queues, ensure)
+            self._lose(d, batch, why)
             return
         if len(batch) > 1:  # each again, alone
             for unit in reversed(batch):
                 unit.solo = True
-                q.appendleft(unit)
-                self._planned[d] += self._cost(d, unit)
+                self._queues[d].appendleft(unit)
             return
         outcome = "skipped" if kind in ("not_found", "cancelled") else "failed"
         self._problem(batch[0], outcome, why, kind)
 
-    def _lose(self, d: str, batch: list[Unit], q: deque[Unit], why: str,
-              queues: dict[str, deque[Unit]], ensure: Callable[[str], None]) -> None:
-        """Destination ``d`` is lost: what it was to take (a failed ``batch`` and its queue
-        ``q``) is planned again over the others."""
+    def _lose(self, d: str, batch: list[Unit], why: str) -> None:
+        """Destination ``d`` is lost: what it was to take (a failed ``batch`` and its queue)
+        is planned again over the others."""
+        q = self._queues[d]
         logger.warning("drain %s: destination %s lost (%s); planning its %d unit(s) again",
                        self.job.event_id, d, why, len(batch) + len(q))
         self.destinations[d].lost = True
         rest = batch + list(q)
-        for unit in q:
-            self._planned[d] -= self._cost(d, unit)
         q.clear()
         for unit in rest:
             unit.solo = False
-        for other, units in self._plan(rest).items():
-            queues.setdefault(other, deque()).extend(units)
-            ensure(other)
+        self._plan(rest)
 
     def _finish(self) -> None:
         u = self.units
