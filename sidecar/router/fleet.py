@@ -117,11 +117,7 @@ class EngineBook:
         """Read the engines once and keep re-reading them; a controller that is not up yet
         does not stop the router (it serves the fixed engines, if any, meanwhile)."""
         if self.controller:
-            try:
-                await self.refresh()
-            except Exception:  # noqa: BLE001 - started before the controller: the loop retries
-                logger.warning("cannot read the engines from %s yet; retrying every %.1f s",
-                               self.controller, self.refresh_s)
+            await self._try_refresh()
             self._task = asyncio.create_task(self._refresh_loop())
         self._load_task = asyncio.create_task(self._load_loop())
 
@@ -136,10 +132,16 @@ class EngineBook:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
-            try:
-                await self.refresh()
-            except Exception:  # noqa: BLE001 - the controller may be away for a while
-                logger.warning("cannot read the engines from %s", self.controller, exc_info=True)
+            await self._try_refresh()
+
+    async def _try_refresh(self) -> None:
+        """:meth:`refresh`, logging a failure: the controller may be away for a while (or not
+        up yet); the engines known stand meanwhile."""
+        try:
+            await self.refresh()
+        except Exception:  # noqa: BLE001
+            logger.warning("cannot read the engines from %s; retrying every %.1f s",
+                           self.controller, self.refresh_s, exc_info=True)
 
     async def _load_loop(self) -> None:
         """Read each engine's queue, each on its own schedule: a busy engine's API server
