@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sidecar.cli import main as kvmove
-from tests.harness.api import lookup, wait_instances_up
+from tests.harness.api import lookup, wait_instances_up, wait_sole_holder
 from tests.harness.engines import Engine, connector_config, model_dir
 from tests.harness.processes import LocalCluster, free_port
 
@@ -74,19 +74,8 @@ def serve_on(engine: Engine, http, batch: list[list[int]]) -> list[str]:
     return texts
 
 
-def home(http, tokens: list[int], among: set[str]) -> str:
-    """The one engine of ``among`` holding all of ``tokens`` (and nobody else any of it)."""
-    deadline = time.monotonic() + 30
-    while True:
-        got = lookup(http, tokens)
-        if len(got) == 1 and set(got) <= among and next(iter(got.values())) == len(tokens):
-            return next(iter(got))
-        assert time.monotonic() < deadline, got
-        time.sleep(0.1)
-
-
 def check_moved(engines, http, batch, texts) -> None:
-    homes = [home(http, p, {"dr2", "dr3"}) for p in batch]
+    homes = [wait_sole_holder(http, p, {"dr2", "dr3"}) for p in batch]
     assert homes[0] == homes[1], homes  # one family, one destination
     for p, h, text in zip(batch, homes, texts):
         # Only the moved KV may serve it (not the GPU cache of the family's other prompt).

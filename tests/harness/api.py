@@ -49,6 +49,20 @@ def wait_lookup(http, tokens: list[int], expect: dict[str, int], timeout: float 
         time.sleep(0.02)
 
 
+def wait_sole_holder(http, tokens: list[int], among: set[str], timeout: float = 30) -> str:
+    """Poll POST /lookup until exactly one instance holds any of ``tokens`` — one of
+    ``among``, holding all of them — and return it (a prefix moved whole to one place, the
+    index settled). Raises AssertionError after ``timeout`` seconds, with the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = lookup(http, tokens)
+        if len(got) == 1 and set(got) <= among and next(iter(got.values())) == len(tokens):
+            return next(iter(got))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{tokens[:3]}...: held by {got}, not by one of {among}")
+        time.sleep(0.02)
+
+
 def kill_mid_move(http, src: str, dst: str, tokens: list[int], kill, copy: bool,
                   max_bytes_per_s: int) -> tuple[dict, float]:
     """Start a move (or copy) of ``tokens`` from ``src`` to ``dst`` capped at

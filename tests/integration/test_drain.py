@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness.api import LOC, lookup
+from tests.harness.api import LOC, wait_sole_holder
 from tests.harness.stores import BIG_LAYOUT, chunk_bytes, fill, fill_synthetic, keys_of
 from tests.harness.stores import synthetic_chunk
 from vllm_kvmove.hashing import chunk_spans
@@ -31,22 +31,6 @@ def drain(fleet, instance_id: str, **body) -> dict:
     r = fleet.http.post("/drain", json={"instance_id": instance_id, **body})
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def holders(fleet, tokens: list[int]) -> dict[str, int]:
-    return lookup(fleet.http, tokens)
-
-
-def home_of(fleet, tokens: list[int], among: set[str], timeout: float = 10) -> str:
-    """The one instance of ``among`` that holds all of ``tokens`` once the index settled (no
-    other instance holding any of it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = holders(fleet, tokens)
-        if len(got) == 1 and next(iter(got)) in among and got[next(iter(got))] == len(tokens):
-            return next(iter(got))
-        assert time.monotonic() < deadline, f"{tokens[:3]}...: held by {got}"
-        time.sleep(0.02)
 
 
 def draining(fleet, instance_id: str) -> str:
@@ -79,7 +63,8 @@ def test_a_drain_empties_the_source_into_the_others_whole_prefixes_pins_and_byte
     assert job["bytes"] == job["total_bytes"] == 11 * src.layout.chunk_bytes
 
     assert src.store.stats()["num_chunks"] == 0
-    homes = [home_of(fleet, p, set(dests)) for p in (p1, p2, p3, p4)]  # each whole at one
+    # Each prompt whole at exactly one destination.
+    homes = [wait_sole_holder(fleet.http, p, set(dests), timeout=10) for p in (p1, p2, p3, p4)]
     for p, home in zip((p1, p2, p3, p4), homes):
         for k in keys_of(src, p):
             assert chunk_bytes(dests[home], k) == data[k]
@@ -151,7 +136,7 @@ def test_while_an_instance_drains_it_takes_no_kv_and_a_cancel_stops_it(fleet, ca
     # Nothing lost: each family whole at the source or at the destination, bytes intact.
     moved = 0
     for p in families:
-        home = home_of(fleet, p, {"slow-src", "slow-d"})
+        home = wait_sole_holder(fleet.http, p, {"slow-src", "slow-d"}, timeout=10)
         moved += home == "slow-d"
         sc = dst if home == "slow-d" else src
         for k in keys_of(src, p):
@@ -269,8 +254,9 @@ def test_a_batch_move_takes_several_prefixes_or_everything_in_one_job(fleet, cap
     st = fleet.wait_job(r.json()["event_id"])
     assert st["status"] == "done" and st["kind"] == "move", st
     assert (st["drain"]["units_done"], st["drain"]["chunks_done"]) == (2, 5)
-    assert home_of(fleet, p1, {"bm-d"}) == home_of(fleet, p3, {"bm-d"}) == "bm-d"
-    assert home_of(fleet, p4, {"bm-src"}) == "bm-src"
+    for p in (p1, p3):
+        assert wait_sole_holder(fleet.http, p, {"bm-d"}, timeout=10) == "bm-d"
+    assert wait_sole_holder(fleet.http, p4, {"bm-src"}, timeout=10) == "bm-src"
 
     assert fleet.kvmove("move", "--from", "bm-src", "--to", "bm-d", "--all", "--copy",
                         "--wait") == 0
