@@ -30,6 +30,7 @@ import httpx
 import torch
 
 from common import WORK, Result, make_model, median
+from tests.harness.api import wait_job
 from tests.harness.engines import connector_config
 from tests.harness.processes import LocalCluster, free_port
 from vllm_kvmove.layout import KVLayout
@@ -53,13 +54,6 @@ def _drain(http: httpx.Client, **body) -> str:
     r = http.post("/drain", json={"instance_id": "p8-src", "copy": True, **body})
     r.raise_for_status()
     return r.json()["event_id"]
-
-
-def _wait(http: httpx.Client, eid: str) -> dict:
-    while True:
-        st = http.get(f"/events/{eid}", params={"wait": 60}).json()
-        if st["status"] not in ("pending", "running"):
-            return st
 
 
 def _clear(http: httpx.Client) -> None:
@@ -131,7 +125,7 @@ def run() -> list[Result]:
         drains, copies, nbytes = [], [], 0
         for trial in range(DRAIN_TRIALS + 1):
             t0 = time.perf_counter()
-            st = _wait(http, _drain(http))
+            st = wait_job(http, _drain(http))
             took = time.perf_counter() - t0
             assert st["status"] == "done", st
             nbytes = st["bytes"]
@@ -156,7 +150,7 @@ def run() -> list[Result]:
             progress = http.get(f"/events/{eid}").json()
             drained.append(progress["bytes"] / WINDOW_S)
             http.post(f"/events/{eid}/cancel", params={"wait": 30})
-            _wait(http, eid)
+            wait_job(http, eid)
             _clear(http)
         ratio = median(beside) / median(plain)
         drain_notes = (f"{nbytes / 2**30:.2f} GiB in {median(drains):.2f} s "
