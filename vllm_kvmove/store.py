@@ -8,7 +8,8 @@ Contract
 * Callers: the connector's worker side (``reserve``/``commit`` on save, ``hold``/``release``
   around a load, ``match_prefix`` via the lookup server), and the sidecar's command handlers
   (``hold``/``release``/``delete``/``set_pinned``/``reserve``/``commit``/``abort``,
-  ``snapshot``, ``drain_events``). Every public method is thread-safe and O(chunks touched); none copies
+  ``snapshot``, ``drain_events``). Every public method is thread-safe and O(chunks touched: a
+  use also touches the chunks before it in its prompt, see Eviction); none copies
   chunk data or blocks on I/O while holding the lock.
 * Memory: one pool of ``capacity_bytes // chunk_bytes`` fixed-size slots, allocated once, so the
   transfer layer registers it with NIXL once. A chunk's bytes live at
@@ -23,6 +24,10 @@ Contract
   load or a transfer; ``set_pinned`` sets or clears an operator's never-evict flag (the
   controller's ``/pin`` and ``/unpin``), idempotent. Eviction: when a slot is needed and none
   is free, the least recently used *ready* chunk that is neither held nor pinned is evicted.
+  Using a chunk (a save, a load or a transfer) also uses the chunks before it in its prompt
+  (its ``parent`` chain): a prompt's head is never older than its tail, so eviction takes a
+  prompt from its end — a head without its tail still serves a prefix, a tail without its
+  head serves nothing.
   ``delete`` (and ``clear``) removes pinned chunks too — it is an explicit request, not
   eviction — but a held chunk's slot is freed only at its last ``release`` (so a source
   keeps KV until a destination has it).
@@ -141,6 +146,7 @@ class _Entry:
     checksum: int | None = None
     blocks: ChunkBlocks | None = None
     parent: bytes | None = None
+    touched: int = 0  # the last use (_use's op number) that moved it to the recent end
 
 
 class ChunkStore:
@@ -176,6 +182,7 @@ class ChunkStore:
         self._events: deque[StoreEvent] = deque(maxlen=_EVENT_BUFFER)
         self._block_events: deque[StoreEvent] | None = None  # keep_block_events()
         self._seq = 0
+        self._ops = 0  # numbers each use, so _use moves a chunk's ancestors once per use
         self.evictions = 0
         # Counts kept up to date by _account() at every change of an entry, so stats() (run
         # before every sidecar reply and heartbeat) is O(1) under the lock, not a pass over
@@ -301,7 +308,7 @@ class ChunkStore:
                 if not e.ready or e.doomed:
                     raise ChunkBusy(f"chunk {key.hex()} is being written or deleted by another "
                                     f"operation")
-                self._entries.move_to_end(key)
+                self._use([e])
                 if hold:
                     self._account(e, -1)
                     e.holds += 1
@@ -329,7 +336,7 @@ class ChunkStore:
             e.pinned = e.pinned or pinned
             e.holds += hold
             self._account(e, 1)
-            self._entries.move_to_end(key)
+            self._use([e])
             self._emit("admit", e)
             if checksum is None:
                 self._unsummed.append(key)
@@ -403,7 +410,7 @@ class ChunkStore:
                 self._account(e, -1)
                 e.holds += 1
                 self._account(e, 1)
-                self._entries.move_to_end(e.key)
+            self._use(entries)
         infos = []
         for e in entries:
             nbytes = self.layout.valid_bytes(e.num_tokens)
@@ -468,6 +475,20 @@ class ChunkStore:
         return self.delete(keys)
 
     # -- internals (lock held) -------------------------------------------------------------
+    def _use(self, entries: Sequence[_Entry]) -> None:
+        """Mark ``entries`` (a prompt's chunks in prompt order, or any) and the chunks
+        before them in their prompts as just used: each moves to the recent end after the
+        chunks after it, so a prompt's first chunk is its last evicted. A chunk already moved
+        by this use stops the walk up its parents (a prompt's chunks share theirs; parent
+        links a peer sent may even loop), so a use costs O(chunks moved)."""
+        self._ops += 1
+        op = self._ops
+        for e in reversed(entries):
+            while e is not None and e.touched != op:
+                e.touched = op
+                self._entries.move_to_end(e.key)
+                e = self._entries.get(e.parent) if e.parent is not None else None
+
     def _take_slot(self) -> int:
         if self._free:
             return heapq.heappop(self._free)

@@ -130,6 +130,39 @@ def test_touch_on_reserve_hit_refreshes_lru(layout):
     assert {k for k, _ in store.snapshot()[1]} == {key(1), key(3)}
 
 
+def test_eviction_takes_a_prompt_from_its_end(layout):
+    """A prompt's chunks saved in order (each naming the one before it) are evicted tail
+    first: what stays is a usable prefix, not a tail whose head is gone. Using a tail chunk
+    (a load, a save hitting it) uses its head too; parent links that loop end the walk."""
+    store = make_store(layout, 5)
+    prompt = [key(i) for i in range(4)]
+    for i, k in enumerate(prompt):
+        put_chunk(store, k, 32, i, parent=prompt[i - 1] if i else None)
+    put_chunk(store, key(10), 32, 10)  # another prompt, newer
+    put_chunk(store, key(11), 32, 11)  # evicts the first prompt's last chunk
+    assert store.match_prefix(prompt) == 3 and not store.contains(prompt[3])
+    put_chunk(store, key(12), 32, 12)
+    assert store.match_prefix(prompt) == 2
+    # Loading the prompt's first two chunks (held in prompt order) leaves its head newest.
+    store.hold(prompt[:2])
+    store.release(prompt[:2])
+    put_chunk(store, key(13), 32, 13)  # evicts key(10), the oldest other chunk
+    assert store.match_prefix(prompt) == 2 and not store.contains(key(10))
+    # A save hitting the second chunk refreshes the first as well.
+    put_chunk(store, key(14), 32, 14)  # evicts key(11)
+    assert store.reserve(prompt[1], 32) is None
+    for i in (15, 16):
+        put_chunk(store, key(i), 32, i)  # evict key(12), key(13)
+    assert store.match_prefix(prompt) == 2
+    # Parents that loop (a hostile peer's links) end the walk.
+    a, b = key(20), key(21)
+    put_chunk(store, a, 32, 20, parent=b)
+    put_chunk(store, b, 32, 21, parent=a)
+    store.hold([a, b])
+    store.release([a, b])
+    assert store.contains(a) and store.contains(b)
+
+
 def test_store_full_when_everything_is_held(layout):
     store = make_store(layout, 2)
     put_chunk(store, key(1), 32, 1)
