@@ -11,9 +11,14 @@ Contract
   ``/tokenize``, which applies the model's chat template as vLLM does — then for each engine
   that is up: ``gpu`` tokens its prefix cache holds (its KV events), ``host`` tokens its host
   store holds (the controller's ``/lookup``), and its ``load``: requests the router has sent it
-  and not seen end, plus the others the engine reports (:mod:`sidecar.router.fleet`).
+  and not seen end (one already streaming its answer weighs ``decode_weight``), plus the
+  others the engine reports (:mod:`sidecar.router.fleet`). ``gpu`` includes the prompts the
+  router itself sent there whose prefill may not be done yet, so requests for a prefix follow
+  the first one instead of starting a second prefill elsewhere.
   Score = ``gpu + host_weight * (host - gpu if more) - load_tokens * load``;
-  the best first, ties to the least loaded. A prompt that cannot be tokenized (a list of
+  the best first, ties to the least loaded, then to the engine the prompt's first block hashes
+  to (rendezvous hashing: a prefix nobody holds goes to the same engine from any router
+  replica, and the prefixes spread evenly over the engines instead of piling onto the first). A prompt that cannot be tokenized (a list of
   prompts, an engine error) is routed by load alone. The answer says where it went
   (``x-kvmove-engine``) and why (``x-kvmove-route``: ``gpu``, ``host`` or ``load``).
 * Pull-on-route (``pull_min_tokens`` > 0): when the chosen engine (say, an idle one) holds at
@@ -32,9 +37,11 @@ Contract
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -53,6 +60,7 @@ logger = logging.getLogger("vllm_kvmove.router")
 
 ROUTED = ("/v1/completions", "/v1/chat/completions")
 MAX_BODY = 64 << 20
+_HEAD_TOKENS = 64  # a prompt's prefix, for rendezvous hashing: shorter than a block
 # Request headers passed to the engine (hop-by-hop ones and the body's length are not).
 _FORWARD = ("authorization", "content-type", "accept", "user-agent", "x-request-id")
 
@@ -75,6 +83,11 @@ class RouterSettings:
         pull_min_tokens: pull-on-route when another engine's host store holds at least this
             many more of the prompt than the chosen engine (0: never).
         pull_wait_s: the longest a request waits for its prefix's copy.
+        decode_weight: what a request in flight that is already streaming its answer weighs
+            in an engine's load, against 1 for one still waiting for its first token (a
+            decoding request slows a new prefill far less than a prefill ahead of it does).
+        expect_s: how long a prompt the router sent to an engine counts as that engine's
+            without its KV events confirming it.
     """
 
     host: str = "127.0.0.1"
@@ -89,6 +102,8 @@ class RouterSettings:
     tokenize_timeout_s: float = 5.0
     pull_min_tokens: int = 0
     pull_wait_s: float = 2.0
+    decode_weight: float = 0.25
+    expect_s: float = 30.0
 
 
 class RouterMetrics:
@@ -149,7 +164,9 @@ class Router:
             None, connect=settings.connect_timeout_s), limits=httpx.Limits(
             max_connections=None, max_keepalive_connections=64))
         self.book = EngineBook(settings.controller, settings.engines, self.control,
-                               cooldown_s=settings.cooldown_s, probe=self.upstream)
+                               cooldown_s=settings.cooldown_s, probe=self.upstream,
+                               decode_weight=settings.decode_weight,
+                               expect_s=settings.expect_s)
         self.metrics = RouterMetrics(self.book)
 
     async def start(self) -> None:
@@ -210,11 +227,13 @@ class Router:
             logger.warning("controller lookup failed; routing by the GPU tier and load only")
             return {}
 
-    def rank(self, tokens: list[int] | None, host: dict[str, int]) -> list[Choice]:
-        """The usable engines, best first (see the module docstring)."""
+    def rank(self, tokens: list[int] | None, host: dict[str, int],
+             chains: dict | None = None) -> list[Choice]:
+        """The usable engines, best first (see the module docstring). ``chains``: the
+        prompt's block hashes per hashing, filled here for :meth:`EngineBook.expect`."""
         s = self.settings
         out = []
-        chains: dict = {}
+        chains = {} if chains is None else chains
         for e in self.usable():
             gpu = self.book.gpu_prefix(e, tokens, chains) if tokens else 0
             held = host.get(e.instance_id, 0)
@@ -225,7 +244,9 @@ class Router:
             route = "gpu" if gpu and gpu >= extra else "host" if extra else "load"
             out.append(Choice(e, score, gpu, held, route))
         # A draining engine is going away, its KV with it: the last resort.
-        out.sort(key=lambda c: (c.engine.draining, -c.score, c.engine.load, c.engine.instance_id))
+        head = _head_digest(tokens)
+        out.sort(key=lambda c: (c.engine.draining, -c.score, c.engine.load,
+                                -_rendezvous(head, c.engine.instance_id)))
         return out
 
     async def pull(self, tokens: list[int], choices: list[Choice]) -> Choice | None:
@@ -257,6 +278,22 @@ class Router:
         return Choice(chosen.engine, chosen.score, chosen.gpu, holder.host, "pulled")
 
 
+def _head_digest(tokens: list[int] | None) -> bytes:
+    """What names a prompt's prefix for rendezvous hashing: its first tokens (a system
+    prompt's start), b"" without tokens."""
+    if not tokens:
+        return b""
+    return hashlib.blake2b(array("q", tokens[:_HEAD_TOKENS]).tobytes(), digest_size=16).digest()
+
+
+def _rendezvous(head: bytes, instance_id: str) -> int:
+    """``instance_id``'s weight for the prefix ``head`` (highest random weight hashing): each
+    prefix prefers one engine, every router replica agrees which, and an engine that leaves
+    moves only its own prefixes."""
+    return int.from_bytes(hashlib.blake2b(head + instance_id.encode(), digest_size=8).digest(),
+                          "big")
+
+
 # -- handlers --------------------------------------------------------------------------------
 def _router(request: Request) -> Router:
     return request.app.state.router
@@ -283,7 +320,8 @@ async def routed(request: Request) -> Response:
     t0 = time.perf_counter()
     tokens = await router.tokens_of(path, body, headers)
     host = await router.host_prefixes(tokens) if tokens else {}
-    choices = router.rank(tokens, host)
+    chains: dict = {}
+    choices = router.rank(tokens, host, chains)
     if tokens and choices:
         pulled = await router.pull(tokens, choices)
         if pulled is not None:
@@ -315,33 +353,47 @@ async def routed(request: Request) -> Response:
             router.metrics.failures.labels(e.instance_id, "request").inc()
             router.metrics.retries.labels(e.instance_id).inc()
             continue
+        if tokens:
+            router.book.expect(e, tokens, chains)
         router.metrics.requests.labels(e.instance_id, choice.route).inc()
         router.metrics.matched.labels("gpu").inc(choice.gpu)
         router.metrics.matched.labels("host").inc(max(0, choice.host - choice.gpu))
         out_headers = {"x-kvmove-engine": e.instance_id, "x-kvmove-route": choice.route}
         if "content-type" in upstream.headers:
             out_headers["content-type"] = upstream.headers["content-type"]
-        return StreamingResponse(_relay(upstream), status_code=upstream.status_code,
-                                 headers=out_headers,
-                                 background=BackgroundTask(_done, e, upstream))
+        flight = _Flight(e, upstream)
+        return StreamingResponse(flight.relay(), status_code=upstream.status_code,
+                                 headers=out_headers, background=BackgroundTask(flight.done))
     tried = ", ".join(c.engine.instance_id for c in choices)
     raise ApiError("unavailable", f"every engine failed ({tried})")
 
 
-async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    """The engine's answer, as it arrives. If the client goes away, Starlette cancels this,
-    and closing the upstream request here (or in :func:`_done`, which runs either way) makes
-    vLLM abort it."""
-    try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-    finally:
-        await upstream.aclose()
+class _Flight:
+    """One request in flight at an engine: its answer relayed, and its share of the engine's
+    load kept (counted in ``inflight`` until done, in ``decoding`` from its first bytes)."""
 
+    def __init__(self, engine: Engine, upstream: httpx.Response):
+        self.engine, self.upstream, self.decoding = engine, upstream, False
 
-async def _done(engine: Engine, upstream: httpx.Response) -> None:
-    engine.inflight -= 1
-    await upstream.aclose()
+    async def relay(self) -> AsyncIterator[bytes]:
+        """The engine's answer, as it arrives. If the client goes away, Starlette cancels
+        this, and closing the upstream request here (or in :meth:`done`, which runs either
+        way) makes vLLM abort it."""
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                if not self.decoding:
+                    self.decoding = True
+                    self.engine.decoding += 1
+                yield chunk
+        finally:
+            await self.upstream.aclose()
+
+    async def done(self) -> None:
+        self.engine.inflight -= 1
+        if self.decoding:
+            self.engine.decoding -= 1
+            self.decoding = False
+        await self.upstream.aclose()
 
 
 async def models(request: Request) -> Response:
@@ -363,7 +415,9 @@ async def health(request: Request) -> Response:
     usable = router.usable()
     now = time.monotonic()
     detail = {e.instance_id: {"usable": e.usable(now), "inflight": e.inflight,
-                              "others": e.others, "gpu_blocks": len(e.gpu_blocks)}
+                              "decoding": e.decoding, "others": e.others,
+                              "gpu_blocks": len(e.gpu_blocks),
+                              "expected_blocks": len(e.expected)}
               for e in router.book.engines.values()}
     return json_response({"status": "ok" if usable else "no_engine",
                           "engines": len(router.book.engines), "engines_up": len(usable),

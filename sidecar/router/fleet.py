@@ -15,9 +15,17 @@ Contract
     the engine's hashing (:class:`vllm_kvmove.blockhash.BlockHasher`), and the leading ones
     present count. A subscriber that sees a sequence gap (lost batches) forgets that engine's
     set: better a miss than a phantom hit.
+  - **expected** blocks: a prompt the router has just sent to an engine is not in its events
+    until its prefill is done (seconds on a busy engine), yet the next request for the same
+    prefix should follow it there, not start a second prefill elsewhere. So the router counts
+    a routed prompt's blocks as that engine's (:meth:`EngineBook.expect`) until the engine's
+    events speak for them (stored or removed), or ``expect_s`` passes (a request that failed
+    or was cut short).
   - **host** (the connector's store): the controller's ``/lookup``, one request per routed
     prompt (its index is authoritative; events could be lost).
-* Load: requests the router has in flight to each engine (it sees them start and end), plus
+* Load: requests the router has in flight to each engine (it sees them start and end; one
+  whose answer has started streaming is decoding and weighs ``decode_weight``: its prefill,
+  the part that delays a new request's first token, is over), plus
   the others the engine reports — its own count of running and waiting requests
   (``vllm:num_requests_running`` + ``vllm:num_requests_waiting`` on its ``/metrics``, read
   every ``load_s``) less the router's own in flight during that read. The engine's count lags
@@ -57,7 +65,11 @@ class Engine:
         hasher: how it names blocks (None: its GPU tier is not followed).
         events: its own KV events endpoint ("" if none).
         gpu_blocks: block hashes (vLLM's external form) its GPU tier holds, per its events.
-        inflight: requests the router has in flight to it.
+        expected: block hashes of prompts the router sent it, not yet in its events, each
+            with the monotonic time after which it is no longer counted.
+        inflight: requests the router has in flight to it; ``decoding``: those of them whose
+            answer has started (prefill over).
+        decode_weight: what one of ``decoding`` weighs in :attr:`load`.
         others: running + waiting requests not the router's, per its last ``/metrics`` read.
         down_until: monotonic time before which it is out of rotation (it failed).
         draining: a drain is emptying it (it is going away): ranked after every other.
@@ -69,7 +81,10 @@ class Engine:
     hasher: BlockHasher | None = None
     events: str = ""
     gpu_blocks: set[int | bytes] = field(default_factory=set)
+    expected: dict[int | bytes, float] = field(default_factory=dict)
     inflight: int = 0
+    decoding: int = 0
+    decode_weight: float = 1.0
     others: int = 0
     down_until: float = 0.0
     last_seq: int = 0
@@ -79,9 +94,10 @@ class Engine:
         return self.up and now >= self.down_until
 
     @property
-    def load(self) -> int:
-        """Requests it is busy with: the router's in flight and the others it reported."""
-        return self.inflight + self.others
+    def load(self) -> float:
+        """Requests it is busy with: the router's in flight (decoding ones weighed
+        ``decode_weight``) and the others it reported."""
+        return self.inflight - (1.0 - self.decode_weight) * self.decoding + self.others
 
 
 class EngineBook:
@@ -96,21 +112,31 @@ class EngineBook:
             one without the fleet secret: engines are not the controller).
         refresh_s: how often the engine list is re-read from the controller.
         cooldown_s: how long an engine that failed stays out of rotation.
+        load_s: how often each engine's ``/metrics`` is read for its queue.
+        decode_weight: what a request of the router's that is decoding weighs in an engine's
+            load, against 1 for one still waiting for its first token.
+        expect_s: how long a routed prompt's blocks count as its engine's without its events
+            confirming them.
     """
 
     def __init__(self, controller: str, fixed: dict[str, str], http: httpx.AsyncClient,
                  refresh_s: float = 1.0, cooldown_s: float = 5.0, load_s: float = 0.5,
-                 probe: httpx.AsyncClient | None = None):
+                 probe: httpx.AsyncClient | None = None, decode_weight: float = 1.0,
+                 expect_s: float = 30.0):
         self.controller = controller.rstrip("/")
         self.http = http
         self.probe = probe or http
         self._fixed = set(fixed)
         self.refresh_s, self.cooldown_s, self.load_s = refresh_s, cooldown_s, load_s
+        self.decode_weight, self.expect_s = decode_weight, expect_s
         self._load_task: asyncio.Task | None = None
-        self.engines: dict[str, Engine] = {iid: Engine(iid, url.rstrip("/"))
+        self.engines: dict[str, Engine] = {iid: self._engine(iid, url)
                                            for iid, url in fixed.items()}
         self._subscriptions: dict[str, tuple[str, asyncio.Task, LoopSocket]] = {}
         self._task: asyncio.Task | None = None
+
+    def _engine(self, instance_id: str, url: str) -> Engine:
+        return Engine(instance_id, url.rstrip("/"), decode_weight=self.decode_weight)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,7 +176,9 @@ class EngineBook:
         reading: dict[str, asyncio.Task] = {}
         try:
             while True:
+                now = time.monotonic()
                 for e in list(self.engines.values()):
+                    forget_expected(e.expected, now)
                     task = reading.get(e.instance_id)
                     if e.up and (task is None or task.done()):
                         reading[e.instance_id] = asyncio.create_task(self._read_load(e))
@@ -179,8 +207,8 @@ class EngineBook:
             seen.add(info.instance_id)
             e = self.engines.get(info.instance_id)
             if e is None or e.url != info.engine_url.rstrip("/"):
-                e = self.engines[info.instance_id] = Engine(info.instance_id,
-                                                            info.engine_url.rstrip("/"))
+                e = self.engines[info.instance_id] = self._engine(info.instance_id,
+                                                                  info.engine_url)
             e.up, e.draining = info.up, bool(info.draining)
             h = info.block_hashing
             e.hasher = None if h is None else BlockHasher(h.algo, h.seed, h.block_size)
@@ -227,27 +255,45 @@ class EngineBook:
             batch = _batches.decode(frames[2])
         except msgspec.DecodeError:
             return
-        apply_events(e.gpu_blocks, batch.events, "GPU")
+        apply_events(e.gpu_blocks, batch.events, "GPU", e.expected)
 
     # -- queries ---------------------------------------------------------------------------
-    def gpu_prefix(self, e: Engine, tokens: list[int],
-                   chains: dict[BlockHasher, list] | None = None) -> int:
-        """Tokens of ``tokens``' leading full blocks that ``e``'s GPU tier holds. ``chains``
-        caches the prompt's block hashes per hashing (engines alike share them: one SHA-256
-        per block per request, not per engine)."""
-        if e.hasher is None or not e.gpu_blocks:
-            return 0
+    @staticmethod
+    def _chain(e: Engine, tokens: list[int], chains: dict[BlockHasher, list] | None) -> list:
+        """The prompt's block hashes as ``e`` names them; ``chains`` caches them per hashing
+        (engines alike share them: one SHA-256 per block per request, not per engine)."""
+        assert e.hasher is not None
         chain = None if chains is None else chains.get(e.hasher)
         if chain is None:
             chain = [external(h) for h in e.hasher.chain(tokens)]
             if chains is not None:
                 chains[e.hasher] = chain
+        return chain
+
+    def gpu_prefix(self, e: Engine, tokens: list[int],
+                   chains: dict[BlockHasher, list] | None = None) -> int:
+        """Tokens of ``tokens``' leading full blocks that ``e``'s GPU tier holds, or will hold
+        once the prefills the router sent it are done (its expected blocks)."""
+        if e.hasher is None or not (e.gpu_blocks or e.expected):
+            return 0
+        now = time.monotonic()
         n = 0
-        for h in chain:
-            if h not in e.gpu_blocks:
+        for h in self._chain(e, tokens, chains):
+            if h not in e.gpu_blocks and e.expected.get(h, 0.0) <= now:
                 break
             n += 1
         return n * e.hasher.block_size
+
+    def expect(self, e: Engine, tokens: list[int],
+               chains: dict[BlockHasher, list] | None = None) -> None:
+        """The router sent ``tokens`` to ``e``: count their full blocks as ``e``'s until its
+        events speak for them, or for ``expect_s``."""
+        if e.hasher is None or not tokens:
+            return
+        until = time.monotonic() + self.expect_s
+        for h in self._chain(e, tokens, chains):
+            if h not in e.gpu_blocks:
+                e.expected[h] = until
 
     def failed(self, e: Engine) -> None:
         """``e`` could not be reached: out of rotation for ``cooldown_s``."""
@@ -271,14 +317,28 @@ def queued_requests(metrics_text: str) -> int:
     return int(total)
 
 
-def apply_events(blocks: set, events: list, medium: str) -> None:
-    """Apply KV events of ``medium`` to a set of block hashes."""
+def apply_events(blocks: set, events: list, medium: str,
+                 expected: dict | None = None) -> None:
+    """Apply KV events of ``medium`` to a set of block hashes; the blocks they name are no
+    longer ``expected`` (the engine's word replaces the router's guess)."""
     for ev in events:
         if isinstance(ev, protocol.KVAllBlocksCleared):
             blocks.clear()
-        elif ev.medium != medium:
+            if expected is not None:
+                expected.clear()
             continue
-        elif isinstance(ev, protocol.KVBlockStored):
+        if ev.medium != medium:
+            continue
+        if isinstance(ev, protocol.KVBlockStored):
             blocks.update(ev.block_hashes)
         else:
             blocks.difference_update(ev.block_hashes)
+        if expected:
+            for h in ev.block_hashes:
+                expected.pop(h, None)
+
+
+def forget_expected(expected: dict, now: float) -> None:
+    """Drop the expected blocks whose time is up."""
+    for h in [h for h, until in expected.items() if until <= now]:
+        del expected[h]

@@ -38,6 +38,12 @@ def parse_settings(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
                         "(default 0: never)")
     p.add_argument("--pull-wait", type=float, default=2.0,
                    help="the longest a request waits for that copy, seconds")
+    p.add_argument("--decode-weight", type=float, default=0.25,
+                   help="what a request already streaming its answer weighs in an engine's "
+                        "load, against 1 for one waiting for its first token (default 0.25)")
+    p.add_argument("--expect-s", type=float, default=30.0,
+                   help="how long a prompt sent to an engine counts as held there before the "
+                        "engine's KV events confirm it, seconds (default 30)")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     engines = {}
@@ -50,10 +56,13 @@ def parse_settings(argv: list[str] | None = None) -> tuple[RouterSettings, str]:
         p.error("give --controller or at least one --engine")
     if not 0 <= a.host_weight <= 1 or a.load_tokens < 0:
         p.error("--host-weight must be in [0, 1] and --load-tokens >= 0")
+    if not 0 <= a.decode_weight <= 1 or a.expect_s < 0:
+        p.error("--decode-weight must be in [0, 1] and --expect-s >= 0")
     return RouterSettings(host=a.host, port=a.port, controller=a.controller,
                           controller_token=a.token, engines=engines,
                           host_weight=a.host_weight, load_tokens=a.load_tokens,
-                          pull_min_tokens=a.pull_min_tokens, pull_wait_s=a.pull_wait), a.log_level
+                          pull_min_tokens=a.pull_min_tokens, pull_wait_s=a.pull_wait,
+                          decode_weight=a.decode_weight, expect_s=a.expect_s), a.log_level
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,3 +114,92 @@ def test_a_router_started_before_its_controller_waits_for_it():
 
     asyncio.run(main())
     assert len(calls) >= 2 and set(calls) == {"/instances"}
+
+
+LONG = list(range(5000, 5000 + 2048))  # a 2,048-token system prompt: 128 blocks of 16
+
+
+def test_a_prompt_sent_to_an_engine_counts_as_its_until_its_events_speak():
+    """Requests for a prefix follow the first one sent while its prefill is still running
+    (nothing in the events yet), instead of starting a second prefill on the idle engine; the
+    engine's events then replace the router's guess, and an unconfirmed guess expires."""
+    async def main():
+        router = Router(RouterSettings(load_tokens=1024))
+        a, b = (Engine(i, f"http://{i}", hasher=HASHER) for i in ("a", "b"))
+        router.book = book_with(a, b)
+        router.book.expect_s = 30.0
+        first = router.rank(LONG, {})[0].engine
+        other = b if first is a else a
+        chains: dict = {}
+        assert router.rank(LONG, {}, chains)[0].engine is first
+        router.book.expect(first, LONG, chains)
+        first.inflight = 1  # its prefill is running: one request of load
+        ranked = router.rank(LONG, {})
+        assert (ranked[0].engine, ranked[0].gpu, ranked[0].route) == (first, 2048, "gpu")
+        assert router.rank(list(range(9000, 9100)), {})[0].engine is other  # another prompt
+        # The engine's events confirm the first 100 blocks and remove block 100: the guess is
+        # gone for those, the rest still expected.
+        chain = [external(h) for h in HASHER.chain(LONG)]
+        router.book._on_batch(first.instance_id, frames(1, stored(chain[:100])))
+        router.book._on_batch(first.instance_id, frames(
+            2, protocol.KVBlockRemoved(block_hashes=[chain[100]], medium="GPU")))
+        assert len(first.expected) == 27 and router.book.gpu_prefix(first, LONG) == 100 * 16
+        # A guess no event confirms counts for expect_s only.
+        first.gpu_blocks.clear()
+        router.book.expect_s = 0.0
+        router.book.expect(other, LONG)
+        assert router.book.gpu_prefix(other, LONG) == 0
+        from sidecar.router.fleet import forget_expected
+        forget_expected(other.expected, float("inf"))
+        assert other.expected == {}
+        await router.stop()
+
+    asyncio.run(main())
+
+
+def test_a_decoding_request_weighs_less_than_a_prefill():
+    e = Engine("e", "http://e", decode_weight=0.25)
+    e.inflight, e.decoding, e.others = 5, 4, 2
+    assert e.load == 1 + 4 * 0.25 + 2
+    assert Engine("f", "http://f").load == 0
+
+
+def test_prefixes_nobody_holds_spread_over_idle_engines_the_same_way_every_time():
+    """Ties (idle engines, prefix held nowhere) go by rendezvous hashing of the prompt's
+    start, not to the first engine by name: 64 new system prompts split about evenly, the same
+    prompt always prefers the same engine, whatever order the engines are listed in."""
+    async def main():
+        router = Router(RouterSettings())
+        names = ["r1", "r2", "r3"]
+        router.book = book_with(*(Engine(i, f"http://{i}") for i in names))
+        prompts = [[p] * 80 + list(range(100)) for p in range(64)]
+        picks = [router.rank(t, {})[0].engine.instance_id for t in prompts]
+        counts = {n: picks.count(n) for n in names}
+        assert all(10 <= c <= 35 for c in counts.values()), counts
+        router.book = book_with(*(Engine(i, f"http://{i}") for i in reversed(names)))
+        assert [router.rank(t, {})[0].engine.instance_id for t in prompts] == picks
+        # Same first 64 tokens, different turns: the same engine (one system prompt).
+        assert {router.rank(prompts[0][:64] + [7, 8, 9], {})[0].engine.instance_id,
+                router.rank(prompts[0][:64] + [1], {})[0].engine.instance_id} == {picks[0]}
+        await router.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_counts_as_decoding_from_its_first_bytes_until_done():
+    from sidecar.router.app import _Flight
+
+    async def main():
+        e = Engine("e", "http://e", decode_weight=0.25)
+        e.inflight = 1
+        upstream = httpx.Response(200, stream=httpx.ByteStream(b"data: 1\n\n"))
+        flight = _Flight(e, upstream)
+        relay = flight.relay()
+        assert e.decoding == 0
+        assert await relay.__anext__() == b"data: 1\n\n"
+        assert e.decoding == 1 and e.load == 0.25
+        await relay.aclose()
+        await flight.done()
+        assert (e.inflight, e.decoding, e.load) == (0, 0, 0)
+
+    asyncio.run(main())
