@@ -16,9 +16,13 @@ Contract
   router itself sent there whose prefill may not be done yet, so requests for a prefix follow
   the first one instead of starting a second prefill elsewhere.
   Score = ``gpu + host_weight * (host - gpu if more) - load_tokens * load``;
-  the best first, ties to the least loaded, then to the engine the prompt's first block hashes
-  to (rendezvous hashing: a prefix nobody holds goes to the same engine from any router
-  replica, and the prefixes spread evenly over the engines instead of piling onto the first). A prompt that cannot be tokenized (a list of
+  the best first, ties to the least loaded, then by rendezvous hashing of the prompt's start.
+  A prompt **no engine holds any of** is a new prefix to place for all the requests that will
+  follow it: it goes to the engine, among those within one request of the least loaded, with
+  the smallest working set (tokens of the distinct prompts routed to it in the last
+  ``working_set_s``), ties by rendezvous hashing — so the prefixes spread over the engines'
+  caches instead of landing wherever the load swung to at the moment (which piles them up
+  on one engine and makes it evict). A prompt that cannot be tokenized (a list of
   prompts, an engine error) is routed by load alone. The answer says where it went
   (``x-kvmove-engine``) and why (``x-kvmove-route``: ``gpu``, ``host`` or ``load``).
 * Pull-on-route (``pull_min_tokens`` > 0): when the chosen engine (say, an idle one) holds at
@@ -88,6 +92,7 @@ class RouterSettings:
             decoding request slows a new prefill far less than a prefill ahead of it does).
         expect_s: how long a prompt the router sent to an engine counts as that engine's
             without its KV events confirming it.
+        working_set_s: how long a prompt routed to an engine counts in its working set.
     """
 
     host: str = "127.0.0.1"
@@ -104,6 +109,7 @@ class RouterSettings:
     pull_wait_s: float = 2.0
     decode_weight: float = 0.25
     expect_s: float = 30.0
+    working_set_s: float = 60.0
 
 
 class RouterMetrics:
@@ -166,7 +172,8 @@ class Router:
         self.book = EngineBook(settings.controller, settings.engines, self.control,
                                cooldown_s=settings.cooldown_s, probe=self.upstream,
                                decode_weight=settings.decode_weight,
-                               expect_s=settings.expect_s)
+                               expect_s=settings.expect_s,
+                               working_set_s=settings.working_set_s)
         self.metrics = RouterMetrics(self.book)
 
     async def start(self) -> None:
@@ -247,6 +254,14 @@ class Router:
         head = _head_digest(tokens)
         out.sort(key=lambda c: (c.engine.draining, -c.score, c.engine.load,
                                 -_rendezvous(head, c.engine.instance_id)))
+        if tokens and out and not any(c.gpu or c.host for c in out):
+            least = min(c.engine.load for c in out)
+            near = [c for c in out if c.engine.load <= least + 1 and not c.engine.draining]
+            if near:
+                best = min(near, key=lambda c: (self.book.working_set(c.engine),
+                                                -_rendezvous(head, c.engine.instance_id)))
+                out.remove(best)
+                out.insert(0, best)
         return out
 
     async def pull(self, tokens: list[int], choices: list[Choice]) -> Choice | None:
@@ -355,6 +370,7 @@ async def routed(request: Request) -> Response:
             continue
         if tokens:
             router.book.expect(e, tokens, chains)
+            router.book.routed(e, _head_digest(tokens), len(tokens))
         router.metrics.requests.labels(e.instance_id, choice.route).inc()
         router.metrics.matched.labels("gpu").inc(choice.gpu)
         router.metrics.matched.labels("host").inc(max(0, choice.host - choice.gpu))

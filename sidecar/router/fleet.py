@@ -70,6 +70,9 @@ class Engine:
         inflight: requests the router has in flight to it; ``decoding``: those of them whose
             answer has started (prefill over).
         decode_weight: what one of ``decoding`` weighs in :attr:`load`.
+        recent: the prompts routed to it lately, by their start (a digest of the first
+            tokens): ``(monotonic time last routed, most tokens)`` — its working set, which
+            places the prefixes no engine holds (:meth:`EngineBook.working_set`).
         others: running + waiting requests not the router's, per its last ``/metrics`` read.
         down_until: monotonic time before which it is out of rotation (it failed).
         draining: a drain is emptying it (it is going away): ranked after every other.
@@ -85,6 +88,7 @@ class Engine:
     inflight: int = 0
     decoding: int = 0
     decode_weight: float = 1.0
+    recent: dict[bytes, tuple[float, int]] = field(default_factory=dict)
     others: int = 0
     down_until: float = 0.0
     last_seq: int = 0
@@ -117,18 +121,20 @@ class EngineBook:
             load, against 1 for one still waiting for its first token.
         expect_s: how long a routed prompt's blocks count as its engine's without its events
             confirming them.
+        working_set_s: how long a prompt routed to an engine counts in its working set.
     """
 
     def __init__(self, controller: str, fixed: dict[str, str], http: httpx.AsyncClient,
                  refresh_s: float = 1.0, cooldown_s: float = 5.0, load_s: float = 0.5,
                  probe: httpx.AsyncClient | None = None, decode_weight: float = 1.0,
-                 expect_s: float = 30.0):
+                 expect_s: float = 30.0, working_set_s: float = 60.0):
         self.controller = controller.rstrip("/")
         self.http = http
         self.probe = probe or http
         self._fixed = set(fixed)
         self.refresh_s, self.cooldown_s, self.load_s = refresh_s, cooldown_s, load_s
         self.decode_weight, self.expect_s = decode_weight, expect_s
+        self.working_set_s = working_set_s
         self._load_task: asyncio.Task | None = None
         self.engines: dict[str, Engine] = {iid: self._engine(iid, url)
                                            for iid, url in fixed.items()}
@@ -179,6 +185,9 @@ class EngineBook:
                 now = time.monotonic()
                 for e in list(self.engines.values()):
                     forget_expected(e.expected, now)
+                    for head in [h for h, (t, _) in e.recent.items()
+                                 if t <= now - self.working_set_s]:
+                        del e.recent[head]
                     task = reading.get(e.instance_id)
                     if e.up and (task is None or task.done()):
                         reading[e.instance_id] = asyncio.create_task(self._read_load(e))
@@ -294,6 +303,20 @@ class EngineBook:
         for h in self._chain(e, tokens, chains):
             if h not in e.gpu_blocks:
                 e.expected[h] = until
+
+    def routed(self, e: Engine, head: bytes, num_tokens: int) -> None:
+        """The router sent ``e`` a prompt of ``num_tokens`` starting with ``head`` (see
+        :attr:`Engine.recent`)."""
+        _, most = e.recent.get(head, (0.0, 0))
+        e.recent[head] = (time.monotonic(), max(most, num_tokens))
+
+    def working_set(self, e: Engine) -> int:
+        """Tokens of the distinct prompts (by their start) routed to ``e`` in the last
+        ``working_set_s``: how much of the workload's KV it is asked to keep. Placing a prefix
+        nobody holds on the engine with the least keeps the prefixes spread over the engines'
+        caches, as the instantaneous load (which swings with every request) does not."""
+        since = time.monotonic() - self.working_set_s
+        return sum(n for t, n in e.recent.values() if t > since)
 
     def failed(self, e: Engine) -> None:
         """``e`` could not be reached: out of rotation for ``cooldown_s``."""

@@ -10,7 +10,7 @@ import httpx
 import msgspec
 
 from sidecar import protocol
-from sidecar.router.app import Router, RouterSettings
+from sidecar.router.app import Router, RouterSettings, _head_digest
 from sidecar.router.fleet import Engine, EngineBook, queued_requests
 from vllm_kvmove.blockhash import BlockHasher, external
 
@@ -201,5 +201,36 @@ def test_a_request_counts_as_decoding_from_its_first_bytes_until_done():
         await relay.aclose()
         await flight.done()
         assert (e.inflight, e.decoding, e.load) == (0, 0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_prefix_nobody_holds_goes_to_the_engine_asked_to_keep_the_least():
+    """A new prefix is placed by the engines' working sets (distinct prompts routed to each
+    lately), among the engines within one request of the least loaded: 8 system prompts
+    arriving one after another split 4/4 whatever their hashes prefer; a clearly busier
+    engine is not chosen; a prompt an engine holds is routed by the score as before."""
+    async def main():
+        router = Router(RouterSettings())
+        a, b = Engine("a", "http://a"), Engine("b", "http://b")
+        router.book = book_with(a, b)
+        prompts = [[p] * 64 + list(range(2048)) for p in range(8)]
+        for t in prompts:
+            chosen = router.rank(t, {})[0].engine
+            router.book.routed(chosen, _head_digest(t), len(t))
+        assert router.book.working_set(a) == router.book.working_set(b) == 4 * 2112
+        new = [9] * 64 + list(range(100))
+        a.recent.clear()
+        assert router.rank(new, {})[0].engine is a  # a keeps nothing now
+        a.inflight = 1
+        assert router.rank(new, {})[0].engine is a  # one request more: within the slack
+        a.inflight = 2
+        assert router.rank(new, {})[0].engine is b  # two more: the less loaded
+        # Held somewhere: the score decides (b's host store holds it), working sets aside.
+        a.inflight = 0
+        assert router.rank(new, {"b": 100})[0].engine is b
+        router.book.working_set_s = 0.0  # a working set is only the prompts of late
+        assert router.book.working_set(b) == 0
+        await router.stop()
 
     asyncio.run(main())
