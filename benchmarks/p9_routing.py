@@ -3,19 +3,21 @@ through plain round-robin, and through an oracle that knows where each prefix li
 run: TTFT p50/p90 and throughput; then pull-on-route with one engine made busy.
 
 Model: a prefill-dominated one — random-init Llama, 16 layers, 8 attention and 8 KV heads of
-128, hidden 256 (``kv64k-16l``: 64 KiB of KV per token, 128 MiB per 2,048-token prefix): a
+128, hidden 256 (``kv64k-16l``: 64 KiB of KV per token, 256 MiB per 4,096-token prefix): a
 cold 2,080-token prompt costs ~1 s to its first token on one idle core here, ~2 s with both
-engines busy; a prefix-cache hit ~0.2 s (≈ 0.4 s with both busy), nearly all fixed cost.
+engines busy, a 4,128-token one about twice that; a prefix-cache hit ~0.2 s (≈ 0.4 s with both
+busy), nearly all fixed cost.
 
 Engines: two, one core each (OpenMP bound to core 0 / 1), with the connector and vLLM's own
 KV events on. Each engine's caches hold about half of the workload's prefixes: its paged
-cache ``GPU_BLOCKS`` blocks of 128 tokens (three prefixes of 16 blocks, or two and the turns
-in flight), its host store ``HOST_GIB`` (48 slots of one 256-token chunk, 16 MiB each: four
-prefixes of 8 chunks and 16 more — every request also stores its own partial last chunk in a
-slot). All 8 prefixes fit in the two engines together, not in one: round-robin makes each
-engine see all of them (its caches thrash), routing by prefix can partition them.
+cache ``GPU_BLOCKS`` blocks of 128 tokens (three prefixes, or two and the turns in flight),
+its host store ``HOST_GIB`` (slots of one 256-token chunk, 16 MiB each: four prefixes and 16
+more — every request also stores its own partial last chunk in a slot). All 8 prefixes fit in
+the two engines together, not in one: round-robin makes each engine see all of them (its
+caches thrash), routing by prefix can partition them.
 
-Workload: 8 system prompts of 2,048 tokens; each request one of them followed by a new
+Workload: 8 system prompts of ``PREFIX_TOKENS`` (4,096; 2,048 with ``P9_PREFIX_TOKENS=2048``,
+the earlier runs' workload, with caches of half the size); each request one of them followed by a new
 32-token user turn, streamed (``max_tokens`` 4); TTFT = time to the first streamed chunk.
 ``WARMUP_ROUNDS`` × 8 requests (the cold start) then ``MEASURED_ROUNDS`` × 8, each round
 block in a seeded random order, all open-loop at one steady rate. Percentiles are over the
@@ -47,6 +49,7 @@ each request, so every one finds the prefix on r1 only.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import statistics
@@ -61,11 +64,14 @@ from tests.harness.engines import connector_config
 from tests.harness.processes import LocalCluster, free_port
 
 MODEL = ("kv64k-16l", dict(layers=16, heads=8, kv_heads=8, head_dim=128, hidden=256))
-PREFIXES, PREFIX_TOKENS, TURN_TOKENS, MAX_TOKENS = 8, 2048, 32, 4
+# The system prompts' length: 4,096 by default; P9_PREFIX_TOKENS=2048 runs the shorter
+# workload of the earlier runs (a multiple of 256).
+PREFIX_TOKENS = int(os.environ.get("P9_PREFIX_TOKENS", "4096"))
+PREFIXES, TURN_TOKENS, MAX_TOKENS = 8, 32, 4
 WARMUP_ROUNDS, MEASURED_ROUNDS = 4, 8  # each prefix this many times, per repetition
 REPEATS = 2  # of every arm, in the order A B C C B A (drift and a neighbour's load shared)
-GPU_BLOCKS = 48  # 3 prefixes × 16 blocks (or 2 and turns in flight)
-HOST_GIB = 0.75  # 48 slots of 16 MiB: 4 prefixes × 8 chunks + 16 turns
+GPU_BLOCKS = 3 * PREFIX_TOKENS // 128  # 3 prefixes (or 2 and turns in flight)
+HOST_GIB = (4 * PREFIX_TOKENS // 256 + 16) / 64  # slots of 16 MiB: 4 prefixes + 16 turns
 LOAD, RR_MISS_EST, CAL_ROUNDS = 0.9, 0.5, 3
 BUSY, BUSY_TOKENS, PULL_TRIALS, PULL_MIN = 4, 2048, 6, 1024
 ARMS, PULL = ("round-robin", "router", "oracle"), True  # all, but in a development run
@@ -275,7 +281,8 @@ def run() -> list[Result]:
             events = {"enable_kv_cache_events": True, "publisher": "zmq",
                       "endpoint": f"tcp://*:{free_port()}", "topic": f"kv@{iid}@bench"}
             engines[iid] = cluster.start_engine(
-                iid, http, cpu=cpu, extra_config=kv, max_model_len=4096,
+                iid, http, cpu=cpu, extra_config=kv,
+                max_model_len=max(4096, PREFIX_TOKENS + 256),
                 env={"VLLM_SERVER_DEV_MODE": "1"},
                 extra_args=["--kv-events-config", json.dumps(events),
                             "--num-gpu-blocks-override", str(GPU_BLOCKS)])
