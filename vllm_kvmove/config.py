@@ -66,6 +66,11 @@ class KVMoveConfig:
         same_host_copy: keep the store pool in shared memory and, when the source engine
             runs on this host, copy its chunks by mapping its pool (memcpy speed) instead of
             reading them over NIXL's cma (a page-at-a-time kernel copy). Off: NIXL only.
+        prefault_pool: commit the store's whole pool (``max_local_cpu_size``) in the
+            background right after start-up, instead of page by page as chunks are first
+            written: an engine's first moves and saves then run as fast as later ones (a
+            fresh destination paid a page fault per 4 KiB, several times the copy itself).
+            The memory is the engine's from start-up on, as a GPU engine's pinned pool is.
         copy_threads: threads this engine uses for same-host copies (shared by concurrent ones).
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
@@ -101,6 +106,7 @@ class KVMoveConfig:
     api_token: str = dataclasses.field(default="", repr=False)
     verify_checksums: bool = True
     same_host_copy: bool = True
+    prefault_pool: bool = True
     copy_threads: int = 2
     p2p_data_ports: str = ""
     kv_events_port: int = 0

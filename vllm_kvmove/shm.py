@@ -107,6 +107,28 @@ class PoolHandle:
     base_addr: int
 
 
+_MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def populate_write(addr: int, nbytes: int) -> bool:
+    """Commit the pages of ``[addr, addr + nbytes)`` (whole pages inside it) writable, as a
+    write to each would, without writing: ``madvise(MADV_POPULATE_WRITE)``. Returns False when
+    the kernel cannot (before 5.14, or not that memory), True otherwise."""
+    first = addr + (-addr) % _PAGE
+    last = (addr + nbytes) // _PAGE * _PAGE
+    if last <= first:
+        return True
+    if _libc.madvise(first, last - first, _MADV_POPULATE_WRITE) != 0:
+        err = ctypes.get_errno()
+        logger.info("cannot commit the pool ahead of need (madvise: %s): pages fault in as "
+                    "chunks are first written", os.strerror(err))
+        return False
+    return True
+
+
 def allocate_pool(nbytes: int, name: str = "kvmove-pool") -> tuple["torch.Tensor", PoolHandle]:
     """Allocate ``nbytes`` of shared host memory as a uint8 tensor.
 

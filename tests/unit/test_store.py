@@ -318,3 +318,26 @@ def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
             want["evictable"]), (step, op)
     assert st.evictions > 0  # the run went through evictions too
 
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prefault_commits_the_pool_without_touching_a_byte(layout, shared):
+    """The pool's pages are committed ahead of need (a fresh destination's first copy then
+    pays no page faults), a piece per call, and what chunks hold stays as written."""
+    def resident_kib() -> int:
+        with open("/proc/self/status") as f:
+            return sum(int(line.split()[1]) for line in f
+                       if line.startswith(("RssAnon:", "RssShmem:")))
+
+    store = ChunkStore(layout, 32 << 20, shared=shared)  # big enough to see in RSS
+    data = put_chunk(store, key(1), 32, 1)
+    before = resident_kib()
+    piece = store.pool_bytes // 4 + 1
+    calls = 1
+    while store.prefault(piece):
+        calls += 1
+    assert calls == 4 and not store.prefault(piece)
+    grown = resident_kib() - before
+    assert grown >= 0.9 * store.pool_bytes / 1024, grown
+    (info,) = store.hold([key(1)])
+    assert store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes() == data
