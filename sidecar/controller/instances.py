@@ -17,6 +17,11 @@ Contract
   past ``applied_seq + 1`` is a gap (resync); a heartbeat showing a ``seq`` ahead of what was
   applied for longer than :data:`RESYNC_GRACE_S` means events were lost (resync); one behind it
   means the store restarted its numbering (resync).
+* Snapshots: one larger than a slice (:data:`~sidecar.controller.index.SLICE_KEYS` chunks)
+  is applied by a task on the event loop, a slice per turn of the loop, so lookups go on
+  meanwhile (they see the member's old holdings until the new ones are in whole). Events
+  newer than the snapshot are checked for gaps as they come but reach the index only after
+  it; a later snapshot, a re-registration or a goodbye abandons one still being applied.
 * Liveness: a member is *up* while its last heartbeat (alone, or inside a command's reply) is
   at most ``heartbeat_timeout_s`` old.
 * Identity: a member is bound to the connection (ROUTER routing id) its accepted registration
@@ -33,10 +38,11 @@ Contract
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from sidecar import protocol
 from sidecar.controller.index import ChunkIndex
@@ -80,6 +86,10 @@ class Member:
     num_chunks: int = 0
     used_bytes: int = 0
     available_bytes: int = 0  # free or evictable, as of the last heartbeat
+    # While a snapshot is being applied in slices: its task, and the events (kind, key,
+    # num_tokens) held back until it is in.
+    snapshot_task: asyncio.Task | None = None
+    held_back: list[tuple[str, bytes, int]] | None = None
 
     @property
     def instance_id(self) -> str:
@@ -307,9 +317,61 @@ class InstanceRegistry:
         logger.info("instance %s left (its engine is shutting down)", member.describe())
 
     def apply_snapshot(self, member: Member, snap: protocol.Snapshot) -> None:
-        self.index.replace(member.holder, ((c.key, c.num_tokens) for c in snap.chunks))
+        """Make ``snap`` the member's holdings: at once if it fits one slice (or no event loop
+        runs), else in slices by a task (see the module docstring)."""
         member.applied_seq, member.behind_since = snap.seq, None
         member.num_chunks = len(snap.chunks)
+        member.held_back = member.snapshot_task = None  # one still being applied is abandoned
+        steps = self.index.replace_steps(member.holder,
+                                         ((c.key, c.num_tokens) for c in snap.chunks))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            for _ in steps:
+                pass
+            return
+        switched = next(steps, None)  # the first slice, now
+        if switched is None:  # that was all
+            return
+        if not switched:
+            member.held_back = []
+        member.snapshot_task = loop.create_task(self._apply_in_slices(member, steps, switched),
+                                                name=f"snapshot of {member.describe()}")
+
+    async def _apply_in_slices(self, member: Member, steps: Iterator[bool],
+                               switched: bool) -> None:
+        task = asyncio.current_task()
+        try:
+            while True:
+                if switched:
+                    self._release_held_back(member, task)
+                await asyncio.sleep(0)
+                try:
+                    switched = next(steps)
+                except StopIteration as done:
+                    switched = done.value
+                    break
+        finally:
+            steps.close()  # cancelled: finishes (or abandons) it at once
+            if switched:
+                self._release_held_back(member, task)
+            if member.snapshot_task is task:
+                member.snapshot_task = member.held_back = None
+
+    def _release_held_back(self, member: Member, task: asyncio.Task | None) -> None:
+        """The member's snapshot is in: apply the events held back meanwhile."""
+        if member.snapshot_task is not task or member.held_back is None:
+            return
+        held, member.held_back = member.held_back, None
+        if self._by_holder.get(member.holder) is member:
+            self._apply_to_index(member.holder, held)
+
+    def _apply_to_index(self, holder: str, events: list[tuple[str, bytes, int]]) -> None:
+        for kind, key, num_tokens in events:
+            if kind == "admit":
+                self.index.add(holder, key, num_tokens)
+            else:
+                self.index.remove(holder, key)
 
     def apply_heartbeat(self, member: Member, hb: protocol.Heartbeat, now: float) -> str | None:
         """Liveness and store summary; returns a resync reason if the store's events stay
@@ -338,7 +400,9 @@ class InstanceRegistry:
                 logger.warning("instance %s: event gap (%d after %d); resyncing",
                                member.describe(), ev.seq, member.applied_seq)
                 return "event gap"
-            if ev.kind == "admit":
+            if member.held_back is not None:  # a snapshot is being applied: after it
+                member.held_back.append((ev.kind, ev.key, ev.num_tokens))
+            elif ev.kind == "admit":
                 self.index.add(holder, ev.key, ev.num_tokens)
             else:
                 self.index.remove(holder, ev.key)

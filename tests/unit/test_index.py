@@ -1,15 +1,18 @@
 """ChunkIndex against a plain model (``{holder: {key: num_tokens}}``) under random changes,
-and replacements in slices: readers see the old holdings whole until the new ones are in, and
-a replacement can be abandoned."""
+and snapshots applied in slices: readers see the old holdings whole until the new ones are in,
+a replacement can be abandoned, and the registry holds events back until the switch."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
+from sidecar import protocol
 from sidecar.controller import index as index_mod
 from sidecar.controller.index import ChunkIndex
+from sidecar.controller.instances import InstanceRegistry
 from vllm_kvmove.hashing import ChunkSpan
 
 KEYS = [bytes([i]) * 16 for i in range(40)]
@@ -134,3 +137,56 @@ def test_a_generator_closed_while_releasing_finishes_the_release(monkeypatch):
     next(steps)  # switched, released 4 of the old 20
     steps.close()
     assert len(ix) == 1 and ix.prefix_holders(spans(KEYS[:1])) == {}
+
+
+def test_the_registry_applies_a_big_snapshot_in_slices_and_holds_events_back(monkeypatch):
+    monkeypatch.setattr(index_mod, "SLICE_KEYS", 4)
+    ix = ChunkIndex()
+    registry = InstanceRegistry(ix, heartbeat_timeout_s=5)
+
+    class M:  # the members' fields apply_snapshot / apply_events use
+        holder = "m"
+        applied_seq = 0
+        behind_since = None
+        num_chunks = 0
+        snapshot_task = None
+        held_back = None
+
+        @staticmethod
+        def describe() -> str:
+            return "m"
+
+    m = M()
+    registry._by_holder["m"] = m  # as registered
+    ix.replace("m", [(k, 16) for k in KEYS[:8]])
+
+    async def scenario() -> None:
+        snap = protocol.Snapshot("m", 5, [protocol.ChunkRecord(k, 32) for k in KEYS[10:30]])
+        registry.apply_snapshot(m, snap)
+        assert m.snapshot_task is not None and m.applied_seq == 5
+        assert ix.count("m") == 8  # old holdings, whole, until the switch
+        ev = [protocol.StoreEventMsg(6, "evict", KEYS[10], 32),
+              protocol.StoreEventMsg(7, "admit", KEYS[35], 16)]
+        assert registry.apply_events(m, ev) is None
+        assert m.applied_seq == 7 and not ix.holds("m", KEYS[35])
+        assert registry.apply_events(m, [protocol.StoreEventMsg(9, "admit", KEYS[36], 16)]) \
+            == "event gap"
+        await m.snapshot_task
+        assert m.snapshot_task is None and m.held_back is None
+        assert sorted(ix.keys_of("m")) == sorted(KEYS[11:30] + [KEYS[35]])
+        # A snapshot of one slice is in at once (the old holdings' release may go on).
+        registry.apply_snapshot(m, protocol.Snapshot("m", 9, [protocol.ChunkRecord(KEYS[0], 8)]))
+        assert list(ix.keys_of("m")) == [KEYS[0]] and m.held_back is None
+        registry.apply_events(m, [protocol.StoreEventMsg(10, "admit", KEYS[1], 8)])
+        assert ix.holds("m", KEYS[1])
+        await m.snapshot_task
+        assert len(ix) == 2
+        # Another snapshot while one is being applied abandons it (and its held events).
+        registry.apply_snapshot(m, snap)
+        registry.apply_events(m, [protocol.StoreEventMsg(6, "admit", KEYS[36], 16)])
+        first = m.snapshot_task
+        registry.apply_snapshot(m, protocol.Snapshot("m", 3, [protocol.ChunkRecord(KEYS[2], 8)]))
+        await first
+        assert list(ix.keys_of("m")) == [KEYS[2]] and len(ix) == 1
+
+    asyncio.run(scenario())
