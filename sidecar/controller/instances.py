@@ -180,8 +180,24 @@ class InstanceRegistry:
         self.instances: dict[str, Instance] = {}
         self._by_identity: dict[bytes, Member] = {}  # routing id -> the member bound to it
         self._by_holder: dict[str, Member] = {}
+        # groups(): recomputed only after the membership changed (every register, forget).
+        self._version = 0
+        self._groups: tuple[int, dict[tuple[str, int], int]] = (-1, {})
 
     # -- queries ---------------------------------------------------------------------------
+    def groups(self) -> dict[tuple[str, int], int]:
+        """``{(fingerprint, chunk_size): instances}`` of the registered instances: the ways a
+        prompt's chunks are named in this fleet (usually one). A lookup hashes a prompt once
+        per group and asks the index who holds it, instead of visiting every instance."""
+        version, groups = self._groups
+        if version != self._version:
+            groups = {}
+            for inst in self.instances.values():
+                key = (inst.reg.fingerprint, inst.reg.chunk_size)
+                groups[key] = groups.get(key, 0) + 1
+            self._groups = (self._version, groups)
+        return groups
+
     def member_up(self, member: Member) -> bool:
         return time.monotonic() - member.last_heartbeat <= self.heartbeat_timeout_s
 
@@ -292,6 +308,7 @@ class InstanceRegistry:
             if old.reg.incarnation != msg.incarnation:
                 self.index.drop_instance(old.holder)
         member = Member(msg, identity, now, now, available_bytes=msg.capacity_bytes)
+        self._version += 1
         inst.members[msg.rank] = member
         self._by_identity[identity] = member
         self._by_holder[member.holder] = member
@@ -300,6 +317,7 @@ class InstanceRegistry:
         return None
 
     def _forget(self, inst: Instance, member: Member) -> None:
+        self._version += 1
         self.index.drop_instance(member.holder)
         inst.members.pop(member.rank, None)
         self._by_identity.pop(member.identity, None)

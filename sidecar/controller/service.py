@@ -152,26 +152,27 @@ class Controller:
     def lookup(self, tokens: list[int]) -> dict[str, int]:
         """Matched prefix tokens per live instance that holds at least one chunk of ``tokens``
         on every rank (an instance that stopped heartbeating is left out: it cannot serve them
-        now)."""
-        # Per (fingerprint, chunk_size) group with a live instance: its spans, hashed once, and
-        # the leading spans each holder holds, from one walk of the index over them.
-        groups: dict[tuple[str, int], tuple[list[ChunkSpan], dict[str, int]]] = {}
+        now). O(holders of the prompt's first chunk), not O(instances): the prompt is hashed
+        once per way the fleet names chunks (:meth:`Registry.groups`), and only the
+        instances the index names are visited."""
         out: dict[str, int] = {}
-        is_up = self.registry.is_up
-        for iid, inst in self.registry.instances.items():
-            if not is_up(inst):
-                continue
-            reg = inst.reg
-            fp = (reg.fingerprint, reg.chunk_size)
-            group = groups.get(fp)
-            if group is None:
-                spans = chunk_spans(tokens, reg.chunk_size, reg.fingerprint)
-                group = groups[fp] = (spans, self.index.prefix_holders(spans))
-            held = group[1]
-            n = held.get(iid, 0) if inst.world_size == 1 else \
-                min(held.get(h, 0) for h in inst.holders)
-            if n:
-                out[iid] = group[0][n - 1].end
+        registry = self.registry
+        for group in registry.groups():
+            fingerprint, chunk_size = group
+            spans = chunk_spans(tokens, chunk_size, fingerprint)
+            held = self.index.prefix_holders(spans)
+            for holder in held:
+                member = registry.member(holder)
+                if member is None or member.instance_id in out:
+                    continue
+                inst = registry.get(member.instance_id)
+                if inst is None or (inst.reg.fingerprint, inst.reg.chunk_size) != group \
+                        or not registry.is_up(inst):
+                    continue
+                n = held[holder] if inst.world_size == 1 else \
+                    min(held.get(h, 0) for h in inst.holders)
+                if n:
+                    out[inst.instance_id] = spans[n - 1].end
         return out
 
     def held_prefix(self, inst: Instance, spans: list[ChunkSpan]) -> list[ChunkSpan]:
