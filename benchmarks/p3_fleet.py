@@ -120,10 +120,10 @@ class Holdings:
         # The keys, computed exactly as every engine computes them.
         keys_of = keys(list(self.holders)) if keys is not None else \
             {pid: prefix_keys(tokens(pid)) for pid in self.holders}
-        self.snapshot: dict[str, list[protocol.ChunkRecord]] = {iid: [] for iid in self.ids}
+        self.snapshot: dict[str, list[tuple[bytes, int]]] = {iid: [] for iid in self.ids}
         for pid, held in self.holders.items():
             for iid, n in held.items():
-                self.snapshot[iid].extend(protocol.ChunkRecord(k, CHUNK) for k in keys_of[pid][:n])
+                self.snapshot[iid].extend((k, CHUNK) for k in keys_of[pid][:n])
         self.distinct_keys = sum(max(h.values()) for h in self.holders.values())
         self.total_keys = sum(len(s) for s in self.snapshot.values())
         assert all(len(s) == keys_per_instance for s in self.snapshot.values())
@@ -138,7 +138,7 @@ class Holdings:
 class Encoded:
     """One simulated sidecar's messages, encoded once: Register, Snapshot(s) by name, Heartbeat."""
 
-    def __init__(self, iid: str, n: int, snaps: dict[str, list[protocol.ChunkRecord]],
+    def __init__(self, iid: str, n: int, snaps: dict[str, list[tuple[bytes, int]]],
                  incarnation: str, at_start: bool = True):
         self.at_start = at_start
         enc = protocol.sidecar_encoder
@@ -151,7 +151,7 @@ class Encoded:
             agent_name=f"kvmove-{iid}-{incarnation}", model=LAYOUT.model, fingerprint=FP,
             layout=LAYOUT.to_dict(), chunk_size=CHUNK, capacity_bytes=capacity,
             slot_bytes=slot_bytes, incarnation=f"{incarnation}-{iid}", pid=100_000 + n))
-        self.snaps = {name: enc.encode(protocol.Snapshot(iid, 1, recs))
+        self.snaps = {name: enc.encode(protocol.Snapshot(iid, 1, protocol.pack_chunks(recs)))
                       for name, recs in snaps.items()}
         self.snap = next(iter(self.snaps.values()))  # the one sent at (re)registration
         used = num * slot_bytes

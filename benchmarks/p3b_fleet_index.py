@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import sys
 import threading
 import time
@@ -94,7 +95,9 @@ def _keys(pids: list[int]) -> dict[int, list[bytes]]:
 
 
 def _cache_paths() -> tuple[Path, Path]:
-    tag = f"p3b-v{CACHE_VERSION}-{N_INSTANCES}x{KEYS_PER_INSTANCE}-{N_SHARED}-{BIG_KEYS}"
+    # The fleet's messages are encoded in this checkout's protocol: a cache per version.
+    tag = (f"p3b-v{CACHE_VERSION}-p{protocol.PROTOCOL_VERSION}-{N_INSTANCES}x"
+           f"{KEYS_PER_INSTANCE}-{N_SHARED}-{BIG_KEYS}")
     return WORK / f"{tag}-fleet.pkl", WORK / f"{tag}-meta.pkl"
 
 
@@ -117,8 +120,8 @@ def _build(fleet_path: Path, meta_path: Path) -> None:
     pids = list(range(BIG_FIRST_PID, BIG_FIRST_PID + BIG_KEYS // PROMPT_CHUNKS + 1))
     keys = _keys(pids)
     marker, extra = pids[0], pids[-1]
-    a = [protocol.ChunkRecord(k, CHUNK) for pid in pids[:-1] for k in keys[pid]]
-    b = a[:2] + a[4:] + [protocol.ChunkRecord(k, CHUNK) for k in keys[extra][:2]]
+    a = [(k, CHUNK) for pid in pids[:-1] for k in keys[pid]]
+    b = a[:2] + a[4:] + [(k, CHUNK) for k in keys[extra][:2]]
     assert len(a) == len(b) == BIG_KEYS
     fleet[BIG] = Encoded(BIG, N_INSTANCES, {"A": a, "B": b}, "big", at_start=False)
     meta["marker"] = lookup_body(_tokens(marker))
@@ -290,7 +293,18 @@ def run(baseline: str | None = os.environ.get("P3B_BASELINE")) -> list[Result]:
     fleet_path, meta = _fleet()
     arms = []
     if baseline:
-        arms.append(_arm(f"before-{baseline}", controller_tree(baseline), fleet_path, meta))
+        tree = controller_tree(baseline)
+        theirs = re.search(r"^PROTOCOL_VERSION = (\d+)",
+                           (tree / "sidecar" / "protocol.py").read_text(), re.M)
+        if theirs is None or int(theirs.group(1)) != protocol.PROTOCOL_VERSION:
+            # The simulated sidecars speak this checkout's protocol; a controller of another
+            # version refuses them.
+            print(f"[p3b] no before arm: {baseline} speaks protocol "
+                  f"{theirs.group(1) if theirs else '?'}, this checkout "
+                  f"{protocol.PROTOCOL_VERSION}", flush=True)
+            baseline = None
+        else:
+            arms.append(_arm(f"before-{baseline}", tree, fleet_path, meta))
     arms.append(_arm("this", None, fleet_path, meta))
     now, before = arms[-1], (arms[0] if baseline else None)
     assert now["indexed"], "this checkout's controller did not index the fleet"

@@ -329,7 +329,7 @@ class Sidecar:
             store.drain_events()  # covered by the snapshot
             if await self._send(self._dealer, reg):
                 await self._send(self._dealer, protocol.Snapshot(
-                    cfg.instance_id, seq, [protocol.ChunkRecord(k, n) for k, n in chunks]))
+                    cfg.instance_id, seq, protocol.pack_chunks(chunks)))
 
     async def _register_until_acked(self) -> None:
         """Send the registration until a controller acknowledges one. A send made before the

@@ -229,7 +229,11 @@ class SidecarChannel:
             if self.on_leaving is not None:
                 self.on_leaving(member)
         elif isinstance(msg, protocol.Snapshot):
-            registry.apply_snapshot(member, msg)
+            problem = protocol.snapshot_problem(msg.chunks)
+            if problem is not None:  # no sidecar of ours sends it: its holdings stay as they were
+                self._drop("router", "invalid", f"a snapshot of {member.describe()}: {problem}")
+            else:
+                registry.apply_snapshot(member, msg)
         elif isinstance(msg, protocol.Heartbeat):
             self._send(identity, protocol.HeartbeatAck(self.controller_id))
             self._heartbeat(member, msg, now)

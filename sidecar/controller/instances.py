@@ -338,10 +338,10 @@ class InstanceRegistry:
         """Make ``snap`` the member's holdings: at once if it fits one slice (or no event loop
         runs), else in slices by a task (see the module docstring)."""
         member.applied_seq, member.behind_since = snap.seq, None
-        member.num_chunks = len(snap.chunks)
+        member.num_chunks = snap.num_chunks
         member.held_back = member.snapshot_task = None  # one still being applied is abandoned
-        steps = self.index.replace_steps(member.holder,
-                                         ((c.key, c.num_tokens) for c in snap.chunks))
+        # The records are read as they are applied, a slice per turn of the loop.
+        steps = self.index.replace_steps(member.holder, protocol.unpack_chunks(snap.chunks))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -124,3 +124,28 @@ def test_a_command_fails_when_its_instance_or_one_it_depends_on_goes_down():
         assert "instance dst" in plain.result().error
 
     asyncio.run(main())
+
+
+def test_a_snapshot_travels_packed_and_a_malformed_one_changes_nothing():
+    """A snapshot's chunks are one bytes field (20 bytes a chunk), read as they are applied:
+    a record with an impossible token count is skipped, bytes that are not whole records drop
+    the snapshot (counted) and leave the holdings as they were."""
+    w = Wire()
+    w.receive(b"conn-a", register("a"))
+    keys = [bytes([i]) * 16 for i in range(1, 6)]
+    packed = protocol.pack_chunks([(k, 32) for k in keys[:3]] + [(keys[3], 0)])
+    assert len(packed) == 4 * protocol.SNAPSHOT_RECORD.size
+    assert list(protocol.unpack_chunks(packed)) == [(k, 32) for k in keys[:3]]
+    w.receive(b"conn-a", protocol.Snapshot("a", 0, packed))
+    index = w.registry.index
+    assert [index.held_prefix("a", [_Span(k)]) for k in keys] == [1, 1, 1, 0, 0]
+    w.receive(b"conn-a", protocol.Snapshot("a", 0, protocol.pack_chunks([(keys[4], 8)]) + b"x"))
+    assert w.channel.dropped["router", "invalid"] == 1
+    assert [index.held_prefix("a", [_Span(k)]) for k in keys] == [1, 1, 1, 0, 0]
+
+
+class _Span:
+    """Just what ChunkIndex.held_prefix reads of a span."""
+
+    def __init__(self, key: bytes):
+        self.key = key

@@ -161,7 +161,7 @@ def test_the_registry_applies_a_big_snapshot_in_slices_and_holds_events_back(mon
     ix.replace("m", [(k, 16) for k in KEYS[:8]])
 
     async def scenario() -> None:
-        snap = protocol.Snapshot("m", 5, [protocol.ChunkRecord(k, 32) for k in KEYS[10:30]])
+        snap = protocol.Snapshot("m", 5, protocol.pack_chunks((k, 32) for k in KEYS[10:30]))
         registry.apply_snapshot(m, snap)
         assert m.snapshot_task is not None and m.applied_seq == 5
         assert ix.count("m") == 8  # old holdings, whole, until the switch
@@ -175,7 +175,7 @@ def test_the_registry_applies_a_big_snapshot_in_slices_and_holds_events_back(mon
         assert m.snapshot_task is None and m.held_back is None
         assert sorted(ix.keys_of("m")) == sorted(KEYS[11:30] + [KEYS[35]])
         # A snapshot of one slice is in at once (the old holdings' release may go on).
-        registry.apply_snapshot(m, protocol.Snapshot("m", 9, [protocol.ChunkRecord(KEYS[0], 8)]))
+        registry.apply_snapshot(m, protocol.Snapshot("m", 9, protocol.pack_chunks([(KEYS[0], 8)])))
         assert list(ix.keys_of("m")) == [KEYS[0]] and m.held_back is None
         registry.apply_events(m, [protocol.StoreEventMsg(10, "admit", KEYS[1], 8)])
         assert ix.holds("m", KEYS[1])
@@ -185,7 +185,7 @@ def test_the_registry_applies_a_big_snapshot_in_slices_and_holds_events_back(mon
         registry.apply_snapshot(m, snap)
         registry.apply_events(m, [protocol.StoreEventMsg(6, "admit", KEYS[36], 16)])
         first = m.snapshot_task
-        registry.apply_snapshot(m, protocol.Snapshot("m", 3, [protocol.ChunkRecord(KEYS[2], 8)]))
+        registry.apply_snapshot(m, protocol.Snapshot("m", 3, protocol.pack_chunks([(KEYS[2], 8)])))
         await first
         assert list(ix.keys_of("m")) == [KEYS[2]] and len(ix) == 1
 

@@ -88,7 +88,7 @@ def test_a_goodbye_of_one_rank_leaves_the_engine_down_and_its_other_rank_known()
 
 
 def snapshot(iid: str, keys: list[bytes]) -> protocol.Snapshot:
-    return protocol.Snapshot(iid, 0, [protocol.ChunkRecord(k, 32) for k in keys])
+    return protocol.Snapshot(iid, 0, protocol.pack_chunks((k, 32) for k in keys))
 
 
 def test_lookup_and_holdings_count_a_chunk_only_where_every_rank_holds_it():
