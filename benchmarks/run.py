@@ -1,6 +1,6 @@
 """Run the benchmarks and write their JSON results.
 
-    python benchmarks/run.py                 # all of P1..P9 (and P1c, P3b)
+    python benchmarks/run.py                 # all of P1..P10 (and P1c, P3b)
     python benchmarks/run.py --only P1,P4    # some
     python benchmarks/run.py --out FILE      # default benchmarks/results/latest.json
 
@@ -22,7 +22,8 @@ from common import REPO, table, write_results  # noqa: E402
 
 MODULES = {"P1": "p1_throughput", "P1C": "p1c_convert", "P2": "p2_ttft", "P3": "p3_lookup",
            "P3B": "p3b_fleet_index", "P4": "p4_small_move", "P5": "p5_serving",
-           "P6": "p6_idle_cpu", "P7": "p7_hosts", "P8": "p8_drain", "P9": "p9_routing"}
+           "P6": "p6_idle_cpu", "P7": "p7_hosts", "P8": "p8_drain", "P9": "p9_routing",
+           "P10": "p10_cold_sizes"}
 
 
 def main() -> int:
