@@ -455,3 +455,10 @@ def rss_bytes(pid: int) -> dict[str, int]:
             name, value, _unit = line.split()
             out[name[:-1]] = int(value) * 1024
     return out
+
+
+def close_all(*things) -> None:
+    """Close each of ``things`` that was made (None: it was not): a benchmark's clean-up."""
+    for thing in things:
+        if thing is not None:
+            thing.close()

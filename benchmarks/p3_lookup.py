@@ -40,8 +40,8 @@ from pathlib import Path
 import httpx
 
 from common import WORK, RawHttp, Result, percentile
-from p3_fleet import (HEADERS, PROMPT_TOKENS, Holdings, SimSidecars, answer, encode_fleet,
-                      free_ports, start_controller, wait_indexed, workload)
+from p3_fleet import (HEADERS, PROMPT_TOKENS, Holdings, SimSidecars, answer, close_all,
+                      encode_fleet, free_ports, start_controller, wait_indexed, workload)
 from tests.harness.processes import LocalCluster
 
 N_INSTANCES = 100
@@ -122,12 +122,7 @@ def run(tree: Path | None = None) -> list[Result]:
         final = client.get("/health").json()
         assert final["instances_up"] == N_INSTANCES and final["chunks_indexed"] == h.distinct_keys, final
     finally:
-        if raw is not None:
-            raw.close()
-        if client is not None:
-            client.close()
-        if sims is not None:
-            sims.close()
+        close_all(raw, client, sims)
         cluster.stop_all()
 
     ms = [x * 1000 for x in lat]

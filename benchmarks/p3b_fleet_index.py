@@ -45,8 +45,8 @@ import httpx
 
 from common import REPO, WORK, RawHttp, Result, percentile, write_results
 from p3_fleet import (CHUNK, PROMPT_CHUNKS, PROMPT_TOKENS, Encoded, Holdings, SimProcess,
-                      answer, controller_tree, encode_fleet, free_ports, lookup_body, prefix_keys,
-                      rss_bytes, start_controller, wait_indexed, workload)
+                      answer, close_all, controller_tree, encode_fleet, free_ports, lookup_body,
+                      prefix_keys, rss_bytes, start_controller, wait_indexed, workload)
 from sidecar import protocol
 from tests.harness.processes import LocalCluster
 
@@ -273,12 +273,7 @@ def _arm(label: str, tree: Path | None, fleet_path: Path, meta: dict) -> dict:
         if probe is not None:
             probe.stop.set()
             probe.join(10)
-        if raw is not None:
-            raw.close()
-        if client is not None:
-            client.close()
-        if sims is not None:
-            sims.close()
+        close_all(raw, client, sims)
         cluster.stop_all()
     gib = 1 << 30
     print(f"[p3b] {label}: indexed in {out['index_s']:.1f} s, RSS {out['rss_indexed'] / gib:.2f}"
