@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import time
-from array import array
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -298,7 +297,8 @@ def _head_digest(tokens: list[int] | None) -> bytes:
     prompt's start), b"" without tokens."""
     if not tokens:
         return b""
-    return hashlib.blake2b(array("q", tokens[:_HEAD_TOKENS]).tobytes(), digest_size=16).digest()
+    # repr: a client's token list is not validated here (any int): the engine judges it.
+    return hashlib.blake2b(repr(tokens[:_HEAD_TOKENS]).encode(), digest_size=16).digest()
 
 
 def _rendezvous(head: bytes, instance_id: str) -> int:

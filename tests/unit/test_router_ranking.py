@@ -178,6 +178,7 @@ def test_prefixes_nobody_holds_spread_over_idle_engines_the_same_way_every_time(
         assert all(10 <= c <= 35 for c in counts.values()), counts
         router.book = book_with(*(Engine(i, f"http://{i}") for i in reversed(names)))
         assert [router.rank(t, {})[0].engine.instance_id for t in prompts] == picks
+        assert router.rank([1 << 70, -5] + list(range(64)), {})  # any ints: the engine judges
         # Same first 64 tokens, different turns: the same engine (one system prompt).
         assert {router.rank(prompts[0][:64] + [7, 8, 9], {})[0].engine.instance_id,
                 router.rank(prompts[0][:64] + [1], {})[0].engine.instance_id} == {picks[0]}
