@@ -250,15 +250,15 @@ class Router:
             route = "gpu" if gpu and gpu >= extra else "host" if extra else "load"
             out.append(Choice(e, score, gpu, held, route))
         # A draining engine is going away, its KV with it: the last resort.
-        head = _head_digest(tokens)
+        head = head_digest(tokens)
         out.sort(key=lambda c: (c.engine.draining, -c.score, c.engine.load,
-                                -_rendezvous(head, c.engine.instance_id)))
+                                -rendezvous(head, c.engine.instance_id)))
         if tokens and out and not any(c.gpu or c.host for c in out):
             least = min(c.engine.load for c in out)
             near = [c for c in out if c.engine.load <= least + 1 and not c.engine.draining]
             if near:
                 best = min(near, key=lambda c: (self.book.working_set(c.engine),
-                                                -_rendezvous(head, c.engine.instance_id)))
+                                                -rendezvous(head, c.engine.instance_id)))
                 out.remove(best)
                 out.insert(0, best)
         return out
@@ -292,7 +292,7 @@ class Router:
         return Choice(chosen.engine, chosen.score, chosen.gpu, holder.host, "pulled")
 
 
-def _head_digest(tokens: list[int] | None) -> bytes:
+def head_digest(tokens: list[int] | None) -> bytes:
     """What names a prompt's prefix for rendezvous hashing: its first tokens (a system
     prompt's start), b"" without tokens."""
     if not tokens:
@@ -301,7 +301,7 @@ def _head_digest(tokens: list[int] | None) -> bytes:
     return hashlib.blake2b(repr(tokens[:_HEAD_TOKENS]).encode(), digest_size=16).digest()
 
 
-def _rendezvous(head: bytes, instance_id: str) -> int:
+def rendezvous(head: bytes, instance_id: str) -> int:
     """``instance_id``'s weight for the prefix ``head`` (highest random weight hashing): each
     prefix prefers one engine, every router replica agrees which, and an engine that leaves
     moves only its own prefixes."""
@@ -370,7 +370,7 @@ async def routed(request: Request) -> Response:
             continue
         if tokens:
             router.book.expect(e, tokens, chains)
-            router.book.routed(e, _head_digest(tokens), len(tokens))
+            router.book.routed(e, head_digest(tokens), len(tokens))
         router.metrics.requests.labels(e.instance_id, choice.route).inc()
         router.metrics.matched.labels("gpu").inc(choice.gpu)
         router.metrics.matched.labels("host").inc(max(0, choice.host - choice.gpu))

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from sidecar.router.app import head_digest, rendezvous
 from tests.harness.api import LOC, wait_lookup
 from tests.harness.engines import BY_SOURCE, HITS
 from tests.harness.processes import free_port
@@ -199,9 +200,10 @@ def test_pull_on_route_copies_a_busy_holders_prefix_to_an_idle_engine(fleet):
 
 
 def test_an_engine_that_cannot_be_reached_is_skipped(fleet):
-    """A router given a dead engine beside ev1 (``dead`` sorts first among equals): a request
-    sent there is re-sent to ev1 without the client seeing it, the dead engine is kept out of
-    rotation, and both are counted."""
+    """A router given a dead engine beside ev1, and a prompt whose rendezvous hash prefers
+    ``dead`` (neither engine holds it: ties go by that hash): the request sent there is re-sent
+    to ev1 without the client seeing it, the dead engine is kept out of rotation, and both are
+    counted."""
     port, dead = free_port(), free_port()
     proc = fleet.local.start_router(port, ["--engine", f"dead=http://127.0.0.1:{dead}",
                                            "--engine", f"ev1={fleet.engines['ev1'].url}"])
@@ -209,8 +211,11 @@ def test_an_engine_that_cannot_be_reached_is_skipped(fleet):
     try:
         with httpx.Client(base_url=proc.url, timeout=120) as client:
             model = fleet.engines["ev1"].model
-            # Token ids need no tokenizing: routed by load, "dead" first, then re-sent.
-            out = complete(client, model, [5, 6, 7, 8])
+            # Token ids need no tokenizing: "dead" first by the hash, then re-sent.
+            tokens = next([5, 6, 7, t] for t in range(8, 200)
+                          if rendezvous(head_digest([5, 6, 7, t]), "dead")
+                          > rendezvous(head_digest([5, 6, 7, t]), "ev1"))
+            out = complete(client, model, tokens)
             assert out.headers["x-kvmove-engine"] == "ev1"
             for i in range(3):
                 assert complete(client, model, f"hello {i}").headers["x-kvmove-engine"] == "ev1"

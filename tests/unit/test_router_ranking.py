@@ -10,7 +10,7 @@ import httpx
 import msgspec
 
 from sidecar import protocol
-from sidecar.router.app import Router, RouterSettings, _head_digest
+from sidecar.router.app import Router, RouterSettings, head_digest
 from sidecar.router.fleet import Engine, EngineBook, queued_requests
 from vllm_kvmove.blockhash import BlockHasher, external
 
@@ -218,7 +218,7 @@ def test_a_prefix_nobody_holds_goes_to_the_engine_asked_to_keep_the_least():
         prompts = [[p] * 64 + list(range(2048)) for p in range(8)]
         for t in prompts:
             chosen = router.rank(t, {})[0].engine
-            router.book.routed(chosen, _head_digest(t), len(t))
+            router.book.routed(chosen, head_digest(t), len(t))
         assert router.book.working_set(a) == router.book.working_set(b) == 4 * 2112
         new = [9] * 64 + list(range(100))
         a.recent.clear()
