@@ -323,7 +323,9 @@ def test_stats_counts_stay_equal_to_a_full_recount_under_random_operations():
 @pytest.mark.parametrize("shared", [False, True])
 def test_prefault_commits_the_pool_without_touching_a_byte(layout, shared):
     """The pool's pages are committed ahead of need (a fresh destination's first copy then
-    pays no page faults), a piece per call, and what chunks hold stays as written."""
+    pays no page faults), a piece per call, and what chunks hold stays as written. Resident
+    memory is checked for the shared pool (a new memfd: its pages are new); a private pool
+    may reuse memory the allocator already holds resident in this process."""
     def resident_kib() -> int:
         with open("/proc/self/status") as f:
             return sum(int(line.split()[1]) for line in f
@@ -338,6 +340,7 @@ def test_prefault_commits_the_pool_without_touching_a_byte(layout, shared):
         calls += 1
     assert calls == 4 and not store.prefault(piece)
     grown = resident_kib() - before
-    assert grown >= 0.9 * store.pool_bytes / 1024, grown
+    if shared:
+        assert grown >= 0.9 * store.pool_bytes / 1024, grown
     (info,) = store.hold([key(1)])
     assert store.pool[info.offset:info.offset + info.nbytes].numpy().tobytes() == data
