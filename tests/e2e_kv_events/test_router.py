@@ -152,7 +152,7 @@ def test_an_engine_busy_with_other_clients_requests_is_avoided(fleet, router):
 
 def busy(stack: contextlib.ExitStack, engine, router) -> list:
     """Three long generations on ``engine``, straight to it (not through the router), until
-    the router sees all three in the engine's own count (its /metrics, which a busy engine here
+    the router sees them in the engine's own count (its /metrics, which a busy engine here
     answers seconds late). Returns their line iterators: keep them (a dropped one closes its
     stream, and vLLM aborts the request)."""
     lines = []
@@ -163,10 +163,8 @@ def busy(stack: contextlib.ExitStack, engine, router) -> list:
                 "temperature": 0, "ignore_eos": True, "stream": True}))
         lines.append(stream.iter_lines())
         next(lines[-1])
-    # The router reads the engines' /metrics every 0.5 s; a busy engine answers late. All
-    # three counted: one alone outweighs only 1,024 tokens of prefix, which a request to the
-    # other engine (or a late read of it) can tip.
-    router_sees(router, engine.instance_id, lambda v: v["others"] >= len(lines), timeout=60)
+    # The router reads the engines' /metrics every 0.5 s; a busy engine answers late.
+    router_sees(router, engine.instance_id, lambda v: v["others"] >= 1, timeout=60)
     return lines
 
 
@@ -193,8 +191,10 @@ def test_pull_on_route_copies_a_busy_holders_prefix_to_an_idle_engine(fleet):
             hits0 = ev2.metric(HITS)
             seen = client.get("/health").json()  # what the router saw, should this fail
             out = complete(client, ev2.model, tokens)
-            assert out.headers["x-kvmove-engine"] == "ev2", (out.headers, seen)
-            assert out.headers["x-kvmove-route"] == "pulled", (out.headers, seen)
+            why = (out.headers, seen, [line for line in client.get("/metrics").text.splitlines()
+                                       if line.startswith("kvmove_router_pulls_total")])
+            assert out.headers["x-kvmove-engine"] == "ev2", why
+            assert out.headers["x-kvmove-route"] == "pulled", why
             assert ev2.metric(HITS) - hits0 >= N - 1
             assert out.json()["choices"][0]["text"] == reference["choices"][0]["text"]
             assert 'kvmove_router_pulls_total{outcome="done"} 1.0' in client.get("/metrics").text
