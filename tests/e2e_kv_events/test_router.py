@@ -140,13 +140,19 @@ def test_a_client_that_goes_away_ends_the_engines_work(fleet, router):
 
 def test_an_engine_busy_with_other_clients_requests_is_avoided(fleet, router):
     """Load counts what the engine itself reports (running + waiting, from its /metrics), not
-    only the router's own requests: with ev1 generating for clients that went straight to it,
-    a new prompt (held nowhere) goes to ev2. (A busy engine answers /metrics seconds late
-    here: the router's view lags by that much.)"""
+    only the router's own requests: ev1 holds a 700-token prompt (served straight to it), and
+    while it generates for clients that went straight to it, that prompt goes to the idle ev2
+    (one request in flight outweighs 1,024 tokens of prefix). (A busy engine answers /metrics
+    seconds late here: the router's view lags by that much.) A prompt no engine holds is
+    another matter: it may go to an engine one request busier than the least loaded, to keep
+    the prefixes spread (unit-tested)."""
     ev1 = fleet.engines["ev1"]
+    tokens = prompt(506)
+    ev1.complete(tokens)
+    assert wait_lookup(fleet.http, tokens, {"ev1": N}, timeout=30) == {"ev1": N}
     with contextlib.ExitStack() as stack:
         held = busy(stack, ev1, router)  # noqa: F841 - keeps the generations' streams open
-        out = complete(router, ev1.model, prompt(506))
+        out = complete(router, ev1.model, tokens)
         assert out.headers["x-kvmove-engine"] == "ev2", router.get("/health").json()
 
 
