@@ -231,7 +231,7 @@ def unpack_chunks(chunks: bytes) -> Iterator[tuple[bytes, int]]:
     record by record, as the receiver applies them, since a decoder cannot look inside bytes).
 
     Raises:
-        ValueError: ``chunks`` is not a whole number of records (check it first:
+        struct.error: ``chunks`` is not a whole number of records (check it first:
             :func:`snapshot_problem`).
     """
     for key, num_tokens in SNAPSHOT_RECORD.iter_unpack(chunks):
