@@ -123,6 +123,13 @@ class Instance:
         return self.members[min(self.members)].reg
 
     @property
+    def naming(self) -> tuple[str, int]:
+        """How the engine names a prompt's chunks: ``(fingerprint, chunk_size)`` (engines
+        alike hash a prompt to the same keys)."""
+        reg = self.reg
+        return reg.fingerprint, reg.chunk_size
+
+    @property
     def layout(self) -> KVLayout:
         """The engine's KV layout (per rank; checked readable at registration)."""
         return KVLayout(**self.reg.layout)
@@ -193,8 +200,7 @@ class InstanceRegistry:
         if version != self._version:
             groups = {}
             for inst in self.instances.values():
-                key = (inst.reg.fingerprint, inst.reg.chunk_size)
-                groups[key] = groups.get(key, 0) + 1
+                groups[inst.naming] = groups.get(inst.naming, 0) + 1
             self._groups = (self._version, groups)
         return groups
 

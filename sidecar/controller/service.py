@@ -166,8 +166,7 @@ class Controller:
                 if member is None or member.instance_id in out:
                     continue
                 inst = registry.get(member.instance_id)
-                if inst is None or (inst.reg.fingerprint, inst.reg.chunk_size) != group \
-                        or not registry.is_up(inst):
+                if inst is None or inst.naming != group or not registry.is_up(inst):
                     continue
                 n = held[holder] if inst.world_size == 1 else \
                     min(held.get(h, 0) for h in inst.holders)
