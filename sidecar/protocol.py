@@ -245,9 +245,6 @@ def snapshot_problem(chunks: bytes) -> str | None:
         return (f"{len(chunks)} bytes of chunks is not a whole number of "
                 f"{SNAPSHOT_RECORD.size}-byte records")
     return None
-    tokens = array("I")
-    tokens.frombytes(b"".join(counts[i + 16:i + 20] for i in range(0, len(chunks), 20)))
-    return None
 
 
 class Heartbeat(_Tagged):
@@ -967,6 +964,10 @@ class StoreInfo(msgspec.Struct):
         writing_chunks: reserved, not yet committed (invisible).
         evictions: chunks evicted to make room since start.
         seq: the store's last event sequence number.
+        engine_loads: the engine's loads from the store (steps that loaded prefix hits);
+            ``engine_loaded_bytes``: their bytes; ``engine_load_us``: their wall time from
+            the step's start to its last copy, microseconds (with layer-wise loading it
+            overlaps the forward pass).
     """
 
     instance_id: str
@@ -985,6 +986,9 @@ class StoreInfo(msgspec.Struct):
     writing_chunks: int
     evictions: int
     seq: int
+    engine_loads: int
+    engine_loaded_bytes: int
+    engine_load_us: int
     transfers: TransferCounters
 
 

@@ -72,6 +72,12 @@ class KVMoveConfig:
             fresh destination paid a page fault per 4 KiB, several times the copy itself).
             The memory is the engine's from start-up on, as a GPU engine's pinned pool is.
         copy_threads: threads this engine uses for same-host copies (shared by concurrent ones).
+        load_threads: helper threads that copy a step's loads from the store into the paged
+            cache layer by layer while the forward pass runs (the forward waits at each
+            layer's attention only for that layer's blocks, and copies alongside while it
+            waits); 0: the forward thread copies each layer just before its attention (no
+            overlap; always so for CUDA caches, whose copies are ordered on the forward's
+            stream).
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
             the system gives.
@@ -108,6 +114,7 @@ class KVMoveConfig:
     same_host_copy: bool = True
     prefault_pool: bool = True
     copy_threads: int = 2
+    load_threads: int = 1
     p2p_data_ports: str = ""
     kv_events_port: int = 0
     kv_events_topic: str = ""
@@ -206,6 +213,8 @@ def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ())
         raise ConfigError("config key 'instance_id' must not be empty")
     if not 1 <= cfg.copy_threads <= 64:
         raise ConfigError(f"config key 'copy_threads' must be 1..64, got {cfg.copy_threads}")
+    if not 0 <= cfg.load_threads <= 64:
+        raise ConfigError(f"config key 'load_threads' must be 0..64, got {cfg.load_threads}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("config keys 'tls_cert' and 'tls_key' go together")
     low, _, high = cfg.p2p_data_ports.partition("-")

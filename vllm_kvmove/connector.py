@@ -9,15 +9,21 @@ vLLM builds this class twice per engine (each hook's docstring says more):
   creates the :class:`~vllm_kvmove.store.ChunkStore` (one host pool), the
   :class:`~vllm_kvmove.lookup.LookupServer`, and starts the sidecar — the connector's one tie to
   the control plane. Per step, on the forward thread:
-    - ``start_load_kv`` (before the forward, since loads are synchronous): copies the planned
-      chunk blocks from the store into the paged cache. A chunk that vanished since the
-      scheduler's lookup is reported by ``get_block_ids_with_load_errors`` so vLLM recomputes
-      those blocks instead of reading garbage.
-    - ``wait_for_save`` (after the forward): copies every prompt chunk completed by this step
-      from the paged cache into the store (block slabs, memcpy only; checksums are computed
-      later, off this path, by the sidecar).
-  ``wait_for_layer_load`` and ``save_kv_layer`` do nothing: whole-step copies are cheaper on
-  CPU than per-layer ones.
+    - ``start_load_kv`` (before the forward): holds the planned chunks and hands their
+      per-layer copies to the :class:`~vllm_kvmove.loader.LayerLoader`, which copies them
+      into the paged cache in layer order on ``load_threads`` helper threads; a block the
+      step itself writes into (where the loaded prefix ends mid-block) is copied here,
+      before the forward. A chunk that vanished since the scheduler's lookup is reported by
+      ``get_block_ids_with_load_errors`` so vLLM recomputes those blocks instead of reading
+      garbage.
+    - ``wait_for_layer_load`` (vLLM's attention hook, before each layer's attention): waits
+      for that layer's blocks, copying alongside the helpers meanwhile — the copies of later
+      layers overlap the forward of earlier ones.
+    - ``wait_for_save`` (after the forward): ends the step's load (releases the chunks), then
+      copies every prompt chunk completed by this step from the paged cache into the store
+      (block slabs, memcpy only; checksums are computed later, off this path, by the sidecar).
+  ``save_kv_layer`` does nothing: whole-step saves after the forward keep the forward's
+  layers free of copies.
 * **Scheduler role** (EngineCore process). ``get_num_new_matched_tokens`` computes chunk keys
   for the prompt (cached per request) and asks the worker's store over the lookup channel how
   many leading chunks it holds; it answers at most ``prompt_len - 1`` tokens (vLLM always
@@ -77,11 +83,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sidecar.agent import Sidecar, start_sidecar
+from vllm_kvmove.affinity import widen_cpu_affinity
 from vllm_kvmove.blockhash import BlockHasher, ChunkBlocks, hasher_for, kv_event
 from vllm_kvmove.config import KVMoveConfig, load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
-from vllm_kvmove.layout import (block_bytes, block_index, check_kv_caches, copy_blocks, layer_order,
+from vllm_kvmove.layout import (block_bytes, block_copier, check_kv_caches, layer_order,
                                 layout_from_vllm)
+from vllm_kvmove.loader import CopyPiece, LayerLoader
 from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path, match_prefix_everywhere
 from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
@@ -150,10 +158,14 @@ class ChunkLoad:
     Attributes:
         key: chunk key.
         blocks: ``(block index within the chunk, destination paged-cache block id)`` pairs.
+        before_forward: its last block also receives tokens the step computes (the loaded
+            prefix ends inside it), which the forward writes into the cache before the
+            layer's attention waits: copy it before the forward starts.
     """
 
     key: bytes
     blocks: list[tuple[int, int]]
+    before_forward: bool = False
 
 
 @dataclass
@@ -293,6 +305,9 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._lookup_server: LookupServer | None = None
         self._sidecar: Sidecar | None = None
         self._load_errors: set[int] = set()
+        self._layer_index: dict[str, int] = {}
+        self._loader: LayerLoader | None = None
+        self._loading: list[bytes] = []  # chunks held by the step's load until wait_for_save
         if role == KVConnectorRole.SCHEDULER:
             self._lookups = [LookupClient(lookup_path(self.config.instance_id, rank))
                              for rank in range(self._world_size)]
@@ -315,8 +330,14 @@ class KVMoveConnector(KVConnectorBase_V1):
             ValueError: the KV tensors do not match the layout; RuntimeError: the sidecar did
                 not start (e.g. a port is taken). Either stops the engine.
         """
-        layers = [kv_caches[name] for name in layer_order(self._kv_cache_config)]
+        names = layer_order(self._kv_cache_config)
+        layers = [kv_caches[name] for name in names]
         check_kv_caches(self.layout, layers)
+        self._layer_index = {name: i for i, name in enumerate(names)}
+        # CUDA caches: the forward thread copies each layer before its attention (ordered on
+        # its stream); host caches: helpers copy alongside the forward.
+        threads = self.config.load_threads if layers[0].device.type == "cpu" else 0
+        self._loader = LayerLoader(len(layers), threads, thread_init=widen_cpu_affinity)
         # Byte views [num_blocks, block_slab_bytes] over each layer's physical blocks: chunk
         # copies are dtype-agnostic memcpys.
         self._layers = [block_bytes(t) for t in layers]
@@ -337,14 +358,18 @@ class KVMoveConnector(KVConnectorBase_V1):
                                       engine_events=self._engine_events_endpoint)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Worker, forward thread, before the step's forward: copy this step's planned loads
-        from the store into the paged cache (memcpy; holds each chunk while it is copied, so
-        no delete or eviction frees it meanwhile). A chunk gone since the lookup is recorded
-        for :meth:`get_block_ids_with_load_errors`. Blocks for the copy only."""
+        """Worker, forward thread, before the step's forward: hold this step's planned chunks
+        (so no delete or eviction frees them until ``wait_for_save``), copy the blocks the
+        step writes into, and queue the rest, layer by layer, on the loader. A chunk gone
+        since the lookup is recorded for :meth:`get_block_ids_with_load_errors`. Blocks for
+        the held-and-queued bookkeeping and the boundary blocks' copies only."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMoveConnectorMetadata)
-        store = self.store
-        assert store is not None
+        store, loader = self.store, self._loader
+        assert store is not None and loader is not None
+        self._end_load()  # a step whose wait_for_save never came (it raised)
+        pieces: list[CopyPiece] = []
+        slab = self.layout.block_slab_bytes
         for load in meta.loads:
             try:
                 (info,) = store.hold([load.key], checksums=False)
@@ -353,19 +378,27 @@ class KVMoveConnector(KVConnectorBase_V1):
                                load.key.hex())
                 self._load_errors.update(dst for _, dst in load.blocks)
                 continue
-            try:
-                view = store.slot_view(info.offset // store.slot_bytes)
-                src = block_index([w for w, _ in load.blocks])
-                dst = block_index([d for _, d in load.blocks])
-                for li, kv in enumerate(self._layers):
-                    copy_blocks(kv, dst, view[:, li], src)
-            finally:
-                store.release([load.key])
+            self._loading.append(load.key)
+            view = store.slot_view(info.offset // store.slot_bytes)
+            src = [w for w, _ in load.blocks]
+            dst = tuple(d for _, d in load.blocks)
+            for li, kv in enumerate(self._layers):
+                pieces.append(CopyPiece(li, block_copier(kv, dst, view[:, li], src), dst,
+                                        slab * len(dst)))
+            if load.before_forward:
+                for piece in pieces[-len(self._layers):]:
+                    piece.run()
+                del pieces[-len(self._layers):]
+        loader.start(pieces)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Worker, forward thread, per layer: nothing to wait for (loads completed in
-        :meth:`start_load_kv`)."""
-        return
+        """Worker, forward thread, before each layer's attention (vLLM's
+        ``maybe_transfer_kv_layer``): return once the step's loads of this layer (and the
+        ones before it) are in the paged cache, copying queued ones meanwhile. Returns at once
+        when nothing is loading."""
+        loader = self._loader
+        if loader is not None:
+            loader.wait_layer(self._layer_index.get(layer_name, loader.num_layers - 1))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
@@ -373,12 +406,34 @@ class KVMoveConnector(KVConnectorBase_V1):
         :meth:`wait_for_save`)."""
         return
 
+    def _end_load(self) -> None:
+        """Finish the step's load (every copy done), record blocks to recompute, and release
+        its chunks. If the forward never waited for a layer (an attention path without
+        vLLM's hook), every block of the step is recomputed and later loads run before the
+        forward."""
+        loader, store = self._loader, self.store
+        if loader is None or store is None:
+            return
+        self._load_errors.update(loader.finish())
+        if self._loading:
+            store.record_load(*loader.last_step)
+        if loader.never_waited and loader.threads:
+            logger.warning("this engine's attention did not wait for layer-wise loads; the "
+                           "step's loaded blocks are recomputed, and loads now run before "
+                           "the forward")
+            loader.close()
+            self._loader = LayerLoader(loader.num_layers, 0)
+        if self._loading:
+            store.release(self._loading)
+            self._loading = []
+
     def wait_for_save(self) -> None:
         """Worker, forward thread, after the step's forward: copy every prompt chunk this step
         completed into the store (reserve, memcpy, commit; the commit makes it visible and
         emits its store event). A full store skips the chunk with a warning, and a chunk
         another writer is writing (a fetch) is skipped; the request is unaffected. Blocks for
         the copies only (no I/O, no checksums)."""
+        self._end_load()
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -397,10 +452,9 @@ class KVMoveConnector(KVConnectorBase_V1):
                 continue
             try:
                 view = store.slot_view(slot)
-                ids = block_index(save.block_ids)
-                n = len(save.block_ids)
+                rows = range(len(save.block_ids))
                 for li, kv in enumerate(self._layers):
-                    copy_blocks(view[:, li], slice(0, n), kv, ids)
+                    block_copier(view[:, li], rows, kv, save.block_ids)()
             except BaseException:
                 store.abort(save.key)
                 raise
@@ -443,6 +497,9 @@ class KVMoveConnector(KVConnectorBase_V1):
                 self._drain_before_exit(self._sidecar)
             self._sidecar.stop()
             self._sidecar = None
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
         if self._lookup_server is not None:
             self._lookup_server.close()
             self._lookup_server = None
@@ -522,6 +579,8 @@ class KVMoveConnector(KVConnectorBase_V1):
             c = b // bpc
             load = by_chunk.setdefault(c, ChunkLoad(spans[c].key, []))
             load.blocks.append((b % bpc, block_ids[b]))
+        if (local + external) % bs:  # the step's first computed token lands in the last block
+            by_chunk[(end - 1) // bpc].before_forward = True
         self._pending_loads.extend(by_chunk.values())
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:

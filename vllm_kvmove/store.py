@@ -197,6 +197,8 @@ class ChunkStore:
         # Chunks committed without a checksum, for fill_checksums() to do off the save path.
         self._unsummed: deque[bytes] = deque()
         self._prefaulted = 0  # bytes of the pool prefault() has committed
+        # The engine's loads from this store (record_load): count, bytes, microseconds.
+        self._loads = self._loaded_bytes = self._load_us = 0
         # Called (outside the lock, from the committing thread) after events were appended;
         # the sidecar uses it to wake up instead of polling.
         self.on_events: Callable[[], None] | None = None
@@ -268,7 +270,8 @@ class ChunkStore:
         """Counts for heartbeats, metrics and HTTP, in O(1): the sidecar calls this before
         every command's reply. ``num_chunks``/``num_tokens``: visible chunks; ``held``,
         ``pinned`` and ``available_slots`` also count deleted chunks still held;
-        ``writing_chunks``: reserved, not yet committed."""
+        ``writing_chunks``: reserved, not yet committed; ``engine_*``: the engine's loads
+        from the store (:meth:`record_load`)."""
         with self._lock:
             return {
                 "num_chunks": self._n_chunks,
@@ -283,7 +286,18 @@ class ChunkStore:
                 "writing_chunks": self._n_writing,
                 "evictions": self.evictions,
                 "seq": self._seq,
+                "engine_loads": self._loads,
+                "engine_loaded_bytes": self._loaded_bytes,
+                "engine_load_us": self._load_us,
             }
+
+    def record_load(self, nbytes: int, seconds: float) -> None:
+        """Count one load of the engine's from this store (the connector calls it after a
+        step's load): ``stats()`` reports the totals, for the load path's bytes per second."""
+        with self._lock:
+            self._loads += 1
+            self._loaded_bytes += nbytes
+            self._load_us += round(seconds * 1e6)
 
     def drain_events(self, limit: int | None = None) -> list[StoreEvent]:
         """Pop buffered events, oldest first (at most ``limit``)."""

@@ -46,6 +46,12 @@ class SidecarCollector(Collector):
                      "Chunks pinned by an operator (/pin)", st["pinned_chunks"])
         yield family(CounterMetricFamily, "kvmove_store_evictions", "Chunks evicted to make room",
                      st["evictions"])
+        yield family(CounterMetricFamily, "kvmove_engine_loaded_bytes",
+                     "Bytes the engine loaded from the store into its KV cache (prefix hits)",
+                     st["engine_loaded_bytes"])
+        yield family(CounterMetricFamily, "kvmove_engine_load_seconds",
+                     "Wall time of those loads, from the step's start to its last copy",
+                     st["engine_load_us"] / 1e6)
         t = CounterMetricFamily("kvmove_transfer_bytes", "Bytes moved between stores, by direction",
                                 labels=["instance_id", "direction"])
         t.add_metric([self.instance_id, "in"], tr.bytes_in)

@@ -66,6 +66,7 @@ from sidecar.agent.fetch import ChunkFetcher
 from sidecar.agent.kvevents import KVEventPublisher, default_topic
 from sidecar.httpkit import plain_http_warning, server_config
 from sidecar.zmqio import LoopSocket, serve_forever
+from vllm_kvmove.affinity import widen_cpu_affinity
 from vllm_kvmove.blockhash import BlockHasher
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
@@ -475,37 +476,6 @@ class Sidecar:
         # ZMQ's I/O thread, ~50 µs here).
         reply.heartbeat = self.heartbeat()
         await self._send(self._dealer, reply)
-
-
-def widen_cpu_affinity() -> None:
-    """Let the calling thread (and the threads it starts: NIXL's progress thread, UCX's async
-    thread, the to_thread workers) run on every CPU the process may use.
-
-    vLLM's CPU worker binds each of its threads to the engine's OpenMP core before the
-    connector starts us, and threads inherit that mask. Kept there, a NIXL transfer posted by
-    the sidecar waits for UCX's threads to be scheduled on a core busy with the engine
-    (measured: 0.15-3.3 ms for a 128 KiB read that takes 0.05 ms unpinned), and the sidecar's
-    work competes with the forward pass on its one core instead of using idle ones.
-    """
-    try:
-        cpus = _allowed_cpus()
-        if cpus and cpus != os.sched_getaffinity(0):
-            os.sched_setaffinity(0, cpus)  # pid 0: the calling thread only
-    except OSError as e:
-        logger.debug("could not widen the sidecar's CPU affinity: %s", e)
-
-
-def _allowed_cpus() -> set[int]:
-    """CPUs this cgroup may use (cgroup v2 cpuset), else every online CPU."""
-    try:
-        spec = open("/sys/fs/cgroup/cpuset.cpus.effective").read().strip()
-    except OSError:
-        spec = ""
-    cpus: set[int] = set()
-    for part in filter(None, spec.split(",")):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus or set(range(os.cpu_count() or 1))
 
 
 def start_sidecar(config: KVMoveConfig, store: ChunkStore, layout: KVLayout,

@@ -74,6 +74,37 @@ def test_block_copies_match_plain_indexing_for_consecutive_and_scattered_ids():
                 assert torch.equal(dst, want), (width, dst_ids, src_ids)
 
 
+def test_block_copier_matches_plain_indexing_and_checks_its_rows():
+    import pytest
+    import torch
+
+    from vllm_kvmove.layout import block_copier
+
+    # The connector's two uses: a chunk's strided layer rows into scattered cache rows (load),
+    # and back into the slot's first rows (save); adjacent rows on both sides make one run.
+    for width in (5, 40):
+        src = (torch.arange(8 * 3 * width) % 251).to(torch.uint8).view(8, 3, width)[:, 1]
+        for dst_ids in ([2, 3, 4], [7, 1, 4], [0]):
+            src_ids = [5, 0, 3][:len(dst_ids)]
+            dst = torch.zeros(9, 2, width, dtype=torch.uint8)
+            copy = block_copier(dst[:, 1], dst_ids, src, src_ids)
+            assert torch.equal(dst, torch.zeros_like(dst))  # bound, not yet run
+            copy()
+            want = torch.zeros(9, 2, width, dtype=torch.uint8)
+            want[torch.tensor(dst_ids), 1] = src[torch.tensor(src_ids)]
+            assert torch.equal(dst, want), (width, dst_ids)
+    cache = (torch.arange(6 * 16) % 199).to(torch.uint8).view(6, 16)
+    slot = torch.zeros(4, 16, dtype=torch.uint8)
+    block_copier(slot, range(3), cache, [3, 4, 5])()  # one 48-byte run
+    assert torch.equal(slot[:3], cache[3:6]) and not slot[3].any()
+    with pytest.raises(IndexError):
+        block_copier(slot, [4], cache, [0])  # past the destination's rows: refused, not run
+    with pytest.raises(IndexError):
+        block_copier(slot, [0], cache, [-1])
+    with pytest.raises(ValueError):
+        block_copier(slot, [0, 1], cache, [0])
+
+
 def test_block_bytes_are_each_blocks_physical_bytes_and_refuse_what_is_not_one_range():
     from vllm_kvmove.layout import block_bytes
 
