@@ -14,11 +14,12 @@ import argparse
 import importlib
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, table, write_results  # noqa: E402
+from common import REPO, Result, table, write_results  # noqa: E402
 
 MODULES = {"P1": "p1_throughput", "P1C": "p1c_convert", "P2": "p2_ttft", "P3": "p3_lookup",
            "P3B": "p3b_fleet_index", "P4": "p4_small_move", "P5": "p5_serving",
@@ -35,8 +36,15 @@ def main() -> int:
     for pid in [p.strip().upper() for p in args.only.split(",") if p.strip()]:
         t0 = time.monotonic()
         print(f"[bench] {pid} ({MODULES[pid]}) ...", flush=True)
-        module = importlib.import_module(MODULES[pid])
-        for r in module.run():
+        try:
+            module = importlib.import_module(MODULES[pid])
+            produced = module.run()
+        except Exception as e:  # one benchmark's failure must not lose the others' figures
+            traceback.print_exc()
+            produced = [Result(id=pid, measure=f"{MODULES[pid]} failed", value=float("nan"),
+                               unit="", baseline={}, ratio=None, goal="runs", met=False,
+                               notes=f"{type(e).__name__}: {e}")]
+        for r in produced:
             results.append(r)
             print(f"[bench] {r.id}: {r.value:.4g} {r.unit}, ratio {r.ratio}, goal {r.goal}: "
                   f"{'met' if r.met else 'NOT met'} ({time.monotonic() - t0:.0f} s)", flush=True)
