@@ -29,11 +29,18 @@ touches vLLM at import time; :func:`layout_from_vllm` imports it lazily.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+try:  # the optional C kernel (pyproject.toml: built where a C compiler is)
+    from vllm_kvmove._copyhash import copy_runs as _copy_runs
+except ImportError:
+    _copy_runs = None
 
 if TYPE_CHECKING:
     import torch
@@ -264,18 +271,30 @@ def block_copier(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tensor
                  src_ids: Sequence[int]) -> Callable[[], None]:
     """A zero-argument callable that does ``dst[dst_ids[i]] = src[src_ids[i]]`` for every i,
     over byte rows (:func:`block_bytes` rows, store slot views), bound now and run later (a
-    :class:`~vllm_kvmove.loader.CopyPiece`, or at once).
+    :class:`~vllm_kvmove.loader.CopyPiece`, or at once): :func:`block_copiers` in one piece."""
+    copiers = block_copiers(dst, dst_ids, src, src_ids)
+    return copiers[0] if copiers else _nothing
 
-    Host tensors: one ``memmove`` per run of rows adjacent on both sides, through ctypes,
-    which drops the GIL for each — measured here for 512 KiB rows: 7.4 GB/s on one thread
-    against 4.8 for :func:`copy_blocks`' gather-then-scatter (a temporary, then a second
-    copy), and 14 GB/s with a second thread copying alongside (the connector's layer-wise
-    loads) where PyTorch's ops, taking the GIL several times per call, reached 9. Row
-    indices are checked against both tensors' row counts here, since raw copies have no
-    bounds of their own. Other devices: :func:`copy_blocks`.
 
-    The tensors must outlive the callable (the paged cache and the store pool live as long
-    as the engine; the caller holds the chunk while the copy may run).
+def block_copiers(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tensor",
+                  src_ids: Sequence[int], piece_bytes: int = 0) -> list[Callable[[], None]]:
+    """Zero-argument callables that together do ``dst[dst_ids[i]] = src[src_ids[i]]`` for
+    every i, over byte rows (:func:`block_bytes` rows, store pool rows), bound now and run
+    later, in any order or on any threads (the rows they write are distinct).
+
+    Host tensors: one copy per run of rows adjacent on both sides, a callable's runs in one
+    call of the C kernel (``vllm_kvmove._copyhash.copy_runs``: the GIL released once, runs of
+    64 KiB and more stored non-temporally), else one ``ctypes.memmove`` per run; the runs are
+    cut into callables of about ``piece_bytes`` each (0: one callable), so that several
+    threads can share them. Measured here for 512 KiB rows, one thread: 4.8 GB/s for
+    :func:`copy_blocks`' gather-then-scatter (a temporary, then a second copy), 7.4-7.8 with
+    memmove, 11.7 with non-temporal stores; with a second thread copying alongside (the
+    connector's layer-wise loads) 14 and 22. Row indices are checked against both tensors'
+    row counts here, since raw copies have no bounds of their own. Other devices: one
+    callable of :func:`copy_blocks`.
+
+    The tensors must outlive the callables (the paged cache and the store pool live as long
+    as the engine; the caller holds the chunks while a copy may run).
 
     Raises:
         IndexError: a row index out of range; ValueError: rows of different sizes, or a
@@ -283,31 +302,45 @@ def block_copier(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tensor
     """
     if len(dst_ids) != len(src_ids):
         raise ValueError(f"{len(dst_ids)} destination rows for {len(src_ids)} source rows")
+    if not dst_ids:
+        return []
     if dst.device.type != "cpu" or src.device.type != "cpu":
         dst_idx, src_idx = block_index(list(dst_ids)), block_index(list(src_ids))
-        return lambda: copy_blocks(dst, dst_idx, src, src_idx)
+        return [partial(copy_blocks, dst, dst_idx, src, src_idx)]
     row = dst.shape[1] * dst.element_size()
     if src.shape[1] * src.element_size() != row or dst.stride(1) != 1 or src.stride(1) != 1:
-        raise ValueError("block_copier copies whole contiguous byte rows of one size")
+        raise ValueError("block copies move whole contiguous byte rows of one size")
     for ids, t in ((dst_ids, dst), (src_ids, src)):
         bad = [i for i in ids if not 0 <= i < t.shape[0]]
         if bad:
             raise IndexError(f"row {bad[0]} out of range for {t.shape[0]} rows")
     d0, ds = dst.data_ptr(), dst.stride(0) * dst.element_size()
     s0, ss = src.data_ptr(), src.stride(0) * src.element_size()
-    runs: list[list[int]] = []
+    pieces: list[list[int]] = [[]]  # flat (dst, src, n) triples per callable
+    size = 0
     for d, s in zip(dst_ids, src_ids):
         da, sa = d0 + d * ds, s0 + s * ss
-        if runs and runs[-1][0] + runs[-1][2] == da and runs[-1][1] + runs[-1][2] == sa:
-            runs[-1][2] += row
+        run = pieces[-1]
+        if run and run[-3] + run[-1] == da and run[-2] + run[-1] == sa:
+            run[-1] += row
         else:
-            runs.append([da, sa, row])
+            if piece_bytes and size >= piece_bytes:
+                pieces.append([])
+                size = 0
+            pieces[-1] += (da, sa, row)
+        size += row
+    if _copy_runs is not None:
+        return [partial(_copy_runs, array.array("Q", p).tobytes()) for p in pieces]
+    return [partial(_memmove_runs, p) for p in pieces]
 
-    def copy() -> None:
-        for da, sa, n in runs:
-            ctypes.memmove(da, sa, n)
 
-    return copy
+def _memmove_runs(runs: list[int]) -> None:
+    for i in range(0, len(runs), 3):
+        ctypes.memmove(runs[i], runs[i + 1], runs[i + 2])
+
+
+def _nothing() -> None:
+    return None
 
 
 def copy_blocks(dst: torch.Tensor, dst_idx: slice | torch.Tensor,

@@ -219,6 +219,14 @@ class ChunkStore:
         return self.pool[start:start + self.slot_bytes].view(
             lay.blocks_per_chunk, lay.num_layers, lay.block_slab_bytes)
 
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """Every slot's block slabs of ``layer``, as ``uint8[num_slots * blocks_per_chunk,
+        block_slab_bytes]``: row ``slot * blocks_per_chunk + b`` is block ``b`` of the chunk in
+        ``slot`` (a strided view over the whole pool, for copies of many chunks at once)."""
+        lay = self.layout
+        return self.pool[:self.num_slots * self.slot_bytes].view(
+            self.num_slots * lay.blocks_per_chunk, lay.num_layers, lay.block_slab_bytes)[:, layer]
+
     def prefault(self, max_bytes: int = 64 << 20) -> bool:
         """Commit the next ``max_bytes`` of the pool's memory (``madvise(MADV_POPULATE_WRITE)``:
         page tables filled and pages allocated, no byte read or written — safe while chunks

@@ -74,15 +74,21 @@ def test_block_copies_match_plain_indexing_for_consecutive_and_scattered_ids():
                 assert torch.equal(dst, want), (width, dst_ids, src_ids)
 
 
-def test_block_copier_matches_plain_indexing_and_checks_its_rows():
-    import pytest
+@pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "memmove"])
+def test_block_copier_matches_plain_indexing_and_checks_its_rows(kernel, monkeypatch):
     import torch
 
+    from vllm_kvmove import layout
     from vllm_kvmove.layout import block_copier
 
+    if kernel and layout._copy_runs is None:
+        pytest.skip("the C kernel is not built here")
+    if not kernel:
+        monkeypatch.setattr(layout, "_copy_runs", None)
     # The connector's two uses: a chunk's strided layer rows into scattered cache rows (load),
     # and back into the slot's first rows (save); adjacent rows on both sides make one run.
-    for width in (5, 40):
+    # 5 and 40 bytes: plain copies; 96 KiB + 8: streamed (non-temporal) copies, unaligned tail.
+    for width in (5, 40, 96 * 1024 + 8):
         src = (torch.arange(8 * 3 * width) % 251).to(torch.uint8).view(8, 3, width)[:, 1]
         for dst_ids in ([2, 3, 4], [7, 1, 4], [0]):
             src_ids = [5, 0, 3][:len(dst_ids)]
@@ -122,3 +128,20 @@ def test_block_bytes_are_each_blocks_physical_bytes_and_refuse_what_is_not_one_r
         block_bytes(torch.zeros(4, 16, 8)[:, :, :4])  # a block with gaps
     with pytest.raises(ValueError, match="overlap"):
         block_bytes(torch.zeros(200).as_strided((4, 16, 8), (4, 8, 1)))
+
+
+def test_block_copiers_cut_the_copy_into_pieces_that_together_do_all_of_it():
+    from vllm_kvmove.layout import block_copiers
+
+    src = (torch.arange(12 * 2 * 64) % 251).to(torch.uint8).view(12, 2, 64)[:, 1]
+    dst_ids, src_ids = [3, 4, 5, 9, 0, 1, 7, 8], [0, 1, 2, 6, 10, 11, 4, 3]
+    for piece_bytes, count in ((0, 1), (128, 4), (1, 8), (10_000, 1)):
+        dst = torch.zeros(10, 64, dtype=torch.uint8)
+        copiers = block_copiers(dst, dst_ids, src, src_ids, piece_bytes)
+        assert len(copiers) == count, piece_bytes
+        for copy in reversed(copiers):  # any order
+            copy()
+        want = torch.zeros(10, 64, dtype=torch.uint8)
+        want[torch.tensor(dst_ids)] = src[torch.tensor(src_ids)]
+        assert torch.equal(dst, want), piece_bytes
+    assert block_copiers(dst, [], src, []) == []
