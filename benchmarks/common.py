@@ -98,9 +98,21 @@ def table(results: list[Result]) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-# Real engines, shared by the benchmarks of one run (P4, P5, P6): started once, stopped at exit.
+# Real engines, shared by the benchmarks of one run (P4, P5, P6): started once, stopped by
+# run.py once no later benchmark needs them (else at exit).
 # ------------------------------------------------------------------------------------------
 _ENGINES: dict[str, Any] = {}
+#: The benchmarks that use :func:`engine_cluster`.
+USES_ENGINE_CLUSTER = frozenset({"P4", "P5", "P6"})
+
+
+def stop_engine_cluster() -> None:
+    """Stop the shared engines and their controller, if started: three idle engines hold
+    ~7 GB and some CPU, which later benchmarks' own engines need (P8 beside them ran this
+    24 GiB machine out of memory)."""
+    if _ENGINES:
+        _ENGINES["cluster"].stop_all()
+        _ENGINES.clear()
 
 
 def engine_cluster() -> dict[str, Any]:

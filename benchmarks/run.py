@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Result, table, write_results  # noqa: E402
+from common import (REPO, USES_ENGINE_CLUSTER, Result, stop_engine_cluster, table,  # noqa: E402
+                    write_results)
 
 MODULES = {"P1": "p1_throughput", "P1C": "p1c_convert", "P2": "p2_ttft", "P3": "p3_lookup",
            "P3B": "p3b_fleet_index", "P4": "p4_small_move", "P5": "p5_serving",
@@ -33,7 +34,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latest.json"))
     args = ap.parse_args()
     results = []
-    for pid in [p.strip().upper() for p in args.only.split(",") if p.strip()]:
+    order = [p.strip().upper() for p in args.only.split(",") if p.strip()]
+    for i, pid in enumerate(order):
         t0 = time.monotonic()
         print(f"[bench] {pid} ({MODULES[pid]}) ...", flush=True)
         try:
@@ -49,6 +51,8 @@ def main() -> int:
             print(f"[bench] {r.id}: {r.value:.4g} {r.unit}, ratio {r.ratio}, goal {r.goal}: "
                   f"{'met' if r.met else 'NOT met'} ({time.monotonic() - t0:.0f} s)", flush=True)
         write_results(results, Path(args.out))  # after each, so a crash keeps what ran
+        if not USES_ENGINE_CLUSTER & set(order[i + 1:]):
+            stop_engine_cluster()
     print()
     print(table(results))
     print(f"\n[bench] results written to {args.out}")

@@ -58,7 +58,8 @@ Process-wide changes, all in the worker process unless noted:
 * ``sys.setswitchinterval`` is lowered to 0.2 ms (:func:`sidecar.agent.start_sidecar`), so the
   sidecar's thread gets the GIL within that long of the engine's threads;
 * the sidecar's threads widen their CPU affinity to every CPU of the cgroup (vLLM binds the
-  worker's threads to one core);
+  worker's threads to one core); the loader's ``load_threads`` helper threads (started in
+  ``register_kv_caches``) to every CPU but the forward thread's, when there are others;
 * NIXL: ``UCX_TLS`` is set to ``cma,tcp`` and UCX's tcp segment sizes to 256 KiB unless
   already set, ``UCX_NET_DEVICES`` to ``p2p_host``'s interface, and NIXL's agent constructor is
   wrapped for the duration of the agent's creation to set its progress thread's poll delay
