@@ -73,11 +73,13 @@ class KVMoveConfig:
             The memory is the engine's from start-up on, as a GPU engine's pinned pool is.
         copy_threads: threads this engine uses for same-host copies (shared by concurrent ones).
         load_threads: helper threads that copy a step's loads from the store into the paged
-            cache layer by layer while the forward pass runs (the forward waits at each
-            layer's attention only for that layer's blocks, and copies alongside while it
-            waits); 0: the forward thread copies each layer just before its attention (no
-            overlap; always so for CUDA caches, whose copies are ordered on the forward's
-            stream).
+            cache layer by layer while the forward pass runs, on the CPUs beside the forward's
+            (the forward waits at each layer's attention only for that layer's blocks, and
+            copies alongside while it waits). They take part in a step only when those CPUs
+            were at least 80 % idle in the last tenth of a second: on a core another engine keeps
+            busy, a helper waited runnable for seconds. Otherwise, and with 0, the forward
+            thread copies each layer just before its attention (always so for CUDA caches,
+            whose copies are ordered on the forward's stream).
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
             the system gives.

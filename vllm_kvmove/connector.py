@@ -59,7 +59,8 @@ Process-wide changes, all in the worker process unless noted:
   sidecar's thread gets the GIL within that long of the engine's threads;
 * the sidecar's threads widen their CPU affinity to every CPU of the cgroup (vLLM binds the
   worker's threads to one core); the loader's ``load_threads`` helper threads (started in
-  ``register_kv_caches``) to every CPU but the forward thread's, when there are others;
+  ``register_kv_caches``) run on every CPU but the forward thread's, when there are others,
+  and move onto the forward's while it waits for them (:mod:`vllm_kvmove.loader`);
 * NIXL: ``UCX_TLS`` is set to ``cma,tcp`` and UCX's tcp segment sizes to 256 KiB unless
   already set, ``UCX_NET_DEVICES`` to ``p2p_host``'s interface, and NIXL's agent constructor is
   wrapped for the duration of the agent's creation to set its progress thread's poll delay
@@ -71,7 +72,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -86,7 +86,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from sidecar.agent import Sidecar, start_sidecar
-from vllm_kvmove.affinity import widen_cpu_affinity
+from vllm_kvmove.affinity import IdleMeter, cpus_beside
 from vllm_kvmove.blockhash import BlockHasher, ChunkBlocks, hasher_for, kv_event
 from vllm_kvmove.config import KVMoveConfig, load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
@@ -110,6 +110,9 @@ logger = logging.getLogger("vllm_kvmove.connector")
 # waiting for a layer, finds pieces of it to copy itself, large enough that their set-up (one
 # call into the C kernel each) is noise.
 _LOAD_PIECE_BYTES = 4 << 20
+# The load helpers take part in a step only when their CPUs were at least this idle in the last
+# tenth of a second (vllm_kvmove.affinity.IdleMeter).
+_SPARE_IDLE = 0.8
 
 
 def _refuse_parallelism(vllm_config: "VllmConfig") -> None:
@@ -347,8 +350,16 @@ class KVMoveConnector(KVConnectorBase_V1):
         # its stream); host caches: helpers copy alongside the forward.
         threads = self.config.load_threads if layers[0].device.type == "cpu" else 0
         forward_cpus = os.sched_getaffinity(0)  # vLLM bound this (the forward) thread already
-        self._loader = LayerLoader(len(layers), threads,
-                                   thread_init=partial(widen_cpu_affinity, forward_cpus))
+        beside = cpus_beside(forward_cpus)
+        meter = IdleMeter(beside)
+        if threads and beside != forward_cpus:
+            meter.sample_every(0.1)
+        self._loader = LayerLoader(
+            len(layers), threads, cpus=beside,
+            rescue_cpus=forward_cpus if beside != forward_cpus else None,
+            # Helpers copy only where their CPUs were idle in the last tenth of a second: on a
+            # core another engine keeps busy they wait runnable for seconds.
+            use_helpers=lambda: (meter.recent or 0.0) >= _SPARE_IDLE)
         # Byte views [num_blocks, block_slab_bytes] over each layer's physical blocks: chunk
         # copies are dtype-agnostic memcpys.
         self._layers = [block_bytes(t) for t in layers]

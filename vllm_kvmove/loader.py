@@ -10,8 +10,9 @@ Contract
   loader knows nothing of vLLM or the store: it runs copy *pieces* it is given — one
   ``(layer, chunk)`` block copy each (:func:`vllm_kvmove.layout.block_copier`) — and the caller
   holds the chunks until ``finish`` returns.
-* Order and overlap: pieces run in layer order. ``threads`` helper threads (their CPU
-  affinity widened by ``thread_init``) take pieces from the front of the queue; a forward
+* Order and overlap: pieces run in layer order. ``threads`` helper threads (on ``cpus``:
+  the connector gives them the CPUs beside the forward's) take pieces from the front of the
+  queue; a forward
   thread waiting for layer *i* runs queued pieces of layers <= *i* itself rather than idle, so
   a wait uses the forward's core too. ``wait_layer(i)`` returns once every piece of layers
   <= *i* has run: the attention of layer *i* then reads loaded blocks, while the helpers go on
@@ -19,6 +20,16 @@ Contract
   copies run on the forward thread, layer by layer, just before each layer needs them — the
   mode for CUDA caches, where the forward thread's copies are ordered on its stream before
   the layer's attention kernels.
+* Spare CPUs only: ``use_helpers`` is asked at each ``start``; when it says no (the connector:
+  the helpers' CPUs were not idle since the last load), the forward thread runs every piece
+  itself, as with ``threads=0``.
+* A starved helper: a helper on another core can wait there, runnable, for seconds while that
+  core's owner runs (measured: another engine's busy worker kept a helper off its core for
+  2-90 s, and the forward waited on the helper's piece all that time). A forward that has
+  waited ``rescue_after_s`` for a helper's piece therefore moves the helpers onto
+  ``rescue_cpus`` (its own, where it is only waiting), and ``start`` moves them back. A piece
+  in progress is never taken over: its copy may still be writing, so ``finish`` must wait for
+  it before the chunks are released and vLLM may reuse the blocks.
 * What must not be deferred: a block the step itself writes (the block where the loaded
   prefix ends mid-block receives the step's first computed tokens, written into the cache
   before the layer's attention and so before ``wait_layer``) must be copied before the
@@ -43,6 +54,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+from vllm_kvmove.affinity import set_thread_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +84,16 @@ class LayerLoader:
         num_layers: layers of the paged cache (``wait_layer`` takes 0..num_layers-1).
         threads: helper threads (0: the forward thread runs every piece, layer by layer,
             as the forward reaches it).
-        thread_init: run once on each helper thread (the connector widens CPU affinity).
+        cpus: CPUs the helpers run on (None: the creating thread's).
+        rescue_cpus: CPUs a helper moves to when the forward has waited ``rescue_after_s``
+            for it (the forward's own; None: never moved).
+        use_helpers: asked at each ``start``: whether the helpers take part in this step
+            (the connector: whether their CPUs have been idle); None: always.
     """
 
-    def __init__(self, num_layers: int, threads: int = 1,
-                 thread_init: Callable[[], None] | None = None):
+    def __init__(self, num_layers: int, threads: int = 1, cpus: set[int] | None = None,
+                 rescue_cpus: set[int] | None = None,
+                 use_helpers: Callable[[], bool] | None = None):
         self.num_layers = num_layers
         self.threads = max(0, threads)
         self._cond = threading.Condition()
@@ -91,7 +109,16 @@ class LayerLoader:
         self._closed = False
         self._step_bytes = 0
         self.last_step: tuple[int, float] = (0, 0.0)  # (bytes, seconds) of the last load
-        self._workers = [threading.Thread(target=self._work, args=(thread_init,), daemon=True,
+        self.warn_after_s = 5.0  # a layer's wait this long is logged (it should take ms)
+        self.rescue_after_s = 0.005  # normal waits for a helper's last piece: ~0.5 ms
+        self._cpus, self._rescue_cpus = cpus, rescue_cpus
+        self._tids: list[int] = []  # the helpers' native thread ids
+        self.rescues = 0  # times the helpers were moved onto the forward's CPUs
+        self._rescued = False
+        self._use_helpers = use_helpers
+        self._helpers_on = False  # whether the helpers take this step's pieces
+        self.helper_steps = 0  # steps the helpers took part in
+        self._workers = [threading.Thread(target=self._work, daemon=True,
                                           name=f"kvmove-load-{i}") for i in range(self.threads)]
         for t in self._workers:
             t.start()
@@ -101,10 +128,17 @@ class LayerLoader:
         """Queue a step's pieces (any order: they are sorted by layer) and return at once.
         Call ``finish`` before the next ``start``."""
         todo = sorted(pieces, key=lambda p: p.layer)
+        if self._rescued and todo:  # back beside the forward, for this step
+            self._rescued = False
+            self._place(self._cpus)
+        helpers = bool(self.threads) and bool(todo) and (
+            self._use_helpers is None or self._use_helpers())
         with self._cond:
             assert not self._active, "finish() the previous step's load first"
             if not todo:
                 return
+            self._helpers_on = helpers
+            self.helper_steps += helpers
             self._active = True
             self._passed = -1
             self._t0 = time.perf_counter()
@@ -121,6 +155,7 @@ class LayerLoader:
         this thread meanwhile. Cheap when nothing is loading."""
         if not self._active:
             return
+        idle, warned = 0.0, False  # seconds this call has waited on helpers' pieces
         while True:
             with self._cond:
                 self._passed = max(self._passed, layer)
@@ -129,7 +164,21 @@ class LayerLoader:
                 piece = (self._queue.popleft()
                          if self._queue and self._queue[0].layer <= layer else None)
                 if piece is None:  # a helper runs the last of them: wait for it
-                    self._cond.wait(0.05)
+                    w0 = time.monotonic()
+                    self._cond.wait(0.001 if not self._rescued and self._rescue_cpus else 0.05)
+                    idle += time.monotonic() - w0
+                    if not self._rescued and self._rescue_cpus and idle > self.rescue_after_s:
+                        self._rescued = True
+                        self.rescues += 1
+                        self._place(self._rescue_cpus)
+                    if not warned and idle > self.warn_after_s:
+                        warned = True  # a helper stuck in a copy: say so, once per wait
+                        logger.warning(
+                            "the forward has waited %.1f s for layer %d's load: %d pieces of "
+                            "layers <= %d not done, %d queued, %d of %d helpers alive",
+                            idle, layer, sum(self._remaining[: layer + 1]),
+                            layer, len(self._queue),
+                            sum(t.is_alive() for t in self._workers), self.threads)
                     continue
             self._run(piece)
 
@@ -164,12 +213,19 @@ class LayerLoader:
             t.join(timeout=5)
 
     # -- helpers ------------------------------------------------------------------------
-    def _work(self, thread_init: Callable[[], None] | None) -> None:
-        if thread_init is not None:
-            thread_init()
+    def _place(self, cpus: set[int] | None) -> None:
+        """Move every helper onto ``cpus`` (a runnable one moves at once)."""
+        if cpus:
+            for tid in list(self._tids):
+                set_thread_cpus(tid, cpus)
+
+    def _work(self) -> None:
+        self._tids.append(threading.get_native_id())
+        if self._cpus:
+            set_thread_cpus(0, self._cpus)
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not (self._queue and self._helpers_on) and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return

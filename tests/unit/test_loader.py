@@ -4,6 +4,7 @@ failures and a forward that never waited come back as blocks to recompute."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -59,8 +60,9 @@ def test_helpers_copy_while_the_forward_thread_is_busy_and_it_helps_when_it_wait
         loader.close()
 
 
-def test_the_waiting_forward_thread_runs_pieces_itself():
+def test_the_waiting_forward_thread_runs_pieces_itself(caplog):
     loader = LayerLoader(1, threads=1)
+    loader.warn_after_s = 0.1
     gate, taken = threading.Event(), threading.Event()
 
     def stuck() -> None:
@@ -80,6 +82,9 @@ def test_the_waiting_forward_thread_runs_pieces_itself():
             time.sleep(0.005)
         assert [name for _, _, name in log] == ["forward"] * 3
         assert waiter.is_alive()  # still waiting for the helper's piece
+        time.sleep(0.2)  # past warn_after_s: the wait is logged
+        assert any("waited" in r.getMessage() and "1 of 1 helpers alive" in r.getMessage()
+                   for r in caplog.records), caplog.text
         gate.set()
         waiter.join(5)
         assert not waiter.is_alive()
@@ -162,3 +167,76 @@ def test_layer_wise_block_copies_land_byte_for_byte(threads):
         assert loader.last_step[0] == layers * 6 * slab
     finally:
         loader.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_forward_kept_waiting_by_a_helper_moves_it_onto_its_own_cpus_until_the_next_step():
+    """A helper on another engine's busy core can sit runnable for seconds: the waiting
+    forward moves it onto its own (idle while it waits) CPUs, and start() moves it back."""
+    cpus = sorted(os.sched_getaffinity(0))
+    beside, own = {cpus[0]}, {cpus[1]}
+    loader = LayerLoader(1, threads=1, cpus=beside, rescue_cpus=own)
+    gate, taken = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        taken.set()
+        gate.wait(10)
+
+    try:
+        loader.start([CopyPiece(0, stuck, (0,), 1)])
+        assert taken.wait(5)
+        (tid,) = loader._tids
+        assert os.sched_getaffinity(tid) == beside
+        waiter = threading.Thread(target=loader.wait_layer, args=(0,))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while os.sched_getaffinity(tid) != own and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert os.sched_getaffinity(tid) == own and loader.rescues == 1
+        gate.set()
+        waiter.join(5)
+        assert loader.finish() == set()
+        loader.start([_recorder([], 0, 1)])  # the next step: back beside the forward
+        assert os.sched_getaffinity(tid) == beside
+        loader.wait_layer(0)
+        loader.finish()
+    finally:
+        gate.set()
+        loader.close()
+
+
+def test_helpers_sit_out_a_step_when_use_helpers_says_their_cpus_are_busy():
+    answers = [False, True]
+    loader = LayerLoader(2, threads=1, use_helpers=lambda: answers.pop(0))
+    try:
+        log: list = []
+        loader.start([_recorder(log, layer, b, 0.002) for layer in (0, 1) for b in range(3)])
+        time.sleep(0.05)
+        assert log == []  # nobody copies ahead: the forward copies as it reaches each layer
+        loader.wait_layer(1)
+        loader.finish()
+        assert {name for _, _, name in log} == {"MainThread"} and loader.helper_steps == 0
+        log.clear()
+        loader.start([_recorder(log, 0, b, 0.01) for b in range(3)])
+        time.sleep(0.05)
+        assert len(log) >= 1 and loader.helper_steps == 1  # the helper went ahead
+        loader.wait_layer(0)
+        loader.finish()
+    finally:
+        loader.close()
+
+
+def test_the_idle_meter_reads_each_window_since_the_previous_look(monkeypatch):
+    from vllm_kvmove import affinity
+
+    real = affinity.IdleMeter(sorted(os.sched_getaffinity(0)), min_window_s=0.0)
+    assert real.idle_fraction() is None  # no window yet
+    time.sleep(0.05)
+    fraction = real.idle_fraction()
+    assert fraction is None or 0.0 <= fraction <= 1.0  # None: no tick in 50 ms
+    samples = iter([{0: (100, 1000)}, {0: (190, 1100)}, {0: (200, 1200)}])
+    monkeypatch.setattr(affinity, "_cpu_ticks", lambda cpus: next(samples))
+    meter = affinity.IdleMeter([0], min_window_s=0.0)
+    assert meter.idle_fraction() is None
+    assert meter.idle_fraction() == pytest.approx(0.9)  # 90 of 100 ticks idle
+    assert meter.idle_fraction() == pytest.approx(0.1)
