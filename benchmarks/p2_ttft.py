@@ -75,6 +75,16 @@ def _hits(url: str) -> float:
     return 0.0
 
 
+def _vs_floor(rid: str, measure: str, m: dict[str, list[float]], notes: str = "") -> Result:
+    """One destination's moved TTFT against its prefix-cache floor (medians)."""
+    moved, floor = median(m["moved"]), median(m["floor"])
+    return Result(id=rid, measure=measure, value=moved, unit="s",
+                  baseline={"prefix_cache_floor_s": floor}, ratio=moved / floor,
+                  goal="≤ 1.25× the floor", met=moved / floor <= 1.25,
+                  trials={"moved_s": m["moved"], "floor_s": m["floor"], "full_s": m["full"]},
+                  notes=notes)
+
+
 def run() -> list[Result]:
     from tests.harness.processes import LocalCluster
 
@@ -150,7 +160,6 @@ def run() -> list[Result]:
         copy = memcpy_gbps()
         a, h = m["p2-dst"], m["p2-dst0"]
         mv, f, fl = median(a["moved"]), median(a["full"]), median(a["floor"])
-        hv, hfl = median(h["moved"]), median(h["floor"])
         return [
             Result(id="P2a", measure="TTFT after move vs full prefill, 8,065-token prompt",
                    value=mv, unit="s", baseline={"full_prefill_s": f, "move_s": median(a["move"]),
@@ -159,21 +168,14 @@ def run() -> list[Result]:
                    trials={"moved_s": a["moved"], "full_s": a["full"], "move_s": a["move"]},
                    notes=f"vLLM's own prefix-cache hit is itself {f / fl:.0f}x below a full "
                          f"prefill on this machine"),
-            Result(id="P2b", measure="TTFT after move vs vLLM's own prefix cache (floor), "
-                                     "8,065-token prompt (63 whole blocks + 1), defaults "
-                                     "(a load helper on the idle core)",
-                   value=mv, unit="s", baseline={"prefix_cache_floor_s": fl}, ratio=mv / fl,
-                   goal="≤ 1.25× the floor", met=mv / fl <= 1.25,
-                   trials={"moved_s": a["moved"], "floor_s": a["floor"]},
-                   notes=f"8 layers x 8 KV heads x 128, bf16: 32 KiB KV/token, 252 MiB loaded "
-                         f"per trial; both leave one token to compute; medians of {TRIALS} "
-                         f"fresh prompts (floor: of the two floors bracketing each move)"),
-            Result(id="P2b-forward-only", measure="the same with load_threads 0 (the forward "
-                                                  "thread copies each layer before its "
-                                                  "attention)",
-                   value=hv, unit="s", baseline={"prefix_cache_floor_s": hfl}, ratio=hv / hfl,
-                   goal="≤ 1.25× the floor", met=hv / hfl <= 1.25,
-                   trials={"moved_s": h["moved"], "floor_s": h["floor"], "full_s": h["full"]}),
+            _vs_floor("P2b", "TTFT after move vs vLLM's own prefix cache (floor), 8,065-token "
+                             "prompt (63 whole blocks + 1), defaults (a load helper on the "
+                             "idle core)", a,
+                      f"8 layers x 8 KV heads x 128, bf16: 32 KiB KV/token, 252 MiB loaded per "
+                      f"trial; both leave one token to compute; medians of {TRIALS} fresh "
+                      f"prompts (floor: of the two floors bracketing each move)"),
+            _vs_floor("P2b-forward-only", "the same with load_threads 0 (the forward thread "
+                                          "copies each layer before its attention)", h),
             Result(id="P2b-load", measure="the load path (store -> paged cache, layer by layer) "
                                           "vs one thread's memcpy: defaults / load_threads 0",
                    value=median(a["load_gbps"]), unit="GB/s",

@@ -320,6 +320,7 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._pool_rows: list[torch.Tensor] = []  # the store pool's rows, per layer
         self._loader: LayerLoader | None = None
         self._loading: list[bytes] = []  # chunks held by the step's load until wait_for_save
+        self._loads_before_forward = False  # set if the engine's attention never waits
         if role == KVConnectorRole.SCHEDULER:
             self._lookups = [LookupClient(lookup_path(self.config.instance_id, rank))
                              for rank in range(self._world_size)]
@@ -421,6 +422,15 @@ class KVMoveConnector(KVConnectorBase_V1):
                 # A piece's own blocks are not kept: a failed copy (never seen: memcpy) sends
                 # the layer's blocks back to be recomputed.
                 pieces.append(CopyPiece(li, copy, blocks, 0))
+        if self._loads_before_forward:  # this engine's attention does not wait: copy now
+            for piece in pieces:
+                try:
+                    piece.run()
+                except Exception:
+                    logger.exception("loading layer %d failed; vLLM will recompute it",
+                                     piece.layer)
+                    self._load_errors.update(piece.blocks)
+            return
         for piece in pieces:  # bytes for the load path's rate, shared out evenly
             piece.nbytes = slab * len(later[1]) * len(self._layers) // len(pieces)
         loader.start(pieces)
@@ -448,15 +458,15 @@ class KVMoveConnector(KVConnectorBase_V1):
         loader, store = self._loader, self.store
         if loader is None or store is None:
             return
+        active = loader.active
         self._load_errors.update(loader.finish())
-        if self._loading:
+        if active:
             store.record_load(*loader.last_step)
-        if loader.never_waited and loader.threads:
+        if active and loader.never_waited:
             logger.warning("this engine's attention did not wait for layer-wise loads; the "
                            "step's loaded blocks are recomputed, and loads now run before "
                            "the forward")
-            loader.close()
-            self._loader = LayerLoader(loader.num_layers, 0)
+            self._loads_before_forward = True
         if self._loading:
             store.release(self._loading)
             self._loading = []

@@ -7,22 +7,21 @@ Contract
   **forward thread**: ``start`` (in ``start_load_kv``, before the step's forward),
   ``wait_layer`` (in ``wait_for_layer_load``, when the forward reaches a layer's attention),
   ``finish`` (in ``wait_for_save``, after the forward, and before the next ``start``). The
-  loader knows nothing of vLLM or the store: it runs copy *pieces* it is given — one
-  ``(layer, chunk)`` block copy each (:func:`vllm_kvmove.layout.block_copier`) — and the caller
+  loader knows nothing of vLLM or the store: it runs copy *pieces* it is given — a few MiB of
+  one layer's block copies each (:func:`vllm_kvmove.layout.block_copiers`) — and the caller
   holds the chunks until ``finish`` returns.
 * Order and overlap: pieces run in layer order. ``threads`` helper threads (on ``cpus``:
   the connector gives them the CPUs beside the forward's) take pieces from the front of the
-  queue; a forward
-  thread waiting for layer *i* runs queued pieces of layers <= *i* itself rather than idle, so
-  a wait uses the forward's core too. ``wait_layer(i)`` returns once every piece of layers
+  queue; a forward thread waiting for layer *i* runs queued pieces of layers <= *i* itself
+  rather than idle, so a wait uses the forward's core too. ``wait_layer(i)`` returns once every piece of layers
   <= *i* has run: the attention of layer *i* then reads loaded blocks, while the helpers go on
   with layer *i+1*. With ``threads=0`` nothing runs before ``wait_layer``/``finish``: the
   copies run on the forward thread, layer by layer, just before each layer needs them — the
   mode for CUDA caches, where the forward thread's copies are ordered on its stream before
   the layer's attention kernels.
 * Spare CPUs only: ``use_helpers`` is asked at each ``start``; when it says no (the connector:
-  the helpers' CPUs were not idle since the last load), the forward thread runs every piece
-  itself, as with ``threads=0``.
+  the helpers' CPUs were not idle in the last tenth of a second), the forward thread runs
+  every piece itself, as with ``threads=0``.
 * A starved helper: a helper on another core can wait there, runnable, for seconds while that
   core's owner runs (measured: another engine's busy worker kept a helper off its core for
   2-90 s, and the forward waited on the helper's piece all that time). A forward that has
@@ -68,7 +67,7 @@ class CopyPiece:
         layer: index of the layer (in the connector's layer order) whose blocks it writes.
         run: performs the copy (raises on failure).
         blocks: destination paged-cache block ids it writes (reported if it fails).
-        nbytes: bytes it copies (for ``stats``).
+        nbytes: bytes it copies (for ``last_step``).
     """
 
     layer: int
@@ -149,6 +148,11 @@ class LayerLoader:
                 self._step_bytes += p.nbytes
             self._queue.extend(todo)
             self._cond.notify_all()
+
+    @property
+    def active(self) -> bool:
+        """Whether a step's load is in flight (started, not finished)."""
+        return self._active
 
     def wait_layer(self, layer: int) -> None:
         """Return once every piece of layers <= ``layer`` has run, running queued ones on

@@ -194,6 +194,15 @@ def test_pull_on_route_copies_a_busy_holders_prefix_to_an_idle_engine(fleet):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             held = busy(stack, ev1, client)  # noqa: F841 - keeps the generations' streams open
+            # The precondition: ev2 idle *and up*. On this 2-core machine ev1's busy engine can
+            # starve ev2's sidecar of CPU for over the controller's 5 s heartbeat timeout (ev2
+            # then counts as down: a known, undiagnosed effect of two engines on two cores, see
+            # benchmarks/README "P2b"); wait for it to be back rather than test routing to a
+            # down engine.
+            deadline = time.monotonic() + 30
+            while not client.get("/health").json()["by_engine"]["ev2"]["usable"]:
+                assert time.monotonic() < deadline, client.get("/health").json()
+                time.sleep(0.2)
             hits0 = ev2.metric(HITS)
             seen = client.get("/health").json()  # what the router saw, should this fail
             out = complete(client, ev2.model, tokens)
