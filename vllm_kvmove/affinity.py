@@ -1,9 +1,11 @@
 """CPU affinity of the threads vllm-kvmove starts inside an engine's worker process.
 
 vLLM's CPU worker binds each of its threads to the engine's OpenMP core before the connector
-runs, and threads inherit that mask: the sidecar's threads and the connector's load helpers
-call :func:`widen_cpu_affinity` first, so their work goes to idle cores instead of competing
-with the forward pass on its one.
+runs, and threads inherit that mask. The sidecar's threads call :func:`widen_cpu_affinity`
+(every CPU of the cgroup). The connector's load helpers run on :func:`cpus_beside` the
+forward's, are moved with :func:`set_thread_cpus`, and copy only while an :class:`IdleMeter`
+says those CPUs are idle (a thread queued on a core another engine keeps busy waited there,
+runnable, for seconds).
 """
 
 from __future__ import annotations
