@@ -98,7 +98,7 @@ class LayerLoader:
         self._cond = threading.Condition()
         self._queue: deque[CopyPiece] = deque()
         self._remaining = [0] * num_layers  # pieces of each layer not yet run
-        self._passed = -1  # highest layer the forward has waited for this step
+        self._waited = False  # whether the forward has called wait_layer this step
         self._failed: set[int] = set()
         self._step_blocks: set[int] = set()
         self.never_waited = False  # the last finished step's forward never waited
@@ -139,7 +139,7 @@ class LayerLoader:
             self._helpers_on = helpers
             self.helper_steps += helpers
             self._active = True
-            self._passed = -1
+            self._waited = False
             self._t0 = time.perf_counter()
             for p in todo:
                 self._remaining[p.layer] += 1
@@ -162,7 +162,7 @@ class LayerLoader:
         idle, warned = 0.0, False  # seconds this call has waited on helpers' pieces
         while True:
             with self._cond:
-                self._passed = max(self._passed, layer)
+                self._waited = True
                 if not any(self._remaining[: layer + 1]):
                     return
                 piece = (self._queue.popleft()
@@ -196,7 +196,7 @@ class LayerLoader:
         """
         if not self._active:
             return set()
-        waited = self._passed >= 0
+        waited = self._waited
         self.wait_layer(self.num_layers - 1)
         with self._cond:
             self._active = False
