@@ -8,6 +8,7 @@ without the client seeing it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 
@@ -102,18 +103,21 @@ def test_after_a_move_the_next_request_goes_to_the_destination(fleet, router):
     assert out.json()["choices"][0]["text"] == reference["choices"][0]["text"]
 
 
-def test_a_streamed_answer_is_passed_through_as_it_comes(fleet, router):
+def test_a_streamed_answer_is_passed_through_whole(fleet, router):
+    """vLLM's own event stream through the router: every event, in order, the same greedy text
+    as the answer unstreamed. (That the router relays each event as it comes, without
+    buffering, is proven without timing in tests/unit/test_router_stream.py: timing a real
+    engine's stream here measured this 2-core machine's scheduling as often as the router.)"""
     model = fleet.engines["ev1"].model
-    t0 = time.perf_counter()
-    with router.stream("POST", "/v1/completions", json={
-            "model": model, "prompt": prompt(303), "max_tokens": 400, "temperature": 0,
-            "ignore_eos": True, "stream": True}) as r:
+    body = {"model": model, "prompt": prompt(303), "max_tokens": 64, "temperature": 0,
+            "ignore_eos": True}
+    with router.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        arrivals = [(time.perf_counter() - t0, line) for line in r.iter_lines()
-                    if line.startswith("data: ")]
-    assert len(arrivals) >= 3 and arrivals[-1][1] == "data: [DONE]"
-    # Not buffered: the first chunk came well before the last (400 tokens take a while).
-    assert arrivals[0][0] < arrivals[-1][0] / 2, [t for t, _ in arrivals]
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 3 and events[-1] == "[DONE]"
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert streamed == complete(router, model, body["prompt"], max_tokens=64,
+                                ignore_eos=True).json()["choices"][0]["text"]
 
 
 def test_a_client_that_goes_away_ends_the_engines_work(fleet, router):

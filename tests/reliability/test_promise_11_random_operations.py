@@ -58,9 +58,17 @@ def tokens_of(p: int) -> list[int]:
     return (PROTECTED + SCRATCH)[p]
 
 
+def call(method: str, path: str, **kwargs) -> httpx.Response:
+    """One request to the controller on a connection of its own: a keep-alive pool shared by
+    a burst's threads can close a connection another thread was just given
+    (encode/httpcore#1110), which once failed this test with EBADF in its own client."""
+    with httpx.Client(base_url=Fleetwide.fleet.http.base_url, timeout=30,
+                      headers=Fleetwide.fleet.http.headers) as client:
+        return client.request(method, path, **kwargs)
+
+
 class Fleetwide(RuleBasedStateMachine):
     fleet = None  # set by the test
-    client: httpx.Client
     original: dict[bytes, bytes] = {}
     runs = {"operations": 0, "conflicts": 0, "done": 0, "cancelled": 0, "drains": 0}
 
@@ -91,7 +99,7 @@ class Fleetwide(RuleBasedStateMachine):
                 return
             x = holders[pick % len(holders)]
             y = IDS[(IDS.index(x) + step) % 3]
-            r = self.client.post("/move", params={"wait": 30}, json={
+            r = call("POST", "/move", params={"wait": 30}, json={
                 "old_position": [x, LOC], "new_position": [y, LOC], "tokens": tokens_of(p),
                 "copy": True})
             if r.status_code != 200 or r.json()["status"] != "done":
@@ -105,26 +113,26 @@ class Fleetwide(RuleBasedStateMachine):
             holders = self.holders(p)
             src = given[0] if given else holders[pick % len(holders)] \
                 if pick is not None and holders else IDS[(p + (pick or 0)) % 3]
-            r = self.client.post("/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
+            r = call("POST", "/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
                                                 "tokens": tokens_of(p), "copy": copy})
             allowed = {200, 400, 404, 409}  # 400: src == dst; 404: src holds none of it
         elif kind == "drain":
             _, iid, copy = op
-            r = self.client.post("/drain", json={"instance_id": iid, "copy": copy})
+            r = call("POST", "/drain", json={"instance_id": iid, "copy": copy})
             # 409: it, or a destination, is draining already; 503: every other one is.
             allowed = {200, 409, 503}
         elif kind == "clear":
             _, iid, p = op
-            r = self.client.post("/clear", json={"instance_id": iid, "tokens": SCRATCH[p]})
+            r = call("POST", "/clear", json={"instance_id": iid, "tokens": SCRATCH[p]})
             allowed = {200, 404, 409}
         elif kind in ("pin", "unpin"):
             _, iid, p = op
-            r = self.client.post(f"/{kind}", json={"instance_id": iid, "tokens": tokens_of(p)})
+            r = call("POST", f"/{kind}", json={"instance_id": iid, "tokens": tokens_of(p)})
             allowed = {200, 404}
         else:  # cancel a job of this run, if any
             if not self.jobs:
                 return
-            r = self.client.post(f"/events/{self.jobs[op[1] % len(self.jobs)]}/cancel")
+            r = call("POST", f"/events/{self.jobs[op[1] % len(self.jobs)]}/cancel")
             allowed = {200, 409}
         assert r.status_code in allowed, (op, r.status_code, r.text)
         Fleetwide.runs["operations"] += 1
@@ -142,10 +150,10 @@ class Fleetwide(RuleBasedStateMachine):
     def nothing_is_lost(self):
         deadline = time.monotonic() + 30
         for eid in self.jobs:
-            st_ = self.client.get(f"/events/{eid}", params={"wait": 10}).json()
+            st_ = call("GET", f"/events/{eid}", params={"wait": 10}).json()
             while st_["status"] not in FINAL_STATES:
                 assert time.monotonic() < deadline, st_
-                st_ = self.client.get(f"/events/{eid}", params={"wait": 10}).json()
+                st_ = call("GET", f"/events/{eid}", params={"wait": 10}).json()
             Fleetwide.runs["done"] += st_["status"] == "done"
             Fleetwide.runs["cancelled"] += st_["status"] == "cancelled"
             if st_["status"] == "failed":  # e.g. a scratch prefix cleared under it: said why
@@ -167,17 +175,12 @@ def test_random_concurrent_operations_lose_nothing(fleet):
     for iid in IDS:
         fleet.add_sidecar(iid, slots=(len(PROTECTED) + len(SCRATCH)) * 10 + 8, **LAYOUT)
     Fleetwide.fleet = fleet
-    Fleetwide.client = httpx.Client(base_url=str(fleet.http.base_url), timeout=30,
-                                    limits=httpx.Limits(max_connections=16))
-    try:
-        run_state_machine_as_test(Fleetwide, settings=settings(
-            max_examples=EXAMPLES, stateful_step_count=STEPS, derandomize=True, deadline=None,
-            suppress_health_check=list(HealthCheck), database=None,
-            # No shrinking: the fleet is real, so a replay is never the same run; the first
-            # failure, with its steps, is the report.
-            phases=[Phase.generate]))
-    finally:
-        Fleetwide.client.close()
+    run_state_machine_as_test(Fleetwide, settings=settings(
+        max_examples=EXAMPLES, stateful_step_count=STEPS, derandomize=True, deadline=None,
+        suppress_health_check=list(HealthCheck), database=None,
+        # No shrinking: the fleet is real, so a replay is never the same run; the first
+        # failure, with its steps, is the report.
+        phases=[Phase.generate]))
     runs = Fleetwide.runs
     print(f"\n[promise 11] {EXAMPLES} runs of up to {STEPS} bursts: {runs['operations']} "
           f"operations, {runs['conflicts']} refused as conflicting, {runs['done']} moves/copies/"

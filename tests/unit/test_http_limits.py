@@ -4,34 +4,24 @@ closed at once; a request that does not arrive whole in time loses its connectio
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from sidecar import httpkit
-from tests.harness.processes import free_port
+from tests.harness.inthread import serving
 
 
 @pytest.fixture
 def server(monkeypatch, request):
     monkeypatch.setattr(httpkit, "REQUEST_TIMEOUT_S", getattr(request, "param", 1.0))
     app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
-    port = free_port()
-    srv = uvicorn.Server(httpkit.server_config(app, "127.0.0.1", port, max_connections=5))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    yield port
-    srv.should_exit = True
-    thread.join(10)
+    with serving(lambda port: httpkit.server_config(app, "127.0.0.1", port,
+                                                    max_connections=5)) as port:
+        yield port
 
 
 def closed_by_peer(s: socket.socket, within: float) -> bool:
