@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import threading
 import time
 
 import httpx
@@ -155,27 +156,42 @@ def test_an_engine_busy_with_other_clients_requests_is_avoided(fleet, router):
     ev1.complete(tokens)
     assert wait_lookup(fleet.http, tokens, {"ev1": N}, timeout=30) == {"ev1": N}
     with contextlib.ExitStack() as stack:
-        held = busy(stack, ev1, router)  # noqa: F841 - keeps the generations' streams open
+        busy(stack, ev1, router)
         out = complete(router, ev1.model, tokens)
         assert out.headers["x-kvmove-engine"] == "ev2", router.get("/health").json()
 
 
-def busy(stack: contextlib.ExitStack, engine, router) -> list:
-    """Three long generations on ``engine``, straight to it (not through the router), until
-    the router sees them in the engine's own count (its /metrics, which a busy engine here
-    answers seconds late). Returns their line iterators: keep them (a dropped one closes its
-    stream, and vLLM aborts the request)."""
-    lines = []
-    for seed in (505, 515, 525):
-        stream = stack.enter_context(httpx.stream(
-            "POST", engine.url + "/v1/completions", timeout=120, json={
-                "model": engine.model, "prompt": prompt(seed), "max_tokens": 3000,
-                "temperature": 0, "ignore_eos": True, "stream": True}))
-        lines.append(stream.iter_lines())
-        next(lines[-1])
+def busy(stack: contextlib.ExitStack, engine, router) -> None:
+    """Keep ``engine`` busy with three long generations, straight to it (not through the
+    router), until ``stack`` closes — each one started again when it ends, so the engine stays
+    busy however long the router takes to see it (its /metrics, which a busy engine here
+    answers seconds late; on a fast host 3,000 tokens can end before that) — and return once
+    the router sees them in the engine's own count."""
+    stop = threading.Event()
+
+    def generate(seed: int) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(httpx.HTTPError), httpx.stream(
+                    "POST", engine.url + "/v1/completions", timeout=120, json={
+                        "model": engine.model, "prompt": prompt(seed), "max_tokens": 3000,
+                        "temperature": 0, "ignore_eos": True, "stream": True}) as stream:
+                for _ in stream.iter_lines():
+                    if stop.is_set():
+                        break  # closing the stream makes vLLM abort the request
+            stop.wait(0.05)  # not a tight loop should the engine refuse
+
+    threads = [threading.Thread(target=generate, args=(seed,), daemon=True)
+               for seed in (505, 515, 525)]
+    for t in threads:
+        t.start()
+
+    def end() -> None:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    stack.callback(end)
     # The router reads the engines' /metrics every 0.5 s; a busy engine answers late.
     router_sees(router, engine.instance_id, lambda v: v["others"] >= 1, timeout=60)
-    return lines
 
 
 def test_pull_on_route_copies_a_busy_holders_prefix_to_an_idle_engine(fleet):
@@ -197,7 +213,7 @@ def test_pull_on_route_copies_a_busy_holders_prefix_to_an_idle_engine(fleet):
             while client.get("/health").json()["engines_up"] < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-            held = busy(stack, ev1, client)  # noqa: F841 - keeps the generations' streams open
+            busy(stack, ev1, client)
             # The precondition: ev2 idle *and up*. On this 2-core machine ev1's busy engine can
             # starve ev2's sidecar of CPU for over the controller's 5 s heartbeat timeout (ev2
             # then counts as down: a known, undiagnosed effect of two engines on two cores, see
