@@ -15,6 +15,13 @@ its mapping of the source's pool) and is not counted.
 Destinations: the default (same-host copy from the source's shared pool, checksums verified),
 the same with verification off, and NIXL only (``same_host_copy: false``, verified): the path
 engines on different hosts take.
+
+P1-nixl-raw, what NIXL itself reaches here: two NIXL agents in this process READ the same
+bytes between two 1 GiB buffers over UCX ``cma`` (one ``process_vm_readv`` copy, as between
+the sidecars) in the fetch's 32 MiB pieces, one after another, with no store, hashing or
+control plane; its ratio is P1-nixl's throughput over it. Beside it, what building a READ's
+descriptors costs per read (``get_xfer_descs`` + ``initialize_xfer``) against descriptors
+prepared once (``prep_xfer_dlist`` + ``make_prepped_xfer``).
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import httpx
 import torch
 
 from common import WORK, Result, median
+from sidecar.agent.fetch import PIECE_BYTES
 from sidecar.protocol import LOCATION as LOC
 from tests.harness.processes import LocalCluster
 from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.transfer import NixlTransfer, ReadRange, split_ranges
 
 LAYOUT = KVLayout(model="bench-64k", dtype="bfloat16", num_layers=16, num_kv_heads=8,
                   head_size=128, block_size=128, chunk_size=256, backend="cpu_attn/vec")
@@ -116,6 +125,76 @@ def run() -> list[Result]:
                 trials={"move_s": moves[dest], "memcpy_s": copies, "torch_copy_s": torch_copies},
                 notes="standalone sidecar processes (real store, NIXL agent, controller); "
                       "destination pool warm; copy then clear per trial"))
+        out.append(nixl_read_ceiling(a, b, nbytes, moves["p1-dst-nixl"]))
         return out
     finally:
         cluster.stop_all()
+
+
+def nixl_read_ceiling(src: torch.Tensor, dst: torch.Tensor, nbytes: int,
+                      move_s: list[float]) -> Result:
+    """P1-nixl-raw (module docstring): NIXL READs of ``nbytes`` from ``src`` to ``dst`` between
+    two agents of this process, against the NIXL move's times ``move_s``."""
+    saved = dict(os.environ)  # the agents set UCX variables process-wide: not for later modules
+    try:
+        peer = NixlTransfer("p1-raw-src", src.data_ptr(), nbytes, "127.0.0.1", 23206)
+        me = NixlTransfer("p1-raw-dst", dst.data_ptr(), nbytes, "127.0.0.1", 23207)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        me.connect_peer("p1-raw-src", peer.p2p_url, 10)
+        pieces = [[r for _, r in p] for p in split_ranges(
+            [ReadRange(src.data_ptr(), dst.data_ptr(), nbytes)], PIECE_BYTES)]
+        reads = []
+        for trial in range(TRIALS + 1):
+            t0 = time.perf_counter()
+            for piece in pieces:
+                me.read("p1-raw-src", piece, 60)
+            if trial:  # trial 0 faults the pages in, as the moves' first trial
+                reads.append(time.perf_counter() - t0)
+        per_read, prepped = descriptor_costs(me, "p1-raw-src", pieces)
+    finally:
+        me.close()
+        peer.close()
+    read_s, nixl_s = median(reads), median(move_s)
+    return Result(
+        id="P1-nixl-raw", measure="NIXL READ alone, two agents in one process over UCX cma, "
+        f"1 GiB in {PIECE_BYTES >> 20} MiB pieces (what P1-nixl's transport reaches here)",
+        value=nbytes / read_s / 1e9, unit="GB/s",
+        baseline={"P1-nixl_GB/s": nbytes / nixl_s / 1e9,
+                  "descriptors_per_read_us": per_read * 1e6,
+                  "prepped_descriptors_us": prepped * 1e6},
+        ratio=read_s / nixl_s, goal="reported (ratio: P1-nixl's throughput over this)",
+        met=True, trials={"read_s": reads},
+        notes="descriptors_per_read_us: get_xfer_descs + initialize_xfer of one piece; "
+              "prepped_descriptors_us: make_prepped_xfer from lists prepared once (median of "
+              "200 each)")
+
+
+def descriptor_costs(transfer: NixlTransfer, peer: str,
+                     pieces: list[list[ReadRange]]) -> tuple[float, float]:
+    """Seconds to make one piece's READ handle: descriptors built per read, and prepared once."""
+    agent = transfer.agent
+    first = pieces[0][0]
+    built, prepped = [], []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        local = agent.get_xfer_descs([(first.local_addr, first.nbytes, 0)], "DRAM")
+        remote = agent.get_xfer_descs([(first.remote_addr, first.nbytes, 0)], "DRAM")
+        handle = agent.initialize_xfer("READ", local, remote, peer)
+        built.append(time.perf_counter() - t0)
+        agent.release_xfer_handle(handle)
+    local_list = agent.prep_xfer_dlist(
+        "NIXL_INIT_AGENT", [(p[0].local_addr, p[0].nbytes, 0) for p in pieces], "DRAM")
+    remote_list = agent.prep_xfer_dlist(
+        peer, [(p[0].remote_addr, p[0].nbytes, 0) for p in pieces], "DRAM")
+    for i in range(200):
+        t0 = time.perf_counter()
+        handle = agent.make_prepped_xfer("READ", local_list, [i % len(pieces)], remote_list,
+                                         [i % len(pieces)])
+        prepped.append(time.perf_counter() - t0)
+        agent.release_xfer_handle(handle)
+    agent.release_dlist_handle(local_list)
+    agent.release_dlist_handle(remote_list)
+    return median(built), median(prepped)
