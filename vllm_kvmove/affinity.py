@@ -3,9 +3,9 @@
 vLLM's CPU worker binds each of its threads to the engine's OpenMP core before the connector
 runs, and threads inherit that mask. The sidecar's threads call :func:`widen_cpu_affinity`
 (every CPU of the cgroup). The connector's load helpers run on :func:`cpus_beside` the
-forward's, are moved with :func:`set_thread_cpus`, and copy only while an :class:`IdleMeter`
-says those CPUs are idle (a thread queued on a core another engine keeps busy waited there,
-runnable, for seconds).
+forward's, are moved with :func:`set_thread_cpus` (onto the forward's own CPUs when one was
+starved there: a thread queued on a core another engine keeps busy waited, runnable, for
+seconds), and go back once an :class:`IdleMeter` says those CPUs are idle again.
 """
 
 from __future__ import annotations

@@ -110,9 +110,9 @@ logger = logging.getLogger("vllm_kvmove.connector")
 # waiting for a layer, finds pieces of it to copy itself, large enough that their set-up (one
 # call into the C kernel each) is noise.
 _LOAD_PIECE_BYTES = 4 << 20
-# The load helpers take part in a step only when their CPUs were at least this idle in the last
-# tenth of a second (vllm_kvmove.affinity.IdleMeter).
-_SPARE_IDLE = 0.8
+# Load helpers moved onto the forward's CPUs (starved beside it) go back once the CPUs beside
+# were at least this idle in the last tenth of a second (vllm_kvmove.affinity.IdleMeter).
+_SPARE_IDLE = 0.5
 
 
 def _refuse_parallelism(vllm_config: "VllmConfig") -> None:
@@ -352,14 +352,15 @@ class KVMoveConnector(KVConnectorBase_V1):
         threads = self.config.load_threads if layers[0].device.type == "cpu" else 0
         forward_cpus = os.sched_getaffinity(0)  # vLLM bound this (the forward) thread already
         beside = cpus_beside(forward_cpus)
+        if beside == forward_cpus:
+            threads = 0  # no CPU beside the forward's: a helper would only take turns with it
         meter = IdleMeter(beside)
-        if threads and beside != forward_cpus:
+        if threads:
             meter.sample_every(0.1)
         self._loader = LayerLoader(
-            len(layers), threads, cpus=beside,
-            rescue_cpus=forward_cpus if beside != forward_cpus else None,
-            # Helpers copy only where their CPUs were idle in the last tenth of a second: on a
-            # core another engine keeps busy they wait runnable for seconds.
+            len(layers), threads, cpus=beside, rescue_cpus=forward_cpus,
+            # After a rescue (on a core another engine keeps busy a helper waits runnable for
+            # seconds) the helpers return beside the forward once those CPUs look idle.
             use_helpers=lambda: (meter.recent or 0.0) >= _SPARE_IDLE)
         # Byte views [num_blocks, block_slab_bytes] over each layer's physical blocks: chunk
         # copies are dtype-agnostic memcpys.

@@ -19,16 +19,18 @@ Contract
   copies run on the forward thread, layer by layer, just before each layer needs them — the
   mode for CUDA caches, where the forward thread's copies are ordered on its stream before
   the layer's attention kernels.
-* Spare CPUs only: ``use_helpers`` is asked at each ``start``; when it says no (the connector:
-  the helpers' CPUs were not idle in the last tenth of a second), the forward thread runs
-  every piece itself, as with ``threads=0``.
 * A starved helper: a helper on another core can wait there, runnable, for seconds while that
   core's owner runs (measured: another engine's busy worker kept a helper off its core for
   2-90 s, and the forward waited on the helper's piece all that time). A forward that has
   waited ``rescue_after_s`` for a helper's piece therefore moves the helpers onto
-  ``rescue_cpus`` (its own, where it is only waiting), and ``start`` moves them back. A piece
-  in progress is never taken over: its copy may still be writing, so ``finish`` must wait for
-  it before the chunks are released and vLLM may reuse the blocks.
+  ``rescue_cpus`` (its own, where it is only waiting). A piece in progress is never taken
+  over: its copy may still be writing, so ``finish`` must wait for it before the chunks are
+  released and vLLM may reuse the blocks.
+* After a rescue the helpers sit out the following steps (the forward thread runs every piece
+  itself, as with ``threads=0``) until ``use_helpers``, asked at each ``start``, says their
+  CPUs are spare again (the connector: idle enough in the last tenth of a second); ``start``
+  then moves them back. Asking before every step instead kept them out of 3-5 steps in 7
+  beside an idle core (the engine's own API server and scheduler had just run there).
 * What must not be deferred: a block the step itself writes (the block where the loaded
   prefix ends mid-block receives the step's first computed tokens, written into the cache
   before the layer's attention and so before ``wait_layer``) must be copied before the
@@ -86,8 +88,8 @@ class LayerLoader:
         cpus: CPUs the helpers run on (None: the creating thread's).
         rescue_cpus: CPUs a helper moves to when the forward has waited ``rescue_after_s``
             for it (the forward's own; None: never moved).
-        use_helpers: asked at each ``start``: whether the helpers take part in this step
-            (the connector: whether their CPUs have been idle); None: always.
+        use_helpers: asked at each ``start`` after a rescue: whether the helpers' CPUs are
+            spare again (the connector: whether they have been idle); None: always.
     """
 
     def __init__(self, num_layers: int, threads: int = 1, cpus: set[int] | None = None,
@@ -127,11 +129,14 @@ class LayerLoader:
         """Queue a step's pieces (any order: they are sorted by layer) and return at once.
         Call ``finish`` before the next ``start``."""
         todo = sorted(pieces, key=lambda p: p.layer)
-        if self._rescued and todo:  # back beside the forward, for this step
-            self._rescued = False
-            self._place(self._cpus)
-        helpers = bool(self.threads) and bool(todo) and (
-            self._use_helpers is None or self._use_helpers())
+        helpers = bool(self.threads) and bool(todo)
+        if helpers and self._rescued:
+            # Starved beside the forward before: back there only once its CPUs look idle.
+            if self._use_helpers is None or self._use_helpers():
+                self._rescued = False
+                self._place(self._cpus)
+            else:
+                helpers = False
         with self._cond:
             assert not self._active, "finish() the previous step's load first"
             if not todo:

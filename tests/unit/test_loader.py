@@ -169,13 +169,9 @@ def test_layer_wise_block_copies_land_byte_for_byte(threads):
         loader.close()
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_a_forward_kept_waiting_by_a_helper_moves_it_onto_its_own_cpus_until_the_next_step():
-    """A helper on another engine's busy core can sit runnable for seconds: the waiting
-    forward moves it onto its own (idle while it waits) CPUs, and start() moves it back."""
-    cpus = sorted(os.sched_getaffinity(0))
-    beside, own = {cpus[0]}, {cpus[1]}
-    loader = LayerLoader(1, threads=1, cpus=beside, rescue_cpus=own)
+def _rescued_step(loader: LayerLoader, beside: set[int], own: set[int]) -> int:
+    """Run a step whose one piece keeps its helper busy until the waiting forward has moved
+    the helper onto ``own``; returns the helper's thread id."""
     gate, taken = threading.Event(), threading.Event()
 
     def stuck() -> None:
@@ -193,35 +189,60 @@ def test_a_forward_kept_waiting_by_a_helper_moves_it_onto_its_own_cpus_until_the
         while os.sched_getaffinity(tid) != own and time.monotonic() < deadline:
             time.sleep(0.002)
         assert os.sched_getaffinity(tid) == own and loader.rescues == 1
+    finally:
         gate.set()
-        waiter.join(5)
-        assert loader.finish() == set()
+    waiter.join(5)
+    assert loader.finish() == set()
+    return tid
+
+
+TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+
+
+@TWO_CPUS
+def test_a_forward_kept_waiting_by_a_helper_moves_it_onto_its_own_cpus_until_the_next_step():
+    """A helper on another engine's busy core can sit runnable for seconds: the waiting
+    forward moves it onto its own (idle while it waits) CPUs, and start() moves it back."""
+    cpus = sorted(os.sched_getaffinity(0))
+    beside, own = {cpus[0]}, {cpus[1]}
+    loader = LayerLoader(1, threads=1, cpus=beside, rescue_cpus=own)
+    try:
+        tid = _rescued_step(loader, beside, own)
         loader.start([_recorder([], 0, 1)])  # the next step: back beside the forward
         assert os.sched_getaffinity(tid) == beside
         loader.wait_layer(0)
         loader.finish()
     finally:
-        gate.set()
         loader.close()
 
 
-def test_helpers_sit_out_a_step_when_use_helpers_says_their_cpus_are_busy():
-    answers = [False, True]
-    loader = LayerLoader(2, threads=1, use_helpers=lambda: answers.pop(0))
+@TWO_CPUS
+def test_after_a_rescue_helpers_sit_out_until_use_helpers_says_their_cpus_are_spare():
+    cpus = sorted(os.sched_getaffinity(0))
+    beside, own = {cpus[0]}, {cpus[1]}
+    answers: list[bool] = [False, True]
+    loader = LayerLoader(2, threads=1, cpus=beside, rescue_cpus=own,
+                         use_helpers=lambda: answers.pop(0))
     try:
+        tid = _rescued_step(loader, beside, own)
+        assert answers == [False, True]  # not asked before a rescue
+        steps = loader.helper_steps
         log: list = []
         loader.start([_recorder(log, layer, b, 0.002) for layer in (0, 1) for b in range(3)])
         time.sleep(0.05)
         assert log == []  # nobody copies ahead: the forward copies as it reaches each layer
         loader.wait_layer(1)
         loader.finish()
-        assert {name for _, _, name in log} == {"MainThread"} and loader.helper_steps == 0
+        assert {name for _, _, name in log} == {"MainThread"}
+        assert loader.helper_steps == steps and os.sched_getaffinity(tid) == own
         log.clear()
-        loader.start([_recorder(log, 0, b, 0.01) for b in range(3)])
+        loader.start([_recorder(log, 0, b, 0.01) for b in range(3)])  # now spare again
+        assert os.sched_getaffinity(tid) == beside
         time.sleep(0.05)
-        assert len(log) >= 1 and loader.helper_steps == 1  # the helper went ahead
+        assert len(log) >= 1 and loader.helper_steps == steps + 1  # the helper went ahead
         loader.wait_layer(0)
         loader.finish()
+        assert answers == []
     finally:
         loader.close()
 
