@@ -113,8 +113,9 @@ class Fleetwide(RuleBasedStateMachine):
             holders = self.holders(p)
             src = given[0] if given else holders[pick % len(holders)] \
                 if pick is not None and holders else IDS[(p + (pick or 0)) % 3]
-            r = call("POST", "/move", json={"old_position": [src, LOC], "new_position": [dst, LOC],
-                                                "tokens": tokens_of(p), "copy": copy})
+            r = call("POST", "/move", json={"old_position": [src, LOC],
+                                            "new_position": [dst, LOC],
+                                            "tokens": tokens_of(p), "copy": copy})
             allowed = {200, 400, 404, 409}  # 400: src == dst; 404: src holds none of it
         elif kind == "drain":
             _, iid, copy = op
