@@ -75,11 +75,12 @@ class KVMoveConfig:
         load_threads: helper threads that copy a step's loads from the store into the paged
             cache layer by layer while the forward pass runs, on the CPUs beside the forward's
             (the forward waits at each layer's attention only for that layer's blocks, and
-            copies alongside while it waits). They take part in a step only when those CPUs
-            were at least 80 % idle in the last tenth of a second: on a core another engine keeps
-            busy, a helper waited runnable for seconds. Otherwise, and with 0, the forward
-            thread copies each layer just before its attention (always so for CUDA caches,
-            whose copies are ordered on the forward's stream).
+            copies alongside while it waits). On a core another engine keeps busy a helper
+            waited runnable for seconds: a forward kept waiting 5 ms on one moves the helpers
+            onto its own CPUs, and they sit out later steps until the CPUs beside were at
+            least 50 % idle over 0.1 s. None when the worker may use every CPU. Meanwhile, and
+            with 0, the forward thread copies each layer just before its attention (always so
+            for CUDA caches, whose copies are ordered on the forward's stream).
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
             the system gives.

@@ -423,18 +423,11 @@ class KVMoveConnector(KVConnectorBase_V1):
                 # A piece's own blocks are not kept: a failed copy (never seen: memcpy) sends
                 # the layer's blocks back to be recomputed.
                 pieces.append(CopyPiece(li, copy, blocks, 0))
-        if self._loads_before_forward:  # this engine's attention does not wait: copy now
-            for piece in pieces:
-                try:
-                    piece.run()
-                except Exception:
-                    logger.exception("loading layer %d failed; vLLM will recompute it",
-                                     piece.layer)
-                    self._load_errors.update(piece.blocks)
-            return
         for piece in pieces:  # bytes for the load path's rate, shared out evenly
             piece.nbytes = slab * len(later[1]) * len(self._layers) // len(pieces)
         loader.start(pieces)
+        if self._loads_before_forward:  # this engine's attention does not wait: copy now
+            loader.wait_layer(loader.num_layers - 1)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Worker, forward thread, before each layer's attention (vLLM's
