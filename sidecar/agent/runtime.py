@@ -70,7 +70,7 @@ from vllm_kvmove.affinity import widen_cpu_affinity
 from vllm_kvmove.blockhash import BlockHasher
 from vllm_kvmove.config import KVMoveConfig
 from vllm_kvmove.layout import KVLayout
-from vllm_kvmove.shm import PeerPools
+from vllm_kvmove.shm import CopyThreads, PeerPools
 from vllm_kvmove.store import ChunkStore
 from vllm_kvmove.transfer import NixlTransfer
 from vllm_kvmove.zmqauth import FleetSecurity
@@ -149,8 +149,10 @@ class Sidecar:
         self._push: LoopSocket | None = None
         self._drained: asyncio.Future | None = None  # the DrainEnded that leave() awaits
         self._tasks: set[asyncio.Task] = set()
+        # The engine's copy threads: same-host copies, and the checksums a lease computes.
+        self.copy_threads = CopyThreads(config.copy_threads, thread_init=widen_cpu_affinity)
         # Same-host peers' pools, mapped on first use (see vllm_kvmove.shm).
-        self.peer_pools = (PeerPools(config.copy_threads, thread_init=widen_cpu_affinity)
+        self.peer_pools = (PeerPools(copy_threads=self.copy_threads)
                            if config.same_host_copy else None)
         self._event_lock: asyncio.Lock | None = None
 
@@ -241,7 +243,8 @@ class Sidecar:
                                cfg.verify_checksums, cfg.command_timeout_s,
                                thread_init=widen_cpu_affinity, rank=self.rank,
                                world_size=self.world_size)
-        self.commands = CommandExecutor(self.store, fetcher, self.counters)
+        self.commands = CommandExecutor(self.store, fetcher, self.counters,
+                                        hash_executor=self.copy_threads.executor)
         ctx = zmq.Context.instance()
         if cfg.controller_reply_url:
             dealer = ctx.socket(zmq.DEALER)
@@ -299,6 +302,7 @@ class Sidecar:
         fetcher.close()
         if self.peer_pools is not None:
             self.peer_pools.close()
+        self.copy_threads.shutdown()
 
     # -- sending ---------------------------------------------------------------------------
     async def _send(self, sock: LoopSocket | None, msg: Any) -> bool:

@@ -170,3 +170,48 @@ def test_a_pool_cannot_change_size_and_an_unsealed_one_is_left_to_nixl(pools):
     assert os.fstat(handle.fd).st_size == 1 << 20 and pool.numel() == 1 << 20
     with pool_owner(UNSEALED_OWNER) as (_, unsealed):
         assert pools.get(unsealed) is None
+
+
+def test_copy_threads_run_the_first_share_on_the_caller_and_cap_the_shares_running():
+    import threading
+    import time
+    from vllm_kvmove.shm import CopyThreads
+    threads = CopyThreads(2)
+    running, peak, where, lock = [0], [0], [], threading.Lock()
+
+    def work(share):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            where.append(threading.current_thread().name)
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return [x * 10 for x in share]
+
+    try:
+        shares = [[1], [2], [3], [4]]
+        callers = [threading.Thread(target=lambda: out.append(threads.run(work, shares, 2 << 20)))
+                   for _ in range(3)]
+        out: list = []
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join()
+        assert out == [[[10], [20], [30], [40]]] * 3  # every result, in order
+        assert peak[0] <= 2  # three callers, two slots
+        assert sum(not n.startswith("kvmove-copy") for n in where) == 3  # one share each
+        # A failing share: the others are waited for, then the failure is raised.
+        done = []
+
+        def fails_first(share):
+            if share == [1]:
+                raise OSError("bad range")
+            time.sleep(0.02)
+            done.append(share)
+            return share
+        with pytest.raises(OSError):
+            threads.run(fails_first, [[1], [2]], 2 << 20)
+        assert done == [[2]]
+    finally:
+        threads.shutdown()

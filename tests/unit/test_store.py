@@ -251,6 +251,47 @@ def test_fill_checksums_works_the_backlog_off_the_save_path(layout):
     assert store.stats()["held_chunks"] == 2
 
 
+def test_hold_computes_missing_checksums_on_the_executor_and_says_what_it_will_hash(layout):
+    import concurrent.futures
+    import threading
+    import xxhash
+    store = make_store(layout, 6)
+    data = {key(i): put_chunk(store, key(i), 32 if i < 4 else 20, i) for i in range(5)}
+    assert store.fill_checksums(max_chunks=1) == 1  # key(0)'s is known, four are missing
+    keys = [key(i) for i in range(5)]
+    assert store.unsummed_bytes(keys + [key(9)]) == 3 * layout.valid_bytes(32) + \
+        layout.valid_bytes(20)
+    on = []
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            def run(*a, **k):
+                on.append(threading.current_thread().name)
+                return fn(*a, **k)
+            return super().submit(run, *args, **kwargs)
+
+    with Recording(2, thread_name_prefix="hash") as pool:
+        infos = store.hold(keys, executor=pool)
+    assert [i.checksum for i in infos] == [xxhash.xxh3_64_intdigest(data[k]) for k in keys]
+    assert len(on) == 4 and all(n.startswith("hash") for n in on)  # only the missing ones
+    assert store.unsummed_bytes(keys) == 0  # recorded: a later lease hashes nothing
+    assert store.stats()["held_chunks"] == 5
+
+
+def test_a_hold_whose_hashing_fails_holds_nothing(layout, monkeypatch):
+    import vllm_kvmove.store as store_module
+    store = make_store(layout, 2)
+    put_chunk(store, key(1), 32, 1)
+    put_chunk(store, key(2), 32, 2)
+
+    def broken(data):
+        raise MemoryError("no")
+    monkeypatch.setattr(store_module, "checksum", broken)
+    with pytest.raises(MemoryError):
+        store.hold([key(1), key(2)])
+    assert store.stats()["held_chunks"] == 0
+
+
 def test_on_events_is_called_after_commit_and_delete(layout):
     store = make_store(layout, 2)
     calls = []
