@@ -173,6 +173,50 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+_ECHO = """
+import sys, zmq
+s = zmq.Context().socket(zmq.DEALER)
+s.connect(sys.argv[1])
+s.send(b"up")
+while (m := s.recv()) != b"quit":
+    s.send(m)
+"""
+
+
+def zmq_round_trips(trials: int = 200, gap_s: float = 0.02) -> dict[str, float]:
+    """Median microseconds of a ZMQ ROUTER→DEALER→ROUTER round trip (200 bytes) to an echo
+    process on this host: back to back, and after ``gap_s`` of idleness (as between P4's
+    moves). The difference is what waking idle CPUs costs on this host; each of a move's
+    control round trips pays it (a Firecracker microVM here: an idle vCPU halts, and waking
+    it takes hundreds of microseconds)."""
+    import zmq
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, f"tcp://127.0.0.1:{port}"])
+    try:
+        peer, _ = router.recv_multipart()
+        out = {}
+        for name, gap in (("busy_us", 0.0), ("after_idle_us", gap_s)):
+            times = []
+            for _ in range(trials):
+                if gap:
+                    time.sleep(gap)
+                t0 = time.perf_counter()
+                router.send_multipart([peer, b"x" * 200])
+                router.recv_multipart()
+                times.append((time.perf_counter() - t0) * 1e6)
+            out[name] = median(times)
+        router.send_multipart([peer, b"quit"])
+        echo.wait(timeout=10)
+        return out
+    finally:
+        if echo.poll() is None:
+            echo.kill()
+        router.close(0)
+        ctx.term()
+
+
 class RawHttp:
     """A minimal keep-alive HTTP/1.1 client (pre-built request bytes, Content-Length answers
     only): the latency floor of the server side with almost no client cost."""

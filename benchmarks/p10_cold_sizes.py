@@ -40,7 +40,7 @@ import time
 import httpx
 import torch
 
-from common import WORK, RawHttp, Result, median
+from common import WORK, RawHttp, Result, median, zmq_round_trips
 from sidecar.protocol import LOCATION as LOC
 from tests.harness.processes import LocalCluster, free_port
 from vllm_kvmove.layout import KVLayout
@@ -154,6 +154,7 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
         here, there = there, here
         time.sleep(0.02)
     raw.close()
+    wake = zmq_round_trips()
     small_bytes = layout.valid_bytes(SMALL_TOKENS)
     for p in pair:
         cluster.stop(p)
@@ -187,7 +188,9 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
                f"{small_bytes >> 20} MiB block), POST /move?wait → done",
                value=median(small_ms), unit="ms",
                baseline={"job_elapsed_ms": median(small_job_ms), "bytes": small_bytes,
-                         "memcpy_ms": small_bytes / (nbytes / memcpy) * 1e3},
+                         "memcpy_ms": small_bytes / (nbytes / memcpy) * 1e3,
+                         "zmq_round_trip_us": wake["busy_us"],
+                         "zmq_round_trip_after_idle_us": wake["after_idle_us"]},
                ratio=None, goal="≤ 5 ms", met=median(small_ms) <= 5.0,
                trials={"ms": small_ms, "job_ms": small_job_ms},
                notes=f"{P4_TRIALS} real moves back and forth between the last pair "

@@ -10,6 +10,9 @@ between machines. In the same run:
   chunks), another on host 2, the controller on host 3 (with a fleet secret: CURVE on its
   sockets); each trial copies the prefix host 1 → host 2, times ``POST /move`` → done (long
   poll), then clears the destination; the first trial warms the destination's pages;
+* the transport alone (P7-nixl-raw): a bare NIXL endpoint on host 2 READs 1 GiB from one on
+  host 1 (``nixl_peer.py``: the sidecars' UCX settings and piece size, no store, checksum or
+  controller) — how much of the gap to iperf3 is NIXL over UCX tcp itself;
 * TLS: ``POST /lookup`` of a 4,096-token prompt over keep-alive httpx, to one controller over
   HTTPS and one over plain HTTP on the same host, trials interleaved.
 
@@ -18,15 +21,19 @@ Needs root (namespaces) and ``iperf3`` (``scripts/setup-debian.sh`` installs it)
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
 from common import WORK, Result, median, percentile
 from sidecar.httpkit import verify_with
 from sidecar.protocol import LOCATION as LOC
-from tests.harness.hosts import HostsUnavailable, TestHosts, iperf3_bits_per_s
+from tests.harness.hosts import Host, HostsUnavailable, TestHosts, iperf3_bits_per_s
 from tests.harness.processes import LocalCluster
 from tests.harness.stores import BIG_LAYOUT, GIB_TOKENS
 from tests.harness.tls import make_certs
@@ -40,6 +47,33 @@ def iperf3_gbits(hosts: TestHosts) -> float:
     """One TCP stream host 1 → host 2 for 3 s: Gbit/s received."""
     h1, h2 = hosts.hosts[:2]
     return iperf3_bits_per_s(h1, h2, h2.address, 3) / 1e9
+
+
+def nixl_raw_reads(src: Host, dst: Host, nbytes: int) -> list[float]:
+    """P7-nixl-raw: seconds per whole READ of ``nbytes`` by a bare NIXL endpoint on ``dst``
+    from one on ``src`` (benchmarks/nixl_peer.py), TRIALS of them."""
+    peer = [sys.executable, str(Path(__file__).with_name("nixl_peer.py"))]
+    server = subprocess.Popen(src.wrap([*peer, "serve", "p7-raw-src", src.address, "8600",
+                                        str(nbytes), SECRET]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line: list[str] = []
+        while not (line and line[0] == "READY"):  # NIXL logs to stdout too
+            text = server.stdout.readline()
+            assert text, "the NIXL peer exited before it was ready"
+            line = text.split()
+        out = subprocess.run(dst.wrap([*peer, "read", "p7-raw-dst", dst.address, "8600",
+                                       str(nbytes), SECRET, "p7-raw-src",
+                                       f"{src.address}:8600", line[1], str(TRIALS)]),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])["read_s"]
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def sidecar_config(iid: str, host, controller, port: int) -> dict:
@@ -114,6 +148,10 @@ def run() -> list[Result]:
             assert client.post("/lookup", json=body).status_code == 200
             if i >= 20:
                 lat[name].append((time.perf_counter() - t0) * 1e3)
+        for p in (src, dst):  # the raw READ below gets the hosts to itself
+            cluster.stop(p)
+        raw_s = nixl_raw_reads(h1, h2, nbytes)
+        raw_gbits = nbytes * 8 / median(raw_s) / 1e9
         ratio = move_gbits / link_gbits
         return [
             Result(id="P7", measure="move throughput between two test hosts (NIXL over UCX tcp "
@@ -125,6 +163,18 @@ def run() -> list[Result]:
                    notes="standalone sidecars on test hosts 1 and 2, controller on host 3 "
                          "(CURVE, HTTPS); iperf3: one TCP stream, 3 s, three runs interleaved with the "
                          "moves, median; UCX tcp segments 256 KiB (8 KiB, UCX's default: 0.42×)"),
+            Result(id="P7-nixl-raw", measure="NIXL READ alone between the same two test "
+                   f"hosts (no sidecar, store or checksum), {nbytes >> 20} MiB in the fetch's "
+                   "pieces", value=raw_gbits, unit="Gbit/s",
+                   baseline={"iperf3_Gbit/s": link_gbits, "P7_Gbit/s": move_gbits,
+                             "P7_share_of_raw": move_gbits / raw_gbits},
+                   ratio=raw_gbits / link_gbits,
+                   goal="reported (ratio: the transport alone against iperf3)", met=True,
+                   trials={"read_s": raw_s},
+                   notes="benchmarks/nixl_peer.py on hosts 1 and 2 (the sidecars stopped): "
+                         "NixlTransfer with the sidecars' UCX settings, READs of 32 MiB "
+                         "pieces one after another, as a fetch posts them; first read "
+                         "discarded"),
             Result(id="P7-tls", measure="POST /lookup (4,096 tokens) over HTTPS, keep-alive httpx",
                    value=median(lat["tls"]), unit="ms",
                    baseline={"plain_http_ms": median(lat["plain"]),
