@@ -363,6 +363,7 @@ class Sidecar:
         """Push store events when the store signals them (no polling: an idle engine's sidecar
         sleeps), then checksum newly saved chunks off the engine's save path."""
         wake = asyncio.Event()
+        wake.set()  # at once: chunks the store held before we started wait for their checksums
         loop = asyncio.get_running_loop()
         self.store.on_events = lambda: loop.call_soon_threadsafe(wake.set)
         try:

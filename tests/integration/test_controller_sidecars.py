@@ -217,3 +217,33 @@ def test_move_with_wait_answers_with_the_final_status(fleet, pair):
     assert r.status_code == 200 and st["status"] == "done" and st["kind"] == "move", st
     assert st["num_tokens"] == 40 and st["event_id"]  # the fields of the plain answer, too
     assert fleet.wait_lookup(tokens, {"b": 40}) == {"b": 40}
+
+
+def test_chunks_held_before_the_sidecar_started_are_hashed_without_waiting_for_an_event(
+        fleet, monkeypatch):
+    """A store that already holds chunks when its sidecar starts (filled before, as the
+    standalone sidecars of the benchmarks are) gets their checksums at once, not at the event
+    loop's fallback wake-up: a move right after registration then has none to compute."""
+    import time
+    import sidecar.agent.runtime as runtime
+    from sidecar.agent import Sidecar
+    from tests.harness.stores import put_chunk, tiny_layout
+    from vllm_kvmove.config import build_config
+    from vllm_kvmove.store import ChunkStore
+    # No fallback wake-up in this test's lifetime: only the start-up pass can hash.
+    monkeypatch.setattr(runtime, "_EVENT_FALLBACK_S", 3600.0)
+    layout = tiny_layout()
+    store = ChunkStore(layout, 8 * layout.chunk_bytes)
+    for i in range(4):
+        put_chunk(store, i.to_bytes(16, "big"), layout.chunk_size, i)
+    assert store.checksums_pending()
+    sc = Sidecar(build_config(fleet.sidecar_config("prefilled", layout, 8)), store, layout).start()
+    try:
+        sc.wait_ready(30)
+        deadline = time.monotonic() + 20
+        while store.checksums_pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not store.checksums_pending()
+        assert store.unsummed_bytes([i.to_bytes(16, "big") for i in range(4)]) == 0
+    finally:
+        sc.stop()
