@@ -24,6 +24,10 @@ first written, as before it existed): the before/after of that setting in one ru
 ``memcpy`` of the same bytes between warm buffers, in the same run. Ratios: memcpy time ÷
 move time (≥ 0.5 cold, ≥ 0.85 warm are the issue's goals).
 
+Each figure's baseline also carries the jobs' own phases (``GET /events``' ``phases``: lease,
+transfer, release; medians, ms) — for the cold moves beside the warm moves' transfer — so a
+slow move says where its time went.
+
 P4 at size: the last trial's pair then moves a 12-token prompt's chunk (one block: 4 MiB /
 16 MiB) back and forth, ``P4_TRIALS`` real moves (the source deletes its copy), timed from
 ``POST /move?wait`` to the answer over a minimal HTTP client (as P4); the controller's own job
@@ -73,6 +77,12 @@ def _copy(http: httpx.Client, src: str, dst: str, tokens: list[int]) -> tuple[fl
     return took, st
 
 
+def _phase_ms(phases: list[dict]) -> dict[str, float]:
+    """Median milliseconds of each job phase (``GET /events``' ``phases``) over ``phases``."""
+    return {f"job_{name[:-2]}_ms": median([p[name] for p in phases]) * 1e3
+            for name in ("lease_s", "transfer_s", "release_s")}
+
+
 def _wait_listed(http: httpx.Client, iid: str, tokens: list[int], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while http.post("/lookup", json={"tokens": tokens}).json()["layout_info"].get(
@@ -110,7 +120,9 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
     # (settle, prefault) -> cold move times; the four kinds of pair interleaved.
     kinds = [(settle, prefault) for settle in (0.0, SETTLE_S) for prefault in (True, False)]
     cold: dict[tuple[float, bool], list[float]] = {k: [] for k in kinds}
-    warm, jobs = [], []
+    # The default-prefault cold moves' job phases (lease, transfer, release), by settle time.
+    cold_phases: dict[float, list[dict]] = {0.0: [], SETTLE_S: []}
+    warm, jobs, warm_transfers = [], [], []
     nbytes = 0
     pair: list = []
     for trial in range(len(kinds) * COLD_TRIALS):
@@ -130,17 +142,21 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
         time.sleep(settle)
         took, st = _copy(http, src, dst, tokens)
         cold[settle, prefault].append(took)
+        if prefault:
+            cold_phases[settle].append(st["phases"])
         jobs.append(st["elapsed_s"])
         nbytes = st["bytes"]
         for _ in range(WARM_TRIALS):
             assert http.post("/clear", json={"instance_id": dst}).status_code == 200
-            warm.append(_copy(http, src, dst, tokens)[0])
+            took, st = _copy(http, src, dst, tokens)
+            warm.append(took)
+            warm_transfers.append(st["phases"]["transfer_s"] * 1e3)
         last = (src, dst)
     memcpy = _memcpy_s(nbytes)
     # P4 at this size, on the last pair: the small chunk moves back and forth.
     here, there = last
     raw = RawHttp(port)
-    small_ms, small_job_ms = [], []
+    small_ms, small_job_ms, small_phases = [], [], []
     for trial in range(P4_TRIALS + 2):
         body = json.dumps({"old_position": [here, LOC], "new_position": [there, LOC],
                            "tokens": small}).encode()
@@ -151,6 +167,7 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
         if trial >= 2:  # the first two include each direction's first fetch
             small_ms.append(took * 1e3)
             small_job_ms.append(st["elapsed_s"] * 1e3)
+            small_phases.append(st["phases"])
         here, there = there, here
         time.sleep(0.02)
     raw.close()
@@ -160,6 +177,7 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
         cluster.stop(p)
     per_token = layout.chunk_bytes // layout.chunk_size // 1024
     warm_s = median(warm)
+    warm_transfer_ms = median(warm_transfers)
     common = {"bytes": nbytes, "memcpy_GB/s": nbytes / memcpy / 1e9}
     out = []
     for settle, when, suffix in ((0.0, "as soon as both registered", ""),
@@ -171,7 +189,8 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
             f"({when}), {PREFIX_TOKENS}-token prefix at {per_token} KiB/token, POST → done",
             value=nbytes / cold_s / 1e9, unit="GB/s",
             baseline={**common, "prefault_off_GB/s": nbytes / unfaulted_s / 1e9,
-                      "prefault_off_ratio": memcpy / unfaulted_s},
+                      "prefault_off_ratio": memcpy / unfaulted_s,
+                      **_phase_ms(cold_phases[settle]), "warm_transfer_ms": warm_transfer_ms},
             ratio=memcpy / cold_s, goal="≥ 0.5× memcpy", met=memcpy / cold_s >= 0.5,
             trials={"cold_s": cold[settle, True], "prefault_off_cold_s": cold[settle, False]},
             notes=f"{COLD_TRIALS} fresh source/destination pairs (standalone sidecars) with the "
@@ -189,6 +208,7 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
                value=median(small_ms), unit="ms",
                baseline={"job_elapsed_ms": median(small_job_ms), "bytes": small_bytes,
                          "memcpy_ms": small_bytes / (nbytes / memcpy) * 1e3,
+                         **_phase_ms(small_phases),
                          "zmq_round_trip_us": wake["busy_us"],
                          "zmq_round_trip_after_idle_us": wake["after_idle_us"]},
                ratio=None, goal="≤ 5 ms", met=median(small_ms) <= 5.0,

@@ -41,7 +41,8 @@ def run() -> list[Result]:
         time.sleep(0.05)
     raw = RawHttp(int(env["controller"].url.rsplit(":", 1)[1]))
     modes = ("raw", "httpx", "httpx_poll")
-    times: dict[str, list[float]] = {m: [] for m in (*modes, "job")}
+    phases = ("lease_s", "transfer_s", "release_s")
+    times: dict[str, list[float]] = {m: [] for m in (*modes, "job", *phases)}
     here, there = "bench-a", "bench-c"
     for trial in range(WARMUP + len(modes) * TRIALS):
         mode = modes[trial % len(modes)]
@@ -61,6 +62,8 @@ def run() -> list[Result]:
         if trial >= WARMUP:
             times[mode].append(took * 1e3)
             times["job"].append(st["elapsed_s"] * 1e3)
+            for ph in phases:
+                times[ph].append(st["phases"][ph] * 1e3)
         here, there = there, here
         time.sleep(0.02)
     raw.close()
@@ -71,6 +74,7 @@ def run() -> list[Result]:
                                         "httpx_ms": median(times["httpx"]),
                                         "httpx_post_then_long_poll_ms": median(times["httpx_poll"]),
                                         "job_elapsed_ms": median(times["job"]),
+                                        **{f"job_{ph[:-2]}_ms": median(times[ph]) for ph in phases},
                                         "zmq_round_trip_us": wake["busy_us"],
                                         "zmq_round_trip_after_idle_us": wake["after_idle_us"]},
                    ratio=None, goal="≤ 5 ms", met=p50 <= 5.0,

@@ -743,6 +743,23 @@ class EventIdRequest(msgspec.Struct):
     event_id: str
 
 
+class JobPhases(msgspec.Struct):
+    """Where a move's or copy's time went, in seconds (``GET /events/{id}``'s ``phases``). A
+    phase is set when it ends, so a running or failed job shows those it finished.
+
+    Attributes:
+        lease_s: holding the chunks at the source (every rank) — including the checksums the
+            source computes for chunks it saved too recently to have hashed them yet.
+        transfer_s: the destination's fetches, from the first sent to the last settled:
+            copies, checksum verification, commits, and any wait for a bandwidth cap.
+        release_s: ending the source's lease (a move: deleting its chunks there).
+    """
+
+    lease_s: float | None = None
+    transfer_s: float | None = None
+    release_s: float | None = None
+
+
 class JobStatusBody(msgspec.Struct):
     """A job as reported by ``GET /events/{event_id}``, ``GET /events`` and ``POST /check_finish``.
 
@@ -764,6 +781,8 @@ class JobStatusBody(msgspec.Struct):
         max_bytes_per_s: the job's own bandwidth cap, if it was given one.
         drain: a drain's or batch move's progress (units, destinations, what did not move
             and why).
+        phases: a move's or copy's time by phase, so far (None for other kinds, and before
+            the move started).
     """
 
     event_id: str
@@ -780,6 +799,7 @@ class JobStatusBody(msgspec.Struct):
     error_kind: str | None = None
     max_bytes_per_s: int | None = None
     drain: DrainStatus | None = None
+    phases: JobPhases | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,8 @@ class Job:
     max_bytes_per_s: int | None = None
     # A drain's plan and progress (sidecar.controller.drain.Drain).
     drain: Any = None
+    # A move's or copy's time by phase (set by run_transfer as each phase ends).
+    phases: protocol.JobPhases | None = None
 
     def begin(self) -> None:
         self.status = "running"
@@ -154,7 +156,7 @@ class Job:
             bytes=self.bytes if self.drain is None else self.drain.bytes,
             total_bytes=self.total_bytes, elapsed_s=round(end - self.created, 6),
             error=self.error, error_kind=self.error_kind, max_bytes_per_s=self.max_bytes_per_s,
-            drain=None if self.drain is None else self.drain.to_status())
+            drain=None if self.drain is None else self.drain.to_status(), phases=self.phases)
 
 
 class JobTable:
@@ -283,6 +285,7 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
     if job.cancel_requested:
         raise JobCancelled("cancelled before it started")
     t0 = time.perf_counter()
+    job.phases = phases = protocol.JobPhases()
     # Every source rank any lane reads from, leased once (a split reads one from several).
     holders = list(dict.fromkeys(s.holder for lane in lanes for s in lane.sources))
     lease_cmds = {h: protocol.LeaseChunks(keys=job.keys, lease_s=lease_s) for h in holders}
@@ -297,6 +300,7 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
         raise JobFailed(r.error_kind or "internal",
                         f"lease at {describe_holder(failed_lease)} failed: {r.error}")
     t_lease = time.perf_counter()
+    phases.lease_s = round(t_lease - t0, 6)
     leased = {h: replies[h].chunks for h in holders}  # in key order, every key (all or none)
     job.total_bytes = sum(c.nbytes for lane in lanes for s in lane.sources
                           for c in leased[s.holder])
@@ -369,8 +373,9 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
                 f"stay at {job.destination}; the source keeps all of them)" if job.bytes else
                 "cancelled before any chunk moved")
         fetched_all = True
-        t_fetch = time.perf_counter()
     finally:
+        t_fetch = time.perf_counter()
+        phases.transfer_s = round(t_fetch - t_lease, 6)
         delete = fetched_all and job.kind == "move"
         ends = dict(zip(holders, await asyncio.gather(*(
             command(h, protocol.EndLease(lease_id=lease_cmds[h].req_id, delete=delete,
@@ -382,10 +387,7 @@ async def run_transfer(job: Job, lanes: list[Lane], command: Command,
             _in_background(asyncio.gather(*(
                 command(dest, protocol.EndLease(lease_id=lease_id))
                 for dest, lease_id in held_at_destination)))
-        if fetched_all:
-            logger.debug("job %s: lease %.2f ms, fetch %.2f ms, end of lease %.2f ms",
-                         job.event_id, (t_lease - t0) * 1e3, (t_fetch - t_lease) * 1e3,
-                         (time.perf_counter() - t_fetch) * 1e3)
+        phases.release_s = round(time.perf_counter() - t_fetch, 6)
         for h, end in ends.items():
             if end.ok:
                 continue

@@ -61,7 +61,12 @@ def test_check_finish_lmcache_style(fleet, pair):
     assert st["status"] == "done" and st["num_tokens"] == 10 and st["kind"] == "copy"
     assert set(st) == {"event_id", "status", "kind", "source", "destination", "num_tokens",
                        "num_chunks", "bytes", "total_bytes", "elapsed_s", "error", "error_kind",
-                       "max_bytes_per_s", "drain"}
+                       "max_bytes_per_s", "drain", "phases"}
+    # Where the copy's time went: every phase ended, within the job's own time.
+    phases = st["phases"]
+    assert set(phases) == {"lease_s", "transfer_s", "release_s"}
+    assert all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) <= st["elapsed_s"], (phases, st["elapsed_s"])
 
 
 def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):

@@ -30,11 +30,13 @@ class FakeSidecars:
         self.t0 = time.monotonic()
         self.req_ids = iter(range(1000, 2000))
         self.held: set[int] = set()
+        self.lease_delay = self.end_delay = 0.0  # how long the source takes to answer these
 
     async def command(self, instance_id: str, msg, timeout=None, depends_on=()) -> protocol.Reply:
         now = lambda: time.monotonic() - self.t0  # noqa: E731
         msg.req_id = next(self.req_ids)
         if isinstance(msg, protocol.LeaseChunks):
+            await asyncio.sleep(self.lease_delay)
             chunks = [protocol.ChunkDesc(key=k, num_tokens=16, addr=i * MiB, nbytes=MiB, checksum=i)
                       for i, k in enumerate(msg.keys)]
             return protocol.Reply(req_id=msg.req_id, ok=True, chunks=chunks, count=len(chunks))
@@ -51,6 +53,7 @@ class FakeSidecars:
                 self.held.add(msg.req_id)
             return protocol.Reply(req_id=msg.req_id, ok=True, count=1, bytes=MiB)
         if isinstance(msg, protocol.EndLease) and instance_id == "src":
+            await asyncio.sleep(self.end_delay)
             self.log.append(("end lease", now(), msg.delete))
             return protocol.Reply(req_id=msg.req_id, ok=True)
         if isinstance(msg, protocol.EndLease):  # at the destination: a fetch's hold
@@ -90,9 +93,11 @@ def new_job(n: int, kind: str = "move") -> Job:
                keys=[bytes([i]) * 16 for i in range(n)], num_tokens=64)
 
 
-def run_job(delays: list[float], failing: set[int], kind: str = "move") -> tuple[Job, FakeSidecars, Exception | None]:
+def run_job(delays: list[float], failing: set[int], kind: str = "move", lease_delay: float = 0.0,
+            end_delay: float = 0.0) -> tuple[Job, FakeSidecars, Exception | None]:
     async def main():
         job, fake = new_job(len(delays), kind), FakeSidecars(delays, failing)
+        fake.lease_delay, fake.end_delay = lease_delay, end_delay
         return job, fake, await transfer(job, fake)
 
     return asyncio.run(main())
@@ -186,3 +191,20 @@ def test_an_ended_job_or_a_store_op_cannot_be_cancelled(status):
               status="running")
     with pytest.raises(ApiError, match="cannot be cancelled"):
         pin.request_cancel()
+
+
+def test_the_job_reports_the_time_of_each_phase():
+    # Lease 0.1 s; four 0.1 s batches two at a time (>= 0.2 s); the end of the lease 0.15 s.
+    job, _, err = run_job([0.1] * 4, failing=set(), lease_delay=0.1, end_delay=0.15)
+    assert err is None
+    st = job.to_status()
+    assert st.phases is job.phases
+    assert st.phases.lease_s >= 0.1 and st.phases.transfer_s >= 0.2 and \
+        st.phases.release_s >= 0.15
+    # A job that failed in its transfer reports the phases it went through.
+    job, _, err = run_job([0.0, 0.1, 0.0, 0.0], failing={0})
+    assert isinstance(err, JobFailed)
+    assert job.phases.transfer_s >= 0.1 and job.phases.release_s is not None
+    # Other kinds have none.
+    assert Job(event_id="e2", kind="pin", source="src", destination="", keys=[],
+               num_tokens=0).to_status().phases is None
