@@ -303,8 +303,9 @@ class CopyThreads:
         (no copy may outlive the caller's reservation), raising the first failure.
 
         The caller runs the first share itself and the copy threads the others: a hop to a
-        copy thread and back is two thread wake-ups, ~0.3-0.7 ms in this VM when the CPUs
-        were idle — most of a 4 MiB copy. Small copies (<= 1 MiB) run inline, uncounted."""
+        copy thread and back is two thread wake-ups, each up to a few hundred microseconds on
+        a host whose idle CPUs halt (a VM: benchmarks/README.md, "a small move's time") —
+        as much as a 4 MiB copy. Small copies (<= 1 MiB) run inline, uncounted."""
         if nbytes <= _INLINE_BYTES:
             return [work(share) for share in shares]
 

@@ -48,8 +48,8 @@ import heapq
 import logging
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
