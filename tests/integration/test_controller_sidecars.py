@@ -66,7 +66,7 @@ def test_check_finish_lmcache_style(fleet, pair):
     phases = st["phases"]
     assert set(phases) == {"lease_s", "transfer_s", "release_s"}
     assert all(v > 0 for v in phases.values()), phases
-    assert sum(phases.values()) <= st["elapsed_s"], (phases, st["elapsed_s"])
+    assert sum(phases.values()) <= st["elapsed_s"] + 1e-5, (phases, st["elapsed_s"])  # rounding
 
 
 def test_prefix_longer_than_held_moves_the_held_part(fleet, pair):
