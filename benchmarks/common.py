@@ -173,6 +173,13 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def phase_ms(phases: list[dict]) -> dict[str, float]:
+    """Median milliseconds of each job phase over ``phases`` (``GET /events``' ``phases`` of
+    several jobs), keyed ``job_lease_ms``, ``job_transfer_ms``, ``job_release_ms``."""
+    return {f"job_{name[:-2]}_ms": median([p[name] for p in phases]) * 1e3
+            for name in ("lease_s", "transfer_s", "release_s")}
+
+
 _ECHO = """
 import sys, zmq
 s = zmq.Context().socket(zmq.DEALER)

@@ -1,6 +1,7 @@
 """A bare NIXL endpoint for P7-nixl-raw: NIXL's READ between two test hosts, without a sidecar.
 
-Two roles, each run on a test host (``Host.wrap``):
+Two roles, each run on a test host (``Host.wrap``); P1-nixl-raw (one host, one process) uses
+:func:`read_pieces` and :func:`timed_reads` too:
 
 * ``serve NAME HOST PORT NBYTES SECRET``: registers ``NBYTES`` of filled memory with a NIXL
   agent (:class:`~vllm_kvmove.transfer.NixlTransfer`, as a sidecar does: same UCX settings,
@@ -29,6 +30,27 @@ from vllm_kvmove.transfer import NixlTransfer, ReadRange, split_ranges  # noqa: 
 from vllm_kvmove.zmqauth import FleetSecurity  # noqa: E402
 
 
+def read_pieces(remote_addr: int, local_addr: int, nbytes: int) -> list[list[ReadRange]]:
+    """``nbytes`` from ``remote_addr`` to ``local_addr`` cut as a sidecar's fetch cuts a READ
+    (:data:`~sidecar.agent.fetch.PIECE_BYTES`)."""
+    return [[r for _, r in piece] for piece in split_ranges(
+        [ReadRange(remote_addr, local_addr, nbytes)], PIECE_BYTES)]
+
+
+def timed_reads(me: NixlTransfer, peer_name: str, pieces: list[list[ReadRange]],
+                trials: int) -> list[float]:
+    """Seconds per READ of every piece, one after another, ``trials`` times after one that
+    faults the pages in (not counted)."""
+    reads = []
+    for trial in range(trials + 1):
+        t0 = time.perf_counter()
+        for piece in pieces:
+            me.read(peer_name, piece, 60)
+        if trial:
+            reads.append(time.perf_counter() - t0)
+    return reads
+
+
 def main(argv: list[str]) -> None:
     role, name, host, port, nbytes, secret = argv[:6]
     nbytes_i = int(nbytes)
@@ -43,15 +65,8 @@ def main(argv: list[str]) -> None:
             return
         peer_name, peer_url, peer_addr, trials = argv[6], argv[7], int(argv[8]), int(argv[9])
         me.connect_peer(peer_name, peer_url, 30)
-        pieces = [[r for _, r in p] for p in split_ranges(
-            [ReadRange(peer_addr, buf.data_ptr(), nbytes_i)], PIECE_BYTES)]
-        reads = []
-        for trial in range(trials + 1):
-            t0 = time.perf_counter()
-            for piece in pieces:
-                me.read(peer_name, piece, 60)
-            if trial:
-                reads.append(time.perf_counter() - t0)
+        reads = timed_reads(me, peer_name, read_pieces(peer_addr, buf.data_ptr(), nbytes_i),
+                            trials)
         assert bool((buf == 7).all()), "the READ did not bring the peer's bytes"
         print(json.dumps({"read_s": reads}), flush=True)
     finally:

@@ -44,7 +44,7 @@ import time
 import httpx
 import torch
 
-from common import WORK, RawHttp, Result, median, zmq_round_trips
+from common import WORK, RawHttp, Result, median, phase_ms, zmq_round_trips
 from sidecar.protocol import LOCATION as LOC
 from tests.harness.processes import LocalCluster, free_port
 from vllm_kvmove.layout import KVLayout
@@ -75,12 +75,6 @@ def _copy(http: httpx.Client, src: str, dst: str, tokens: list[int]) -> tuple[fl
     took = time.perf_counter() - t0
     assert st["status"] == "done" and st["num_tokens"] == len(tokens), st
     return took, st
-
-
-def _phase_ms(phases: list[dict]) -> dict[str, float]:
-    """Median milliseconds of each job phase (``GET /events``' ``phases``) over ``phases``."""
-    return {f"job_{name[:-2]}_ms": median([p[name] for p in phases]) * 1e3
-            for name in ("lease_s", "transfer_s", "release_s")}
 
 
 def _wait_listed(http: httpx.Client, iid: str, tokens: list[int], timeout: float = 120) -> None:
@@ -190,7 +184,7 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
             value=nbytes / cold_s / 1e9, unit="GB/s",
             baseline={**common, "prefault_off_GB/s": nbytes / unfaulted_s / 1e9,
                       "prefault_off_ratio": memcpy / unfaulted_s,
-                      **_phase_ms(cold_phases[settle]), "warm_transfer_ms": warm_transfer_ms},
+                      **phase_ms(cold_phases[settle]), "warm_transfer_ms": warm_transfer_ms},
             ratio=memcpy / cold_s, goal="≥ 0.5× memcpy", met=memcpy / cold_s >= 0.5,
             trials={"cold_s": cold[settle, True], "prefault_off_cold_s": cold[settle, False]},
             notes=f"{COLD_TRIALS} fresh source/destination pairs (standalone sidecars) with the "
@@ -208,7 +202,7 @@ def _layout_results(cluster: LocalCluster, http: httpx.Client, port: int, pull: 
                value=median(small_ms), unit="ms",
                baseline={"job_elapsed_ms": median(small_job_ms), "bytes": small_bytes,
                          "memcpy_ms": small_bytes / (nbytes / memcpy) * 1e3,
-                         **_phase_ms(small_phases),
+                         **phase_ms(small_phases),
                          "zmq_round_trip_us": wake["busy_us"],
                          "zmq_round_trip_after_idle_us": wake["after_idle_us"]},
                ratio=None, goal="≤ 5 ms", met=median(small_ms) <= 5.0,

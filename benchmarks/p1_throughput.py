@@ -34,11 +34,12 @@ import httpx
 import torch
 
 from common import WORK, Result, median
+from nixl_peer import read_pieces, timed_reads
 from sidecar.agent.fetch import PIECE_BYTES
 from sidecar.protocol import LOCATION as LOC
 from tests.harness.processes import LocalCluster
 from vllm_kvmove.layout import KVLayout
-from vllm_kvmove.transfer import NixlTransfer, ReadRange, split_ranges
+from vllm_kvmove.transfer import NixlTransfer, ReadRange
 
 LAYOUT = KVLayout(model="bench-64k", dtype="bfloat16", num_layers=16, num_kv_heads=8,
                   head_size=128, block_size=128, chunk_size=256, backend="cpu_attn/vec")
@@ -144,15 +145,8 @@ def nixl_read_ceiling(src: torch.Tensor, dst: torch.Tensor, nbytes: int,
         os.environ.update(saved)
     try:
         me.connect_peer("p1-raw-src", peer.p2p_url, 10)
-        pieces = [[r for _, r in p] for p in split_ranges(
-            [ReadRange(src.data_ptr(), dst.data_ptr(), nbytes)], PIECE_BYTES)]
-        reads = []
-        for trial in range(TRIALS + 1):
-            t0 = time.perf_counter()
-            for piece in pieces:
-                me.read("p1-raw-src", piece, 60)
-            if trial:  # trial 0 faults the pages in, as the moves' first trial
-                reads.append(time.perf_counter() - t0)
+        pieces = read_pieces(src.data_ptr(), dst.data_ptr(), nbytes)
+        reads = timed_reads(me, "p1-raw-src", pieces, TRIALS)  # (+ one as the moves' first)
         per_read, prepped = descriptor_costs(me, "p1-raw-src", pieces)
     finally:
         me.close()

@@ -313,12 +313,13 @@ class CopyThreads:
             with self._slots:
                 return work(share)
 
+        # (More than _INLINE_BYTES: at least one share.)
         futures = [self.executor.submit(in_slot, share) for share in shares[1:]]
         try:
-            first = in_slot(shares[0]) if shares else []
+            first = in_slot(shares[0])
         finally:
             concurrent.futures.wait(futures)
-        return [first] + [f.result() for f in futures] if shares else []
+        return [first] + [f.result() for f in futures]
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False)
