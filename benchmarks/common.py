@@ -120,7 +120,8 @@ def engine_cluster() -> dict[str, Any]:
 
     * ``a``: with the connector, OpenMP on core 0 (the measured engine of P5/P6, P4's source);
     * ``b``: without the connector, OpenMP on core 1 (P5/P6's baseline);
-    * ``c``: with the connector, OpenMP on core 1 (P4's destination).
+    * ``c``: with the connector saving in the background (``save_mode: background``: a saver
+      thread on core 0), OpenMP on core 1 (P4's destination; P5-background's engine).
     """
     if _ENGINES:
         return _ENGINES
@@ -137,7 +138,8 @@ def engine_cluster() -> dict[str, Any]:
 
     a = cluster.start_engine("bench-a", 24001, cpu=0, extra_config=kv("bench-a", 24001, 24501, 24201))
     b = cluster.start_engine("bench-b", 24002, cpu=1)
-    c = cluster.start_engine("bench-c", 24003, cpu=1, extra_config=kv("bench-c", 24003, 24503, 24203))
+    c = cluster.start_engine("bench-c", 24003, cpu=1, extra_config={
+        **kv("bench-c", 24003, 24503, 24203), "save_mode": "background"})
     for p in (ctl, a, b, c):
         cluster.wait_ready(p, timeout=400)
     import httpx

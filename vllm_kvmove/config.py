@@ -81,6 +81,15 @@ class KVMoveConfig:
             least 50 % idle over 0.1 s. None when the worker may use every CPU. Meanwhile, and
             with 0, the forward thread copies each layer just before its attention (always so
             for CUDA caches, whose copies are ordered on the forward's stream).
+        save_mode: where the copies of a step's completed prompt chunks into the store run
+            (:mod:`vllm_kvmove.saver`). ``"inline"``: on the forward thread, after the forward
+            (a host cache's memcpy on the core the forward has just finished with: serving
+            throughput with every prompt saved measured no loss, P5). ``"background"``: off the forward's path — for a CUDA
+            cache on a side stream that waits for the forward, device-to-host into the
+            page-locked pool; for a host cache on a saver thread beside the forward's CPU —
+            each chunk visible once its copy completed; a step that reuses a block a save
+            still reads waits for that save (on the device, for CUDA). ``"auto"`` (default):
+            background for CUDA caches, inline for host caches.
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
             the system gives.
@@ -118,6 +127,7 @@ class KVMoveConfig:
     prefault_pool: bool = True
     copy_threads: int = 2
     load_threads: int = 1
+    save_mode: str = "auto"
     p2p_data_ports: str = ""
     kv_events_port: int = 0
     kv_events_topic: str = ""
@@ -218,6 +228,9 @@ def build_config(*layers: Mapping[str, Any] | None, notes: tuple[str, ...] = ())
         raise ConfigError(f"config key 'copy_threads' must be 1..64, got {cfg.copy_threads}")
     if not 0 <= cfg.load_threads <= 64:
         raise ConfigError(f"config key 'load_threads' must be 0..64, got {cfg.load_threads}")
+    if cfg.save_mode not in ("auto", "inline", "background"):
+        raise ConfigError(f"config key 'save_mode' must be auto, inline or background, got "
+                          f"{cfg.save_mode!r}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("config keys 'tls_cert' and 'tls_key' go together")
     low, _, high = cfg.p2p_data_ports.partition("-")

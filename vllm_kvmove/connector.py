@@ -20,8 +20,19 @@ vLLM builds this class twice per engine (each hook's docstring says more):
       for that layer's blocks, copying alongside the helpers meanwhile — the copies of later
       layers overlap the forward of earlier ones.
     - ``wait_for_save`` (after the forward): ends the step's load (releases the chunks), then
-      copies every prompt chunk completed by this step from the paged cache into the store
-      (block slabs, memcpy only; checksums are computed later, off this path, by the sidecar).
+      hands the copies of every prompt chunk completed by this step, from the paged cache
+      into a reserved slot of the store, to the :mod:`~vllm_kvmove.saver` queue, which commits
+      each chunk once its copy completed (block slabs, copies only; checksums are computed
+      later, off this path, by the sidecar). ``save_mode``: inline, the forward thread copies
+      right there (host caches' default); background, a side stream (CUDA: after the
+      forward's kernels, into the page-locked pool) or a saver thread (host) copies while the
+      engine goes on.
+    - ``handle_preemptions`` (before each step's forward, before ``start_load_kv``): the
+      paged-cache blocks the scheduler gave to requests this step (the plan's
+      ``new_block_ids``) may be ones a background save still reads (freed by a request that
+      ended meanwhile): the save queue fences them — the forward's stream waits for those
+      saves (CUDA), or the forward thread does (host); a request's blocks are therefore
+      freed at its end as usual, never held back for its saves.
   ``save_kv_layer`` does nothing: whole-step saves after the forward keep the forward's
   layers free of copies.
 * **Scheduler role** (EngineCore process). ``get_num_new_matched_tokens`` computes chunk keys
@@ -73,6 +84,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
@@ -88,12 +100,13 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from sidecar.agent import Sidecar, start_sidecar
 from vllm_kvmove.affinity import IdleMeter, cpus_beside
 from vllm_kvmove.blockhash import BlockHasher, ChunkBlocks, hasher_for, kv_event
-from vllm_kvmove.config import KVMoveConfig, load_config
+from vllm_kvmove.config import load_config
 from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import (block_bytes, block_copier, block_copiers, check_kv_caches,
                                 layer_order, layout_from_vllm)
 from vllm_kvmove.loader import CopyPiece, LayerLoader
 from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path, match_prefix_everywhere
+from vllm_kvmove.saver import InlineSaves, StreamSaves, ThreadSaves, pin_host_memory, save_queue
 from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
 if TYPE_CHECKING:
@@ -204,6 +217,9 @@ class KVMoveConnectorMetadata(KVConnectorMetadata):
 
     loads: list[ChunkLoad] = field(default_factory=list)
     saves: list[ChunkSave] = field(default_factory=list)
+    # Paged-cache blocks given to requests this step (new requests', added and resumed ones'):
+    # the step may write them, so background saves still reading them are fenced first.
+    new_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -245,6 +261,15 @@ class KVMoveKVEvents(KVConnectorKVEvents):
     def clear_events(self) -> None:
         self._events.clear_events()
         self._events.reset_workers()
+
+
+def _saved(store: ChunkStore, save: ChunkSave, ok: bool) -> None:
+    """A save's end (on whichever thread the save queue ends it): commit the chunk — visible
+    from here on, with its store event — or drop its reservation."""
+    if ok:
+        store.commit(save.key, blocks=save.blocks, parent=save.parent)
+    else:
+        store.abort(save.key)
 
 
 class KVMoveConnector(KVConnectorBase_V1):
@@ -321,6 +346,7 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._loader: LayerLoader | None = None
         self._loading: list[bytes] = []  # chunks held by the step's load until wait_for_save
         self._loads_before_forward = False  # set if the engine's attention never waits
+        self._saver: InlineSaves | ThreadSaves | StreamSaves | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._lookups = [LookupClient(lookup_path(self.config.instance_id, rank))
                              for rank in range(self._world_size)]
@@ -367,6 +393,12 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._layers = [block_bytes(t) for t in layers]
         self.store = ChunkStore(self.layout, self.config.capacity_bytes,
                                 shared=self.config.same_host_copy)
+        device = layers[0].device
+        self._saver = save_queue(self.config.save_mode, device, cpus=beside)
+        if device.type == "cuda" and isinstance(self._saver, StreamSaves):
+            # Device-to-host copies into pageable memory are staged and synchronous.
+            pin_host_memory(self.store.base_addr, self.store.pool_bytes)
+        logger.info("kvmove saves: %s (cache on %s)", self._saver.mode, device)
         self._pool_rows = [self.store.layer_rows(li) for li in range(len(layers))]
         if self._engine_events and self._block_hasher is not None:
             self.store.keep_block_events()  # drained by get_kv_connector_kv_cache_events
@@ -438,6 +470,17 @@ class KVMoveConnector(KVConnectorBase_V1):
         if loader is not None:
             loader.wait_layer(self._layer_index.get(layer_name, loader.num_layers - 1))
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Worker, forward thread, at the start of each step (before ``start_load_kv`` and the
+        forward): fence the blocks this step's requests were given (``new_block_ids``)
+        against background saves still reading them. Returns at once with inline saves;
+        on CUDA it queues a wait on the forward's stream; on a host cache it waits for those
+        saves only."""
+        if self._saver is None or not isinstance(kv_connector_metadata, KVMoveConnectorMetadata):
+            return
+        if kv_connector_metadata.new_block_ids and self._saver.in_flight():
+            self._saver.fence(kv_connector_metadata.new_block_ids)
+
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
         """Worker, forward thread, per layer: nothing (saves are whole-step copies in
@@ -466,18 +509,21 @@ class KVMoveConnector(KVConnectorBase_V1):
             self._loading = []
 
     def wait_for_save(self) -> None:
-        """Worker, forward thread, after the step's forward: copy every prompt chunk this step
-        completed into the store (reserve, memcpy, commit; the commit makes it visible and
-        emits its store event). A full store skips the chunk with a warning, and a chunk
-        another writer is writing (a fetch) is skipped; the request is unaffected. Blocks for
-        the copies only (no I/O, no checksums)."""
+        """Worker, forward thread, after the step's forward: save every prompt chunk this step
+        completed into the store — reserve a slot, hand its copies to the save queue, which
+        commits it (visible, with its store event) once they completed, or aborts the
+        reservation if one failed. A full store skips the chunk with a warning, and a chunk
+        another writer is writing (a fetch) is skipped; the request is unaffected. Blocks
+        for the copies only with inline saves (no I/O, no checksums), not at all with
+        background ones."""
         self._end_load()
         if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMoveConnectorMetadata)
-        store = self.store
-        assert store is not None
+        store, saver = self.store, self._saver
+        assert store is not None and saver is not None
+        non_blocking = isinstance(saver, StreamSaves)
         for save in meta.saves:
             try:
                 slot = store.reserve(save.key, save.num_tokens)
@@ -491,12 +537,12 @@ class KVMoveConnector(KVConnectorBase_V1):
             try:
                 view = store.slot_view(slot)
                 rows = range(len(save.block_ids))
-                for li, kv in enumerate(self._layers):
-                    block_copier(view[:, li], rows, kv, save.block_ids)()
+                copies = [block_copier(view[:, li], rows, kv, save.block_ids, non_blocking)
+                          for li, kv in enumerate(self._layers)]
             except BaseException:
                 store.abort(save.key)
                 raise
-            store.commit(save.key, blocks=save.blocks, parent=save.parent)
+            saver.submit(copies, save.block_ids, partial(_saved, store, save))
 
     def get_kv_connector_kv_cache_events(self) -> KVMoveKVEvents | None:
         """Worker, after each step (also steps without a forward): the store's KV events
@@ -527,9 +573,13 @@ class KVMoveConnector(KVConnectorBase_V1):
         """Both roles, at engine shutdown (the worker's, when the engine process exits — on
         SIGTERM only if vLLM's ``--shutdown-timeout`` gives it time: with the default 0 it is
         killed at once): with ``drain_on_shutdown``, first have the controller drain the store
-        and wait for it (up to ``drain_timeout_s``, logging what did not move); then stop the
+        and wait for it (up to ``drain_timeout_s``, logging what did not move) — after every
+        background save has ended; then stop the
         sidecar (it says goodbye to the controller), the lookup server and client. Blocks up
         to ~5 s more for the sidecar's thread."""
+        if self._saver is not None:
+            self._saver.close()  # every save submitted committed (or aborted) before a drain
+            self._saver = None
         if self._sidecar is not None:
             if self.config.drain_on_shutdown:
                 self._drain_before_exit(self._sidecar)
@@ -629,6 +679,7 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._pending_loads = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
+            meta.new_block_ids.extend(new.block_ids[0] if new.block_ids else ())
             if not new.prompt_token_ids:
                 continue
             tokens = list(new.prompt_token_ids)
@@ -639,10 +690,12 @@ class KVMoveConnector(KVConnectorBase_V1):
                              meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if new_ids:
+                meta.new_block_ids.extend(new_ids[0])
             tracker = self._trackers.get(req_id)
             if tracker is None:
                 continue
-            new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 tracker.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:

@@ -268,16 +268,17 @@ def block_index(ids: list[int]) -> slice | torch.Tensor:
 
 
 def block_copier(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tensor",
-                 src_ids: Sequence[int]) -> Callable[[], None]:
+                 src_ids: Sequence[int], non_blocking: bool = False) -> Callable[[], None]:
     """A zero-argument callable that does ``dst[dst_ids[i]] = src[src_ids[i]]`` for every i,
     over byte rows (:func:`block_bytes` rows, store slot views), bound now and run later (a
     :class:`~vllm_kvmove.loader.CopyPiece`, or at once): :func:`block_copiers` in one piece."""
-    copiers = block_copiers(dst, dst_ids, src, src_ids)
+    copiers = block_copiers(dst, dst_ids, src, src_ids, non_blocking=non_blocking)
     return copiers[0] if copiers else _nothing
 
 
 def block_copiers(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tensor",
-                  src_ids: Sequence[int], piece_bytes: int = 0) -> list[Callable[[], None]]:
+                  src_ids: Sequence[int], piece_bytes: int = 0,
+                  non_blocking: bool = False) -> list[Callable[[], None]]:
     """Zero-argument callables that together do ``dst[dst_ids[i]] = src[src_ids[i]]`` for
     every i, over byte rows (:func:`block_bytes` rows, store pool rows), bound now and run
     later, in any order or on any threads (the rows they write are distinct).
@@ -291,7 +292,8 @@ def block_copiers(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tenso
     memmove, 11.7 with non-temporal stores; with a second thread copying alongside (the
     connector's layer-wise loads) 14 and 22. Row indices are checked against both tensors'
     row counts here, since raw copies have no bounds of their own. Other devices: one
-    callable of :func:`copy_blocks`.
+    callable of :func:`copy_blocks` (``non_blocking``: queued on the current stream without
+    waiting for it, for a side stream's saves; see :func:`copy_blocks`).
 
     The tensors must outlive the callables (the paged cache and the store pool live as long
     as the engine; the caller holds the chunks while a copy may run).
@@ -306,7 +308,7 @@ def block_copiers(dst: "torch.Tensor", dst_ids: Sequence[int], src: "torch.Tenso
         return []
     if dst.device.type != "cpu" or src.device.type != "cpu":
         dst_idx, src_idx = block_index(list(dst_ids)), block_index(list(src_ids))
-        return [partial(copy_blocks, dst, dst_idx, src, src_idx)]
+        return [partial(copy_blocks, dst, dst_idx, src, src_idx, non_blocking)]
     row = dst.shape[1] * dst.element_size()
     if src.shape[1] * src.element_size() != row or dst.stride(1) != 1 or src.stride(1) != 1:
         raise ValueError("block copies move whole contiguous byte rows of one size")
@@ -344,7 +346,8 @@ def _nothing() -> None:
 
 
 def copy_blocks(dst: torch.Tensor, dst_idx: slice | torch.Tensor,
-                src: torch.Tensor, src_idx: slice | torch.Tensor) -> None:
+                src: torch.Tensor, src_idx: slice | torch.Tensor,
+                non_blocking: bool = False) -> None:
     """``dst[dst_idx] = src[src_idx]`` along dim 0 (byte rows, as :func:`block_bytes` and the
     store's slot views give them), copying the bytes once where both sides are on one device.
 
@@ -353,21 +356,30 @@ def copy_blocks(dst: torch.Tensor, dst_idx: slice | torch.Tensor,
     as uint8, 57 GB/s as int64), and vLLM's block ids are often not consecutive. A gather into
     a slice writes in place (``index_select(out=)``); across devices the gather runs on the
     source's device and the result is copied once more.
+
+    ``non_blocking``: device copies are queued on the current stream and not waited for (a
+    side stream's device-to-host saves into page-locked memory); the caller learns of their
+    end from an event. A scatter into host rows from a device waits all the same: the host
+    scatter must read the copied rows.
     """
     import torch
 
     dst, src = _words(dst, src)
+    nb = non_blocking
     if isinstance(dst_idx, slice):
         out = dst[dst_idx]
         if isinstance(src_idx, slice):
-            out.copy_(src[src_idx])
+            out.copy_(src[src_idx], non_blocking=nb)
         elif out.device == src.device:
-            torch.index_select(src, 0, src_idx.to(src.device), out=out)
+            torch.index_select(src, 0, src_idx.to(src.device, non_blocking=nb), out=out)
         else:
-            out.copy_(src.index_select(0, src_idx.to(src.device)))
+            out.copy_(src.index_select(0, src_idx.to(src.device, non_blocking=nb)),
+                      non_blocking=nb)
     else:
-        rows = src[src_idx] if src.device == dst.device else src[src_idx].to(dst.device)
-        dst.index_copy_(0, dst_idx.to(dst.device), rows)
+        nb = nb and dst.device.type != "cpu"
+        rows = (src[src_idx] if src.device == dst.device
+                else src[src_idx].to(dst.device, non_blocking=nb))
+        dst.index_copy_(0, dst_idx.to(dst.device, non_blocking=nb), rows)
 
 
 def _words(*rows: "torch.Tensor") -> tuple["torch.Tensor", ...]:

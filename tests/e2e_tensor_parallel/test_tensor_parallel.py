@@ -46,7 +46,10 @@ def consecutive_ports() -> int:
 class TensorParallelFleet:
     """A controller, two TP=2 engines, ``tp2a`` and ``tp2b`` (vLLM's default block size),
     sharing the machine's two cores (``VLLM_CPU_OMP_THREADS_BIND="0|1"``: rank r on core r),
-    and ``one32``, without tensor parallelism, with 32-token blocks (core 0)."""
+    and ``one32``, without tensor parallelism, with 32-token blocks (core 0). ``tp2a`` saves
+    in the background (``save_mode: background``: a saver thread per rank, chunks committed
+    once copied, reused blocks fenced — the path a GPU engine's side stream takes); the others
+    save inline."""
 
     def __init__(self, workdir):
         self.local = LocalCluster(model_dir(), workdir)
@@ -54,12 +57,14 @@ class TensorParallelFleet:
         self.controller = self.local.start_controller(port, pull, reply)
         self.engines: dict[str, Engine] = {}
         self.sidecar_ports: dict[str, int] = {}
-        for iid, cpu, args in (("tp2a", "0|1", ["--tensor-parallel-size", "2"]),
-                               ("tp2b", "0|1", ["--tensor-parallel-size", "2"]),
-                               ("one32", "0", ["--block-size", "32"])):
+        for iid, cpu, args, save_mode in (
+                ("tp2a", "0|1", ["--tensor-parallel-size", "2"], "background"),
+                ("tp2b", "0|1", ["--tensor-parallel-size", "2"], "inline"),
+                ("one32", "0", ["--block-size", "32"], "auto")):
             http, sidecar = free_port(), consecutive_ports()
             extra = connector_config(iid, http, pull, reply, sidecar_port=sidecar,
-                                     p2p_init_port=consecutive_ports(), chunk_size=CHUNK)
+                                     p2p_init_port=consecutive_ports(), chunk_size=CHUNK,
+                                     save_mode=save_mode)
             proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
                                            extra_args=args,
                                            env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
@@ -89,8 +94,19 @@ def fleet(tmp_path_factory):
         f.local.stop_all()
 
 
+def test_each_engine_saves_as_configured(fleet):
+    """Every rank of tp2a runs background saves; tp2b's (inline) and one32's (auto, a host
+    cache) save on the forward thread — as each worker logged at start-up."""
+    for iid, mode, ranks in (("tp2a", "background", 2), ("tp2b", "inline", 2),
+                             ("one32", "inline", 1)):
+        log = fleet.engines[iid].proc.log_path.read_text(errors="replace")
+        assert log.count(f"kvmove saves: {mode} (cache on cpu)") == ranks, iid
+
+
 @pytest.mark.timeout(600)
 def test_each_rank_stores_its_shard_and_the_engine_is_served_from_both(fleet):
+    """tp2a (background saves): each rank's store holds its shard of the prompt, and the
+    engine is served from them after its own prefix cache is reset."""
     engine = fleet.engines["tp2a"]
     tokens = [random.Random(13).randrange(3, 4000) for _ in range(N)]
     reference = engine.complete(tokens, max_tokens=6)

@@ -5,6 +5,14 @@ backends for) and LBNHC (FlashAttention's "NHD" default: the view ``[blocks, hea
 one buffer (``stride(0)`` twice a slab). On any device: the cache on ``device``, the chunk in
 host memory (pinned where CUDA is the device), as the store's pool is.
 
+Then the background saves (:mod:`vllm_kvmove.saver`, the path ``save_mode: auto`` takes on
+CUDA): a chunk saved on the side stream after work queued on the forward's stream holds the
+bytes that work wrote (the side stream waited for it) while ``submit`` returned before the
+device got there; a block the next step overwrites after a ``fence`` is saved as it was before
+(the forward's stream waited for the save); the pool page-locked with ``cudaHostRegister``;
+the background save's GB/s against a plain device-to-host copy. On the CPU the same checks
+run through the saver thread.
+
 For each case: save a chunk's blocks from the cache into the host chunk with
 :func:`vllm_kvmove.layout.copy_blocks` over :func:`vllm_kvmove.layout.block_bytes` rows, check
 every byte against a CPU reference (the blocks' physical bytes read back with a plain
@@ -27,7 +35,8 @@ import time
 
 import torch
 
-from vllm_kvmove.layout import block_bytes, block_index, copy_blocks
+from vllm_kvmove.layout import block_bytes, block_copier, block_index, copy_blocks
+from vllm_kvmove.saver import pin_host_memory, save_queue
 
 NUM_BLOCKS, HEADS, TOKENS, HEAD = 64, 8, 16, 128  # block size 16, 2*head_size 256 (bf16)
 BLOCKS_PER_CHUNK = 16
@@ -105,6 +114,78 @@ def check(order: str, device: str) -> dict[str, float]:
             "plain_to_device_GBps": rate(lambda: plain_dev.copy_(plain_host), nbytes, device)}
 
 
+def check_background_saves(device: str) -> dict[str, float]:
+    """The background save queue on an LBHNC cache on ``device``, as the connector drives it
+    (submit after a step's forward, fence before the next one's); returns the save's GB/s
+    (submit to completion, the page-locked pool) and a plain device-to-host copy's, and
+    whether the pool could be page-locked (1.0) or not. Raises AssertionError on a wrong byte
+    or a save that did not wait for the forward's work."""
+    cuda = device.startswith("cuda")
+    cache = make_cache("LBHNC", device, seed=3)
+    rows = [block_bytes(t) for t in cache]
+    slab = rows[0].shape[1]
+    nbytes = BLOCKS_PER_CHUNK * LAYERS * slab
+    pool = torch.empty(nbytes, dtype=torch.uint8)  # pageable, as the store's pool is
+    pinned = pin_host_memory(pool.data_ptr(), nbytes) if cuda else False
+    chunk = pool.view(BLOCKS_PER_CHUNK, LAYERS, slab)
+    blocks = [3 * i % NUM_BLOCKS for i in range(BLOCKS_PER_CHUNK)]
+    queue = save_queue("background", torch.device(device))
+
+    def copies() -> list:
+        return [block_copier(chunk[:, li], range(BLOCKS_PER_CHUNK), rows[li], blocks, cuda)
+                for li in range(LAYERS)]
+
+    def saved() -> list[list[bytes]]:
+        return [[chunk[i, li].numpy().tobytes() for i in range(BLOCKS_PER_CHUNK)]
+                for li in range(LAYERS)]
+
+    def cache_now() -> list[list[bytes]]:
+        return [[physical_block(cache[li], b) for b in blocks] for li in range(LAYERS)]
+
+    try:
+        # 1. The forward's work queued before the save (a long kernel, then writes to every
+        #    block) is in the saved bytes, and submit did not wait for the device.
+        ends: list[bool] = []
+        if cuda:
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of device time on the forward's stream
+        for t in cache:
+            t.add_(1)
+        queue.submit(copies(), blocks, ends.append)
+        if cuda:
+            assert queue.in_flight() == 1, "submit waited for the device"
+        queue.flush()
+        assert ends == [True]
+        assert saved() == cache_now(), "the save did not wait for the forward's writes"
+        before = cache_now()
+        # 2. A fence: the next step overwrites a block the save reads; fenced, the overwrite
+        #    waits for the save, which holds the bytes from before it.
+        if cuda:
+            torch.cuda._sleep(200_000_000)
+        queue.submit(copies(), blocks, ends.append)
+        assert queue.fence([NUM_BLOCKS + 1]) == 0  # no save reads that block
+        assert queue.fence(blocks[:1]) == 1
+        for t in cache:
+            t.fill_(0)
+        sync(device)
+        queue.flush()
+        assert ends == [True, True]
+        assert saved() == before, "a fenced block was overwritten before its save read it"
+
+        def save() -> None:
+            queue.submit(copies(), blocks, ends.append)
+            queue.flush()
+
+        plain_dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        plain_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        return {"save_GBps": rate(save, nbytes, device),
+                "plain_to_host_GBps": rate(lambda: plain_host.copy_(plain_dev), nbytes, device),
+                "pinned": float(pinned)}
+    finally:
+        queue.close()
+        if pinned:
+            torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -136,6 +217,11 @@ def main() -> int:
             print(f"{device} {order:6}: bytes identical; save {r['save_GBps']:.2f} GB/s "
                   f"(plain device→host {r['plain_to_host_GBps']:.2f}), load {r['load_GBps']:.2f} "
                   f"GB/s (plain host→device {r['plain_to_device_GBps']:.2f})")
+        r = check_background_saves(device)
+        print(f"{device} background saves: waited for the forward's writes, fenced blocks "
+              f"saved before their overwrite; pool page-locked: {bool(r['pinned'])}; "
+              f"{r['save_GBps']:.2f} GB/s submit to completion (plain device→host "
+              f"{r['plain_to_host_GBps']:.2f})")
     return 0
 
 

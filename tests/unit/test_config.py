@@ -32,7 +32,8 @@ def test_unknown_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("key,value", [("chunk_size", "many"), ("chunk_size", 0), ("sidecar_port", 70000),
                                        ("max_local_cpu_size", -1), ("chunk_size", 2.5),
-                                       ("instance_id", ""), ("p2p_init_port", True)])
+                                       ("instance_id", ""), ("p2p_init_port", True),
+                                       ("save_mode", "later"), ("save_mode", True)])
 def test_bad_values_are_rejected(key, value):
     with pytest.raises(ConfigError, match=key):
         build_config({key: value})
