@@ -115,13 +115,20 @@ def stop_engine_cluster() -> None:
         _ENGINES.clear()
 
 
+def bench_connector_config(iid: str, port: int, sc: int, p2p: int, **over: Any) -> dict:
+    """``kv_connector_extra_config`` of a benchmark engine on ``port`` (sidecar ``sc``, NIXL
+    metadata ``p2p``) attached to :func:`engine_cluster`'s controller; ``over`` adds keys."""
+    return {"instance_id": iid, "controller_pull_url": "localhost:24300",
+            "controller_reply_url": "localhost:24400", "sidecar_port": sc, "p2p_init_port": p2p,
+            "engine_url": f"http://127.0.0.1:{port}", "max_local_cpu_size": 0.5, **over}
+
+
 def engine_cluster() -> dict[str, Any]:
     """A controller and three engines on the demo model (2 layers, 1 KiB of KV per token):
 
     * ``a``: with the connector, OpenMP on core 0 (the measured engine of P5/P6, P4's source);
     * ``b``: without the connector, OpenMP on core 1 (P5/P6's baseline);
-    * ``c``: with the connector saving in the background (``save_mode: background``: a saver
-      thread on core 0), OpenMP on core 1 (P4's destination; P5-background's engine).
+    * ``c``: with the connector, OpenMP on core 1 (P4's destination, P5-background's baseline).
     """
     if _ENGINES:
         return _ENGINES
@@ -131,15 +138,10 @@ def engine_cluster() -> dict[str, Any]:
     cluster = LocalCluster(model, WORK / "engines")
     ctl = cluster.start_controller(24900, 24300, 24400, extra_args=["--log-level", os.environ.get("KVMOVE_LOG_LEVEL", "info").lower()])
 
-    def kv(iid: str, port: int, sc: int, p2p: int) -> dict:
-        return {"instance_id": iid, "controller_pull_url": "localhost:24300",
-                "controller_reply_url": "localhost:24400", "sidecar_port": sc, "p2p_init_port": p2p,
-                "engine_url": f"http://127.0.0.1:{port}", "max_local_cpu_size": 0.5}
-
+    kv = bench_connector_config
     a = cluster.start_engine("bench-a", 24001, cpu=0, extra_config=kv("bench-a", 24001, 24501, 24201))
     b = cluster.start_engine("bench-b", 24002, cpu=1)
-    c = cluster.start_engine("bench-c", 24003, cpu=1, extra_config={
-        **kv("bench-c", 24003, 24503, 24203), "save_mode": "background"})
+    c = cluster.start_engine("bench-c", 24003, cpu=1, extra_config=kv("bench-c", 24003, 24503, 24203))
     for p in (ctl, a, b, c):
         cluster.wait_ready(p, timeout=400)
     import httpx
