@@ -51,7 +51,9 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "fp8_e4m3":
 
 # What must match for two engines' chunks to mean the same KV (the fingerprint's fields).
 COMPAT_FIELDS = ("model", "dtype", "num_layers", "head_size", "total_kv_heads", "chunk_size",
-                 "hash_seed")
+                 "hash_seed", "kind")
+# What a token's cache entry in one layer is (KVLayout.kind).
+KINDS = ("kv", "mla")
 # How the bytes are laid out: may differ between compatible engines (then converted).
 FORMAT_FIELDS = ("block_size", "backend", "num_kv_heads")
 
@@ -74,6 +76,11 @@ class KVLayout:
         total_kv_heads: KV heads per layer of the model (all ranks together); 0 (default):
             ``num_kv_heads`` (no tensor parallelism). A rank of an engine whose degree exceeds
             the model's KV heads holds a replica of one head.
+        kind: what a token's entry in one layer's cache is: ``"kv"`` (default) a key and a
+            value of ``head_size`` elements per KV head; ``"mla"`` one latent vector of
+            ``head_size`` elements (multi-head latent attention, e.g. DeepSeek-V2/V3: the
+            compressed KV and its rotary part, one "head", the same on every
+            tensor-parallel rank).
     """
 
     model: str
@@ -86,6 +93,7 @@ class KVLayout:
     backend: str
     hash_seed: str = ""
     total_kv_heads: int = 0
+    kind: str = "kv"
 
     def __post_init__(self) -> None:
         # A layout may come off the wire (a registration, a fetch): every field is checked.
@@ -99,6 +107,8 @@ class KVLayout:
         for name in ("model", "dtype", "backend", "hash_seed"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown KV cache kind {self.kind!r} (known: {', '.join(KINDS)})")
         if self.dtype not in _DTYPE_BYTES:
             raise ValueError(f"unknown KV dtype {self.dtype!r} (known: {sorted(_DTYPE_BYTES)})")
         if self.chunk_size % self.block_size:
@@ -118,8 +128,10 @@ class KVLayout:
 
     @property
     def block_slab_bytes(self) -> int:
-        """Bytes of one layer's slab of one block: ``kv_heads * block_size * 2 * head_size``."""
-        return self.num_kv_heads * self.block_size * 2 * self.head_size * _DTYPE_BYTES[self.dtype]
+        """Bytes of one layer's slab of one block: ``kv_heads * block_size * 2 * head_size``
+        elements (a key and a value per head), ``block_size * head_size`` for MLA."""
+        per_token = (2 if self.kind == "kv" else 1) * self.head_size
+        return self.num_kv_heads * self.block_size * per_token * _DTYPE_BYTES[self.dtype]
 
     @property
     def block_bytes(self) -> int:
@@ -141,7 +153,10 @@ class KVLayout:
     def fingerprint(self) -> str:
         """Stable hex digest of :data:`COMPAT_FIELDS`: equal fingerprints mean chunks of the
         same KV under the same keys (their bytes may still need converting between formats)."""
-        blob = json.dumps({k: getattr(self, k) for k in COMPAT_FIELDS}, sort_keys=True).encode()
+        fields = {k: getattr(self, k) for k in COMPAT_FIELDS}
+        if self.kind == "kv":  # as before the field existed: a fleet upgraded engine by
+            del fields["kind"]  # engine keeps its fingerprints, and so its chunk keys
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
     def same_format(self, other: "KVLayout") -> bool:
@@ -172,6 +187,17 @@ def _cpu_backend_name(dtype: "torch.dtype", block_size: int, head_size: int) -> 
         return "unknown"
 
 
+def _mla_backend_name() -> str:
+    """An MLA cache's backend: ``"cpu_mla"`` on the CPU (vLLM's CPU MLA: each block's latent
+    vectors token after token), ``"mla"`` elsewhere."""
+    try:
+        from vllm.platforms import current_platform
+
+        return "cpu_mla" if current_platform.is_cpu() else "mla"
+    except Exception:  # noqa: BLE001 - no vLLM platform: name it by kind only
+        return "mla"
+
+
 def layout_from_vllm(vllm_config: Any, kv_cache_config: Any, chunk_size: int,
                      hash_seed: str = "") -> KVLayout:
     """Describe the KV layout of the engine configured by ``vllm_config``.
@@ -188,17 +214,21 @@ def layout_from_vllm(vllm_config: Any, kv_cache_config: Any, chunk_size: int,
     spec = groups[0].kv_cache_spec
     dtype = spec.dtype if isinstance(spec.dtype, torch.dtype) else torch.bfloat16
     dtype_name = str(dtype).removeprefix("torch.")
+    mla = bool(getattr(vllm_config.model_config, "use_mla", False))
     return KVLayout(
         model=str(vllm_config.model_config.model),
         dtype=dtype_name,
         num_layers=len(groups[0].layer_names),
         num_kv_heads=int(spec.num_kv_heads),
-        total_kv_heads=int(vllm_config.model_config.get_total_num_kv_heads()),
+        # MLA: one latent "head" whatever the model's attention heads, replicated per rank.
+        total_kv_heads=1 if mla else int(vllm_config.model_config.get_total_num_kv_heads()),
         head_size=int(spec.head_size),
         block_size=int(spec.block_size),
         chunk_size=int(chunk_size),
-        backend=_cpu_backend_name(dtype, int(spec.block_size), int(spec.head_size)),
+        backend=(_mla_backend_name() if mla else
+                 _cpu_backend_name(dtype, int(spec.block_size), int(spec.head_size))),
         hash_seed=hash_seed,
+        kind="mla" if mla else "kv",
     )
 
 

@@ -23,7 +23,7 @@ HITS = "vllm:external_prefix_cache_hits_total"
 BY_SOURCE = "vllm:prompt_tokens_cached_by_source_total"
 
 
-def model_dir(name: str = "tiny-llama", **shape: int) -> Path:
+def model_dir(name: str = "tiny-llama", **shape: int | str) -> Path:
     """Make (once) the local model ``.work/models/<name>`` with ``examples/make_model.py``
     (``shape``: its options, e.g. ``layers=16``); ``KVMOVE_TEST_MODEL`` overrides the default
     model's path."""

@@ -25,11 +25,11 @@ def test_fingerprint_covers_what_the_kv_means_and_not_its_format(layout):
     fps = {layout.fingerprint()}
     for change in [dict(model="other"), dict(dtype="float16"), dict(num_layers=3),
                    dict(num_kv_heads=2), dict(head_size=16), dict(chunk_size=64),
-                   dict(hash_seed="s")]:
+                   dict(hash_seed="s"), dict(kind="mla")]:
         other = tiny_layout(**change)
         assert other.mismatch(layout)
         fps.add(other.fingerprint())
-    assert len(fps) == 8
+    assert len(fps) == 9
     for change in [dict(block_size=32), dict(backend="x"),
                    dict(num_kv_heads=2, total_kv_heads=1)]:  # a rank of a TP=2 engine's twin
         other = tiny_layout(**change)
@@ -37,9 +37,31 @@ def test_fingerprint_covers_what_the_kv_means_and_not_its_format(layout):
     assert tiny_layout(total_kv_heads=1) == layout  # total defaults to the rank's heads
 
 
+def test_a_kv_layouts_fingerprint_is_what_it_was_before_the_kind_field(layout):
+    """Engines upgraded one by one keep their chunk keys: a ``kind="kv"`` layout's
+    fingerprint is the digest of the fields it had before ``kind`` existed."""
+    import hashlib
+    import json
+
+    old = {k: getattr(layout, k) for k in ("model", "dtype", "num_layers", "head_size",
+                                           "total_kv_heads", "chunk_size", "hash_seed")}
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:32]
+    assert layout.fingerprint() == digest
+
+
+def test_an_mla_layouts_block_holds_one_latent_vector_per_token(layout):
+    """MLA caches one ``head_size`` vector per token and layer (no separate key and value):
+    a block slab is half a KV layout's of the same head size, and its cache checks so."""
+    mla = tiny_layout(kind="mla", backend="cpu_mla")
+    assert mla.block_slab_bytes * 2 == layout.block_slab_bytes == 16 * 2 * 8 * 2
+    check_kv_caches(mla, [torch.zeros(10, 1, 16, 8, dtype=torch.bfloat16) for _ in range(2)])
+    with pytest.raises(ValueError):
+        check_kv_caches(mla, [torch.zeros(10, 1, 16, 16, dtype=torch.bfloat16)] * 2)
+
+
 @pytest.mark.parametrize("field, value", [("num_layers", "2"), ("block_size", 0),
                                           ("dtype", "int4"), ("total_kv_heads", -1),
-                                          ("model", 3)])
+                                          ("model", 3), ("kind", "latent")])
 def test_a_layout_off_the_wire_is_checked_field_by_field(field, value):
     with pytest.raises(ValueError, match=field if field != "dtype" else "dtype"):
         tiny_layout(**{field: value})
@@ -145,3 +167,15 @@ def test_block_copiers_cut_the_copy_into_pieces_that_together_do_all_of_it():
         want[torch.tensor(dst_ids)] = src[torch.tensor(src_ids)]
         assert torch.equal(dst, want), piece_bytes
     assert block_copiers(dst, [], src, []) == []
+
+
+def test_mla_chunks_move_between_twins_only():
+    """No conversion of MLA chunks is known: engines of another block size are refused,
+    naming the backend; twins need none."""
+    from vllm_kvmove.convert import conversion_obstacles
+
+    a = tiny_layout(kind="mla", backend="cpu_mla")
+    b = tiny_layout(kind="mla", backend="cpu_mla", block_size=32)
+    assert conversion_obstacles(a, 1, a, 1) == []
+    (why,) = conversion_obstacles(a, 1, b, 1)
+    assert "block_size: 16 != 32" in why and "'cpu_mla'" in why
