@@ -50,7 +50,12 @@ Tensor parallelism: each rank's worker has a store of its own (its shard of ever
 same keys, its own heads), a lookup server and a sidecar on the configured ports + rank
 (:meth:`~vllm_kvmove.config.KVMoveConfig.for_rank`), which registers with the controller as
 that rank of the instance; the scheduler's lookup asks every rank and counts a prefix only
-where every rank holds it. Refused at construction: pipeline and data parallelism above 1, and
+where every rank holds it. MLA models are the exception: every rank caches the same latent
+vectors, so rank 0's store is the engine's one store — rank 0 alone saves, answers the
+scheduler's lookups and registers a sidecar (as an engine of one rank: moves and copies send
+one copy), and the other ranks map its pool read-only and load from it, holding the chunks
+over the lookup channel meanwhile (:class:`~vllm_kvmove.lookup.RankZeroStore`; the ranks
+share a host). Refused at construction: pipeline and data parallelism above 1, and
 models with more than one KV cache group (hybrid attention:
 :func:`~vllm_kvmove.layout.layout_from_vllm`).
 
@@ -105,7 +110,8 @@ from vllm_kvmove.hashing import ChunkSpan, chunk_spans
 from vllm_kvmove.layout import (block_bytes, block_copier, block_copiers, check_kv_caches,
                                 layer_order, layout_from_vllm)
 from vllm_kvmove.loader import CopyPiece, LayerLoader
-from vllm_kvmove.lookup import LookupClient, LookupServer, lookup_path, match_prefix_everywhere
+from vllm_kvmove.lookup import (LookupClient, LookupServer, RankZeroStore, lookup_path,
+                                match_prefix_everywhere)
 from vllm_kvmove.saver import InlineSaves, StreamSaves, ThreadSaves, pin_host_memory, save_queue
 from vllm_kvmove.store import ChunkBusy, ChunkMissing, ChunkStore, StoreFull
 
@@ -312,6 +318,9 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._world_size = vllm_config.parallel_config.tensor_parallel_size
         self.layout = layout_from_vllm(vllm_config, kv_cache_config, self.config.chunk_size,
                                        self.config.hash_seed)
+        # MLA at TP > 1: every rank caches the same latent vectors, so rank 0's store is the
+        # engine's one store (saved, looked up and moved once); the other ranks load from it.
+        self._one_store = self.layout.kind == "mla" and self._world_size > 1
         self.fingerprint = self.layout.fingerprint()
         self._block_size = self.layout.block_size
         # KV events: the engine's own stream (--kv-events-config) and/or the sidecar's PUB
@@ -347,9 +356,10 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._loading: list[bytes] = []  # chunks held by the step's load until wait_for_save
         self._loads_before_forward = False  # set if the engine's attention never waits
         self._saver: InlineSaves | ThreadSaves | StreamSaves | None = None
+        self._rank0: RankZeroStore | None = None  # ranks > 0 of an MLA engine: rank 0's store
         if role == KVConnectorRole.SCHEDULER:
             self._lookups = [LookupClient(lookup_path(self.config.instance_id, rank))
-                             for rank in range(self._world_size)]
+                             for rank in range(1 if self._one_store else self._world_size)]
         logger.info("KVMoveConnector %s role=%s layout=%s fingerprint=%s", self.config.instance_id,
                     role.name, self.layout, self.fingerprint)
         if role == KVConnectorRole.WORKER:  # once per engine, not once per process
@@ -391,8 +401,18 @@ class KVMoveConnector(KVConnectorBase_V1):
         # Byte views [num_blocks, block_slab_bytes] over each layer's physical blocks: chunk
         # copies are dtype-agnostic memcpys.
         self._layers = [block_bytes(t) for t in layers]
+        rank = _tensor_parallel_rank() if self._world_size > 1 else 0
+        if self._one_store and rank > 0:
+            # No store, lookup server or sidecar of its own: loads come from rank 0's pool,
+            # mapped read-only (its ranks share a host), and rank 0 saves.
+            self._rank0 = RankZeroStore(lookup_path(self.config.instance_id, 0), rank,
+                                        self.layout)
+            self._pool_rows = [self._rank0.layer_rows(li) for li in range(len(layers))]
+            logger.info("kvmove (rank %d of %d, MLA): loads from rank 0's store", rank,
+                        self._world_size)
+            return
         self.store = ChunkStore(self.layout, self.config.capacity_bytes,
-                                shared=self.config.same_host_copy)
+                                shared=self.config.same_host_copy or self._one_store)
         device = layers[0].device
         self._saver = save_queue(self.config.save_mode, device, cpus=beside)
         if device.type == "cuda" and isinstance(self._saver, StreamSaves):
@@ -402,15 +422,16 @@ class KVMoveConnector(KVConnectorBase_V1):
         self._pool_rows = [self.store.layer_rows(li) for li in range(len(layers))]
         if self._engine_events and self._block_hasher is not None:
             self.store.keep_block_events()  # drained by get_kv_connector_kv_cache_events
-        rank = _tensor_parallel_rank() if self._world_size > 1 else 0
         self._lookup_server = LookupServer(self.store, lookup_path(self.config.instance_id, rank))
         logger.info("kvmove store (rank %d of %d): %d slots of %d bytes (%d tokens each)", rank,
                     self._world_size, self.store.num_slots, self.store.slot_bytes,
                     self.layout.chunk_size)
         # The one tie to the control plane: from here on, calls flow from the sidecar into the
-        # store. Rank r's sidecar listens on the configured ports + r.
+        # store. Rank r's sidecar listens on the configured ports + r; an MLA engine's one
+        # store registers as an engine of one rank.
         self._sidecar = start_sidecar(self.config.for_rank(rank), self.store, self.layout,
-                                      rank=rank, world_size=self._world_size,
+                                      rank=rank,
+                                      world_size=1 if self._one_store else self._world_size,
                                       block_hasher=self._block_hasher,
                                       engine_events=self._engine_events_endpoint)
 
@@ -423,23 +444,22 @@ class KVMoveConnector(KVConnectorBase_V1):
         blocks) and the boundary blocks' copies only."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMoveConnectorMetadata)
-        store, loader = self.store, self._loader
-        assert store is not None and loader is not None
+        loader = self._loader
+        assert loader is not None
         self._end_load()  # a step whose wait_for_save never came (it raised)
         bpc = self.layout.blocks_per_chunk
         # (pool row, paged-cache block) pairs: copied now, and copied beside the forward.
         now: tuple[list[int], list[int]] = ([], [])
         later: tuple[list[int], list[int]] = ([], [])
-        for load in meta.loads:
-            try:
-                (info,) = store.hold([load.key], checksums=False)
-            except ChunkMissing:
+        slots = self._hold([load.key for load in meta.loads])
+        for load, slot in zip(meta.loads, slots):
+            if slot is None:
                 logger.warning("chunk %s vanished before its load; vLLM will recompute it",
                                load.key.hex())
                 self._load_errors.update(dst for _, dst in load.blocks)
                 continue
             self._loading.append(load.key)
-            first_row = info.offset // store.slot_bytes * bpc
+            first_row = slot * bpc
             rows, blocks = now if load.before_forward else later
             for within, block in load.blocks:
                 rows.append(first_row + within)
@@ -460,6 +480,23 @@ class KVMoveConnector(KVConnectorBase_V1):
         loader.start(pieces)
         if self._loads_before_forward:  # this engine's attention does not wait: copy now
             loader.wait_layer(loader.num_layers - 1)
+
+    def _hold(self, keys: list[bytes]) -> list[int | None]:
+        """Hold each chunk of ``keys`` for a load (the store's, or rank 0's for the other
+        ranks of an MLA engine); each one's slot, None where it is gone."""
+        if self._rank0 is not None:
+            return self._rank0.hold(keys) if keys else []
+        store = self.store
+        assert store is not None
+        slots: list[int | None] = []
+        for key in keys:
+            try:
+                (info,) = store.hold([key], checksums=False)
+            except ChunkMissing:
+                slots.append(None)
+                continue
+            slots.append(info.offset // store.slot_bytes)
+        return slots
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Worker, forward thread, before each layer's attention (vLLM's
@@ -493,11 +530,11 @@ class KVMoveConnector(KVConnectorBase_V1):
         vLLM's hook), every block of the step is recomputed and later loads run before the
         forward."""
         loader, store = self._loader, self.store
-        if loader is None or store is None:
+        if loader is None or (store is None and self._rank0 is None):
             return
         active = loader.active
         self._load_errors.update(loader.finish())
-        if active:
+        if active and store is not None:
             store.record_load(*loader.last_step)
         if active and loader.never_waited:
             logger.warning("this engine's attention did not wait for layer-wise loads; the "
@@ -505,7 +542,10 @@ class KVMoveConnector(KVConnectorBase_V1):
                            "the forward")
             self._loads_before_forward = True
         if self._loading:
-            store.release(self._loading)
+            if self._rank0 is not None:
+                self._rank0.release(self._loading)
+            elif store is not None:
+                store.release(self._loading)
             self._loading = []
 
     def wait_for_save(self) -> None:
@@ -517,8 +557,8 @@ class KVMoveConnector(KVConnectorBase_V1):
         for the copies only with inline saves (no I/O, no checksums), not at all with
         background ones."""
         self._end_load()
-        if not self.has_connector_metadata():
-            return
+        if not self.has_connector_metadata() or self._rank0 is not None:
+            return  # (an MLA engine's rank 0 saves for every rank)
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVMoveConnectorMetadata)
         store, saver = self.store, self._saver
@@ -591,6 +631,10 @@ class KVMoveConnector(KVConnectorBase_V1):
         if self._lookup_server is not None:
             self._lookup_server.close()
             self._lookup_server = None
+        if self._rank0 is not None:
+            self._pool_rows = []  # views of rank 0's mapped pool
+            self._rank0.close()
+            self._rank0 = None
         for client in self._lookups:
             client.close()
 

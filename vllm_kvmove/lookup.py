@@ -1,14 +1,29 @@
-"""Lookup channel: the scheduler asks the worker's store how much of a prompt it holds.
+"""Lookup channel: the scheduler asks the worker's store how much of a prompt it holds; the
+other ranks of an MLA engine hold and read rank 0's store through it.
 
 vLLM calls ``get_num_new_matched_tokens`` in the EngineCore process, but the store lives in
 the worker process. The worker runs a :class:`LookupServer` (a ZMQ REP socket on an IPC path
-derived from the instance id) and the scheduler a :class:`LookupClient`.
+derived from the instance id and rank) and the scheduler a :class:`LookupClient`.
 
-Contract: a request is a msgpack list of chunk keys; the reply is the number of leading keys
-held and ready. A tensor-parallel engine has one server per rank (one store each); the
-scheduler asks them all at once and uses the shortest answer. The server only reads the
-store (side-effect free, as vLLM requires). The client never blocks the scheduler for longer than its timeout: on timeout it answers 0 (a
-cache miss, never a wrong hit) and reconnects.
+Contract
+--------
+* Requests are msgpack-encoded tagged structs (:data:`Request`), each answered by one reply:
+    - :class:`Match` (the scheduler): the number of leading keys held and ready. Reads the
+      store only (side-effect free, as vLLM requires of a lookup). A tensor-parallel engine
+      has one server per rank (one store each); the scheduler asks them all at once and uses
+      the shortest answer (:func:`match_prefix_everywhere`).
+    - :class:`PoolInfo`, :class:`Hold`, :class:`Release` (the other ranks of an MLA engine,
+      worker processes of the same engine on the same host, through :class:`RankZeroStore`):
+      an MLA model's cache is the same on every rank, so rank 0's store is the engine's only
+      one; rank r > 0 maps its pool read-only (``PoolInfo``: its
+      :class:`~vllm_kvmove.shm.PoolHandle`) and copies a step's loads from it, holding the
+      chunks meanwhile (``Hold``: each key's slot, or -1 where the chunk is not held and
+      ready; ``Release``). The server keeps a ledger of the holds each rank took: a release
+      of what a rank does not hold is ignored (a client whose hold timed out may release what
+      it asked for, safely), so a confused peer cannot free another's hold.
+* The client never blocks its caller longer than its timeout: a lookup that times out
+  answers 0 (a cache miss, never a wrong hit), a hold that times out holds nothing (the
+  loads are recomputed), and the socket is made afresh.
 """
 
 from __future__ import annotations
@@ -17,14 +32,48 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Sequence
+import time
+import warnings
+from collections import Counter
+from typing import Sequence, Union
 
 import msgspec
+import torch
 import zmq
 
-from vllm_kvmove.store import ChunkStore
+from vllm_kvmove.layout import KVLayout
+from vllm_kvmove.shm import MappedPool, PeerPools, PoolHandle
+from vllm_kvmove.store import ChunkMissing, ChunkStore, pool_layer_rows
 
 logger = logging.getLogger(__name__)
+
+
+class Match(msgspec.Struct, tag="match"):
+    """How many leading ``keys`` the store holds (reply: int)."""
+
+    keys: list[bytes]
+
+
+class PoolInfo(msgspec.Struct, tag="pool"):
+    """The store's shared pool (reply: :class:`~vllm_kvmove.shm.PoolHandle` or None)."""
+
+
+class Hold(msgspec.Struct, tag="hold"):
+    """Hold each of ``keys`` for tensor-parallel ``rank`` (reply: list of each key's slot, -1
+    where it is not held and ready)."""
+
+    keys: list[bytes]
+    rank: int
+
+
+class Release(msgspec.Struct, tag="release"):
+    """End ``rank``'s holds of ``keys`` (reply: 0); keys it does not hold are ignored."""
+
+    keys: list[bytes]
+    rank: int
+
+
+Request = Union[Match, PoolInfo, Hold, Release]
 
 
 def lookup_path(instance_id: str, rank: int = 0) -> str:
@@ -36,7 +85,7 @@ def lookup_path(instance_id: str, rank: int = 0) -> str:
 
 
 class LookupServer:
-    """Answers prefix lookups against ``store`` on a daemon thread.
+    """Answers :data:`Request` s against ``store`` on a daemon thread.
 
     Args:
         store: the worker's store.
@@ -49,12 +98,39 @@ class LookupServer:
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(endpoint)
+        self._held: dict[int, Counter[bytes]] = {}  # rank -> its holds (a ledger)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvmove-lookup", daemon=True)
         self._thread.start()
 
+    def _answer(self, req: Request) -> object:
+        store = self._store
+        if isinstance(req, Match):
+            return store.match_prefix(req.keys)
+        if isinstance(req, PoolInfo):
+            return store.shared_pool
+        ledger = self._held.setdefault(req.rank, Counter())
+        if isinstance(req, Hold):
+            slots = []
+            for key in req.keys:
+                try:
+                    (info,) = store.hold([key], checksums=False)
+                except ChunkMissing:
+                    slots.append(-1)
+                    continue
+                ledger[key] += 1
+                slots.append(info.offset // store.slot_bytes)
+            return slots
+        mine = [k for k in req.keys if ledger[k] > 0]
+        for key in mine:
+            ledger[key] -= 1
+            if not ledger[key]:
+                del ledger[key]
+        store.release(mine)
+        return 0
+
     def _run(self) -> None:
-        dec, enc = msgspec.msgpack.Decoder(list[bytes]), msgspec.msgpack.Encoder()
+        dec, enc = msgspec.msgpack.Decoder(Request), msgspec.msgpack.Encoder()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         while not self._stop.is_set():
@@ -62,11 +138,11 @@ class LookupServer:
                 continue
             msg = self._sock.recv()
             try:
-                n = self._store.match_prefix(dec.decode(msg))
+                answer = self._answer(dec.decode(msg))
             except Exception:  # noqa: BLE001 - a bad request must not kill the server
                 logger.exception("bad lookup request")
-                n = 0
-            self._sock.send(enc.encode(n))
+                answer = None
+            self._sock.send(enc.encode(answer))
         self._sock.close()
 
     def close(self) -> None:
@@ -75,7 +151,7 @@ class LookupServer:
 
 
 class LookupClient:
-    """Scheduler-side client of :class:`LookupServer`.
+    """Client of a :class:`LookupServer` (the scheduler's, and an MLA engine's other ranks').
 
     Args:
         endpoint: the server's endpoint.
@@ -87,7 +163,6 @@ class LookupClient:
         self._timeout_ms = timeout_ms
         self._ctx = zmq.Context.instance()
         self._enc = msgspec.msgpack.Encoder()
-        self._dec = msgspec.msgpack.Decoder(int)
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
@@ -104,23 +179,30 @@ class LookupClient:
         """Number of leading ``keys`` the worker's store holds; 0 on timeout or error."""
         return match_prefix_everywhere([self], keys)
 
-    def _send(self, keys: Sequence[bytes]) -> bool:
+    def ask(self, request: Request, reply_type: type, default: object) -> object:
+        """Send ``request`` and return its reply decoded as ``reply_type``; ``default`` on a
+        timeout, an error or a reply of another type (logged)."""
+        if not self._send(request):
+            return default
+        return self._receive(reply_type, default)
+
+    def _send(self, request: Request) -> bool:
         try:
-            self._socket().send(self._enc.encode(list(keys)))
+            self._socket().send(self._enc.encode(request))
             return True
         except zmq.ZMQError as e:
             self._failed(e)
             return False
 
-    def _receive(self) -> int:
+    def _receive(self, reply_type: type, default: object) -> object:
         try:
-            return self._dec.decode(self._socket().recv())
-        except zmq.ZMQError as e:
+            return msgspec.msgpack.decode(self._socket().recv(), type=reply_type)
+        except (zmq.ZMQError, msgspec.ValidationError) as e:
             self._failed(e)
-            return 0
+            return default
 
     def _failed(self, e: Exception) -> None:
-        logger.warning("kvmove lookup to %s failed (%s); treating as a miss", self._endpoint, e)
+        logger.warning("kvmove lookup channel %s failed (%s)", self._endpoint, e)
         if self._sock is not None:
             self._sock.close()
         self._sock = None  # a REQ socket is stuck after a timeout: start afresh
@@ -138,6 +220,75 @@ def match_prefix_everywhere(clients: Sequence[LookupClient], keys: Sequence[byte
     fails or times out counts as holding nothing."""
     if not keys:
         return 0
-    sent = [c._send(keys) for c in clients]
-    held = [c._receive() if ok else 0 for c, ok in zip(clients, sent)]
+    request = Match(list(keys))
+    sent = [c._send(request) for c in clients]
+    held = [c._receive(int, 0) if ok else 0 for c, ok in zip(clients, sent)]
     return min(held)
+
+
+class RankZeroStore:
+    """Rank 0's store, as rank ``rank`` > 0 of an MLA engine reads it (see the module
+    docstring): its pool mapped read-only, chunks held and released over the channel.
+
+    Args:
+        endpoint: rank 0's lookup endpoint.
+        rank: this worker's tensor-parallel rank.
+        layout: the engine's KV layout (the same on every rank).
+        wait_s: how long to wait for rank 0's store at start-up (the ranks start together).
+    Raises:
+        RuntimeError: rank 0's pool cannot be had or mapped within ``wait_s`` (it must be a
+            shared pool on this host): the engine does not start.
+    """
+
+    def __init__(self, endpoint: str, rank: int, layout: KVLayout, wait_s: float = 120.0):
+        self.rank, self.layout = rank, layout
+        self._client = LookupClient(endpoint, timeout_ms=2000)
+        deadline = time.monotonic() + wait_s
+        handle = None
+        while handle is None:
+            handle = self._client.ask(PoolInfo(), PoolHandle | None, None)
+            if handle is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rank {rank}: rank 0's store did not offer its pool at "
+                                       f"{endpoint} within {wait_s:.0f} s")
+                time.sleep(0.2)
+        self._pools = PeerPools(threads=1)
+        pool = self._pools.get(handle)
+        if pool is None:
+            raise RuntimeError(f"rank {rank}: cannot map rank 0's store pool (pid {handle.pid})")
+        self._pool: MappedPool = pool
+        with warnings.catch_warnings():  # read-only memory, read only: copies by address
+            warnings.simplefilter("ignore", UserWarning)
+            self._tensor = torch.from_numpy(pool.view)
+        self.num_slots = handle.nbytes // layout.chunk_bytes
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """Rank 0's pool rows of ``layer`` (:meth:`ChunkStore.layer_rows`), read-only."""
+        return pool_layer_rows(self._tensor, self.layout, self.num_slots, layer)
+
+    def hold(self, keys: Sequence[bytes]) -> list[int | None]:
+        """Hold ``keys`` at rank 0; each one's slot, None where it is not held (gone since
+        the lookup, or the channel failed: then the keys asked for are released again, in
+        case the request got there)."""
+        slots = self._client.ask(Hold(list(keys), self.rank), list[int], None)
+        if slots is None or len(slots) != len(keys):
+            self.release(keys)
+            return [None] * len(keys)
+        out = [slot if 0 <= slot < self.num_slots else None for slot in slots]
+        self.release([k for k, slot, o in zip(keys, slots, out) if o is None and slot >= 0])
+        return out
+
+    def release(self, keys: Sequence[bytes]) -> None:
+        """End this rank's holds of ``keys`` at rank 0."""
+        if keys:
+            self._client.ask(Release(list(keys), self.rank), int, None)
+
+    def close(self) -> None:
+        """Close the channel and unmap rank 0's pool — once the caller has dropped the rows
+        :meth:`layer_rows` gave (a view still in use keeps the mapping, logged)."""
+        self._client.close()
+        self._tensor = None
+        try:
+            self._pools.close()
+        except BufferError:
+            logger.info("rank %d: rank 0's pool stays mapped until its views go", self.rank)

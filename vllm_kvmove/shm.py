@@ -178,6 +178,11 @@ class MappedPool:
         self._closed = False
         self._lock = threading.Lock()
 
+    @property
+    def view(self):
+        """The mapping as a read-only ``numpy`` uint8 array (valid until :meth:`close`)."""
+        return self._view
+
     def _source_addr(self, r: ReadRange) -> int:
         off = r.remote_addr - self.handle.base_addr
         if off < 0 or r.nbytes < 0 or off + r.nbytes > self.handle.nbytes:

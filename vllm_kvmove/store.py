@@ -155,6 +155,16 @@ class _Entry:
     touched: int = 0  # the last use (_use's op number) that moved it to the recent end
 
 
+def pool_layer_rows(pool: torch.Tensor, layout: KVLayout, num_slots: int,
+                    layer: int) -> torch.Tensor:
+    """``layer``'s block slabs of every slot of a pool of ``num_slots`` chunk slots laid out
+    as a :class:`ChunkStore`'s, as ``uint8[num_slots * blocks_per_chunk, block_slab_bytes]``
+    (see :meth:`ChunkStore.layer_rows`; also a peer's mapped pool)."""
+    lay = layout
+    return pool[:num_slots * lay.chunk_bytes].view(
+        num_slots * lay.blocks_per_chunk, lay.num_layers, lay.block_slab_bytes)[:, layer]
+
+
 class ChunkStore:
     """A bounded, LRU map from chunk key to KV bytes in one host-memory pool.
 
@@ -224,9 +234,7 @@ class ChunkStore:
         """Every slot's block slabs of ``layer``, as ``uint8[num_slots * blocks_per_chunk,
         block_slab_bytes]``: row ``slot * blocks_per_chunk + b`` is block ``b`` of the chunk in
         ``slot`` (a strided view over the whole pool, for copies of many chunks at once)."""
-        lay = self.layout
-        return self.pool[:self.num_slots * self.slot_bytes].view(
-            self.num_slots * lay.blocks_per_chunk, lay.num_layers, lay.block_slab_bytes)[:, layer]
+        return pool_layer_rows(self.pool, self.layout, self.num_slots, layer)
 
     def prefault(self, max_bytes: int = 64 << 20) -> bool:
         """Commit the next ``max_bytes`` of the pool's memory (``madvise(MADV_POPULATE_WRITE)``:

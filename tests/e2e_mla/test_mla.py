@@ -5,7 +5,11 @@ per token and layer) with the connector, and a controller. Shown with the engine
 * a prompt served once is served again from the store after vLLM's own prefix cache is reset
   (``vllm:external_prefix_cache_hits`` up by N-1, the same greedy output);
 * the seed flow between two MLA engines: the chunks moved byte for byte, the source without
-  them, the destination served from the moved KV (hits >= N-1, the source's greedy output).
+  them, the destination served from the moved KV (hits >= N-1, the source's greedy output);
+* an MLA engine with ``--tensor-parallel-size 2`` keeps one store (every rank caches the same
+  latent vectors): rank 0 saves, registers as the engine's one store and is moved from and
+  to; rank 1 loads from rank 0's pool — served again from it after a prefix-cache reset, and
+  moves between it and a TP=1 MLA engine both ways, with the destination's own word.
 
 Its own package: its engines start after the other packages' engines stopped (memory)."""
 
@@ -24,17 +28,20 @@ N = 700
 
 
 class MLAFleet:
-    """A controller and two MLA engines, ``m1`` (core 0) and ``m2`` (core 1)."""
+    """A controller and three MLA engines: ``m1`` (core 0), ``m2`` (core 1), and ``tp2``
+    with ``--tensor-parallel-size 2`` (rank r on core r)."""
 
     def __init__(self, workdir):
         self.local = LocalCluster(model_dir("tiny-mla", arch="mla"), workdir)
         port, pull, reply = free_port(), free_port(), free_port()
         self.controller = self.local.start_controller(port, pull, reply)
         self.engines: dict[str, Engine] = {}
-        for iid, cpu in (("m1", "0"), ("m2", "1")):
+        for iid, cpu, args in (("m1", "0", []), ("m2", "1", []),
+                               ("tp2", "0|1", ["--tensor-parallel-size", "2"])):
             http, sidecar = free_port(), free_port()
             extra = connector_config(iid, http, pull, reply, sidecar_port=sidecar)
             proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
+                                           extra_args=args,
                                            env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
             self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}",
                                        str(self.local.model_dir))
@@ -94,3 +101,49 @@ def test_the_seed_flow_between_two_mla_engines(fleet):
     assert {k: dst.chunk_bytes(k) for k in keys} == before
     assert all(src.chunk_bytes(k) is None for k in keys)
     dst.serve_and_check(tokens, tokens, reference["choices"][0]["text"])
+
+
+def test_a_tensor_parallel_mla_engine_is_one_store_that_every_rank_loads_from(fleet):
+    """tp2 registers once, as one rank (its one store: rank 0's); rank 1 started no store or
+    sidecar and loads from rank 0's; served again from that store after a prefix-cache reset
+    (hits N-1, the same greedy output: rank 1's heads read the latent vectors it loaded)."""
+    listed = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}
+    assert listed["tp2"]["world_size"] == 1 and len(listed["tp2"]["ranks"]) == 1
+    log = fleet.engines["tp2"].proc.log_path.read_text(errors="replace")
+    assert log.count("kvmove (rank 1 of 2, MLA): loads from rank 0's store") == 1
+    assert log.count("kvmove store (rank 0 of 2)") == 1 and "kvmove store (rank 1" not in log
+    engine, tokens = fleet.engines["tp2"], prompt(47)
+    reference = engine.complete(tokens, max_tokens=8)
+    assert wait_lookup(fleet.http, tokens, {"tp2": N}, timeout=30) == {"tp2": N}
+    out, hits = engine.complete_from_store(tokens, max_tokens=8)
+    assert hits == N - 1
+    assert out["choices"][0]["text"] == reference["choices"][0]["text"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("src, dst, twin", [("m1", "tp2", "m1"), ("tp2", "m2", "m1")])
+def test_moves_between_a_tensor_parallel_mla_engine_and_a_single_rank_one(fleet, src, dst, twin):
+    """Both ways, the seed flow's proof: one copy of the chunks moved (the single store's
+    bytes), byte for byte, the destination served from them (hits >= N-1) with the greedy
+    output of ``twin`` — an engine of the destination's tensor parallelism that computed the
+    prompt itself: a TP=2 engine's greedy output may differ from a TP=1 engine's on the same
+    prompt and KV (its sums run in another order: seen here, "FIobj..." against "FIling..."
+    from scratch, and the TP=1 engine served from the TP=2 engine's moved KV gave "FIling...",
+    its own). Into tp2 the twin is the source itself, m1, whose output tp2 reproduces for
+    this prompt (tp2 has no TP=2 twin here)."""
+    source, dest = fleet.engines[src], fleet.engines[dst]
+    tokens = prompt(53 if src == "m1" else 59)
+    source.complete(tokens)
+    reference = fleet.engines[twin].complete(tokens)
+    held = {src: N, twin: N}  # the twin stored what it computed
+    assert wait_lookup(fleet.http, tokens, held, timeout=30) == held
+    keys = chunk_keys(fleet.http, tokens, src)
+    before = {k: source.chunk_bytes(k) for k in keys}
+    r = fleet.http.post("/move", params={"wait": 60}, json={
+        "old_position": [src, LOC], "new_position": [dst, LOC], "tokens": tokens})
+    assert r.status_code == 200, r.text
+    st = r.json()
+    assert st["status"] == "done", st
+    assert st["bytes"] == sum(len(b) for b in before.values())
+    assert {k: dest.chunk_bytes(k) for k in keys} == before
+    dest.serve_and_check(tokens, tokens, reference["choices"][0]["text"])

@@ -123,7 +123,7 @@ def worker(saver) -> tuple[KVMoveConnector, list[torch.Tensor]]:
         for b in range(NUM_BLOCKS):
             rows[b].fill_(10 * li + b)
     conn.store = ChunkStore(LAYOUT, 4 * LAYOUT.chunk_bytes)
-    conn._saver, conn._loader, conn._loading = saver, None, []
+    conn._saver, conn._loader, conn._loading, conn._rank0 = saver, None, [], None
     conn._connector_metadata = None
     return conn, conn._layers
 
