@@ -121,11 +121,13 @@ class LookupServer:
                 ledger[key] += 1
                 slots.append(info.offset // store.slot_bytes)
             return slots
-        mine = [k for k in req.keys if ledger[k] > 0]
-        for key in mine:
-            ledger[key] -= 1
-            if not ledger[key]:
-                del ledger[key]
+        mine = []
+        for key in req.keys:  # one by one: a key named twice but held once is released once
+            if ledger[key] > 0:
+                ledger[key] -= 1
+                if not ledger[key]:
+                    del ledger[key]
+                mine.append(key)
         store.release(mine)
         return 0
 

@@ -73,14 +73,20 @@ def test_an_mla_engine_registers_its_latent_layout(fleet):
                 layout["total_kv_heads"], layout["head_size"]) == ("mla", "cpu_mla", 1, 1, 576)
 
 
-@pytest.mark.timeout(600)
-def test_an_mla_prompt_is_served_again_from_the_store(fleet):
-    engine, tokens = fleet.engines["m1"], prompt(41)
+def served_again_from_the_store(fleet, iid: str, seed: int) -> None:
+    """Engine ``iid`` computes a prompt, stores it, and after its own prefix cache is reset
+    serves it from the store: N-1 external hits, the same greedy output."""
+    engine, tokens = fleet.engines[iid], prompt(seed)
     reference = engine.complete(tokens, max_tokens=8)
-    assert wait_lookup(fleet.http, tokens, {"m1": N}, timeout=30) == {"m1": N}
+    assert wait_lookup(fleet.http, tokens, {iid: N}, timeout=30) == {iid: N}
     out, hits = engine.complete_from_store(tokens, max_tokens=8)
     assert hits == N - 1
     assert out["choices"][0]["text"] == reference["choices"][0]["text"]
+
+
+@pytest.mark.timeout(600)
+def test_an_mla_prompt_is_served_again_from_the_store(fleet):
+    served_again_from_the_store(fleet, "m1", 41)
 
 
 @pytest.mark.timeout(600)
@@ -112,12 +118,7 @@ def test_a_tensor_parallel_mla_engine_is_one_store_that_every_rank_loads_from(fl
     log = fleet.engines["tp2"].proc.log_path.read_text(errors="replace")
     assert log.count("kvmove (rank 1 of 2, MLA): loads from rank 0's store") == 1
     assert log.count("kvmove store (rank 0 of 2)") == 1 and "kvmove store (rank 1" not in log
-    engine, tokens = fleet.engines["tp2"], prompt(47)
-    reference = engine.complete(tokens, max_tokens=8)
-    assert wait_lookup(fleet.http, tokens, {"tp2": N}, timeout=30) == {"tp2": N}
-    out, hits = engine.complete_from_store(tokens, max_tokens=8)
-    assert hits == N - 1
-    assert out["choices"][0]["text"] == reference["choices"][0]["text"]
+    served_again_from_the_store(fleet, "tp2", 47)
 
 
 @pytest.mark.timeout(600)

@@ -63,6 +63,8 @@ def test_holds_are_kept_per_rank_and_a_release_of_what_a_rank_does_not_hold_is_i
         client.ask(Release(keys[:2], rank=2), int, None)  # rank 2 holds nothing: ignored
         client.ask(Release(keys[2:], rank=1), int, None)  # keys rank 1 does not hold
         assert store.stats()["held_chunks"] == 2
+        client.ask(Release(keys[:1] * 3, rank=1), int, None)  # named thrice, held once
+        assert store.stats()["held_chunks"] == 1
         client.ask(Release(keys[:2], rank=1), int, None)
         client.ask(Release(keys[:2], rank=1), int, None)  # twice: the second is ignored
         assert store.stats()["held_chunks"] == 0
