@@ -84,12 +84,13 @@ class KVMoveConfig:
         save_mode: where the copies of a step's completed prompt chunks into the store run
             (:mod:`vllm_kvmove.saver`). ``"inline"``: on the forward thread, after the forward
             (a host cache's memcpy on the core the forward has just finished with: serving
-            throughput with every prompt saved measured no loss, P5). ``"background"``: off the forward's path — for a CUDA
-            cache on a side stream that waits for the forward, device-to-host into the
-            page-locked pool; for a host cache on a saver thread beside the forward's CPU —
-            each chunk visible once its copy completed; a step that reuses a block a save
-            still reads waits for that save (on the device, for CUDA). ``"auto"`` (default):
-            background for CUDA caches, inline for host caches.
+            throughput with every prompt saved measured no loss, P5). ``"background"``: off
+            the forward's path — for a CUDA cache on a side stream that waits for the
+            forward, device-to-host into the page-locked pool; for a host cache on a saver
+            thread beside the forward's CPU — each chunk visible once its copy completed; a
+            step that reuses a block a save still reads waits for that save (on the device,
+            for CUDA). ``"auto"`` (default): background for CUDA caches, inline for host
+            caches.
         p2p_data_ports: ``"LOW-HIGH"``: the TCP ports the KV bytes between hosts may use on
             this host (UCX's listener on ``p2p_host``), for a firewall; "" (default): any port
             the system gives.

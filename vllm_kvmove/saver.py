@@ -199,9 +199,8 @@ class ThreadSaves(_Queued):
             s = self._queue.get()
             if s is None:
                 return
-            ok = _run(s)
-            self._untrack(s)
-            _finish(s, ok)
+            _finish(s, _run(s))
+            self._untrack(s)  # after done: flush() waits for every done it saw pending
 
     def close(self) -> None:
         """Finish what was submitted, then stop the thread."""
@@ -259,8 +258,8 @@ class StreamSaves(_Queued):
             if s is None:
                 return
             s.event.synchronize()  # releases the GIL while it waits
-            self._untrack(s)
             _finish(s, True)
+            self._untrack(s)
 
     def close(self) -> None:
         """Finish what was submitted, then stop the completion thread."""
