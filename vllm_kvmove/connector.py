@@ -76,7 +76,10 @@ Process-wide changes, all in the worker process unless noted:
 * the sidecar's threads widen their CPU affinity to every CPU of the cgroup (vLLM binds the
   worker's threads to one core); the loader's ``load_threads`` helper threads (started in
   ``register_kv_caches``) run on every CPU but the forward thread's, when there are others,
-  and move onto the forward's while it waits for them (:mod:`vllm_kvmove.loader`);
+  and move onto the forward's while it waits for them (:mod:`vllm_kvmove.loader`); with
+  background saves, a saver thread (host cache) runs on those same CPUs, or a side stream and
+  a completion thread (CUDA cache) are made, and the store's pool is page-locked with
+  ``cudaHostRegister`` (:mod:`vllm_kvmove.saver`);
 * NIXL: ``UCX_TLS`` is set to ``cma,tcp`` and UCX's tcp segment sizes to 256 KiB unless
   already set, ``UCX_NET_DEVICES`` to ``p2p_host``'s interface, and NIXL's agent constructor is
   wrapped for the duration of the agent's creation to set its progress thread's poll delay
