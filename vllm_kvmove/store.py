@@ -424,9 +424,8 @@ class ChunkStore:
                 self._account(e, -1)
                 e.holds += 1
                 self._account(e, 1)
-                offset, nbytes = e.slot * self.slot_bytes, self.layout.valid_bytes(e.num_tokens)
             try:
-                value = checksum(self.pool[offset:offset + nbytes].numpy())
+                value = self._checksum_of(e)
             finally:
                 self.release([key])
             with self._lock:
@@ -498,9 +497,7 @@ class ChunkStore:
         def one(e: _Entry) -> int:
             if e.checksum is not None:  # the background hashing got there first
                 return e.checksum
-            offset = e.slot * self.slot_bytes
-            return checksum(self.pool[offset:offset + self.layout.valid_bytes(e.num_tokens)]
-                            .numpy())
+            return self._checksum_of(e)
 
         values = (executor.map(one, missing) if executor is not None and len(missing) > 1
                   else map(one, missing))
@@ -559,6 +556,12 @@ class ChunkStore:
         with self._lock:
             keys = [e.key for e in self._entries.values() if e.ready]
         return self.delete(keys)
+
+    def _checksum_of(self, e: _Entry) -> int:
+        """The checksum of a chunk's valid bytes; the caller holds it (its slot stays its),
+        not the lock: hashing reads the bytes once."""
+        offset = e.slot * self.slot_bytes
+        return checksum(self.pool[offset:offset + self.layout.valid_bytes(e.num_tokens)].numpy())
 
     # -- internals (lock held) -------------------------------------------------------------
     def _use(self, entries: Sequence[_Entry]) -> None:
