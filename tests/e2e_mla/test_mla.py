@@ -17,48 +17,25 @@ from __future__ import annotations
 
 import random
 
-import httpx
 import pytest
 
-from tests.harness.api import LOC, wait_instances_up, wait_lookup
-from tests.harness.engines import Engine, chunk_keys, connector_config, model_dir
-from tests.harness.processes import LocalCluster, free_port
+from tests.harness.api import LOC, wait_lookup
+from tests.harness.engines import ConnectorFleet, chunk_keys, model_dir
 
 N = 700
 
 
-class MLAFleet:
-    """A controller and three MLA engines: ``m1`` (core 0), ``m2`` (core 1), and ``tp2``
-    with ``--tensor-parallel-size 2`` (rank r on core r)."""
-
-    def __init__(self, workdir):
-        self.local = LocalCluster(model_dir("tiny-mla", arch="mla"), workdir)
-        port, pull, reply = free_port(), free_port(), free_port()
-        self.controller = self.local.start_controller(port, pull, reply)
-        self.engines: dict[str, Engine] = {}
-        for iid, cpu, args in (("m1", "0", []), ("m2", "1", []),
-                               ("tp2", "0|1", ["--tensor-parallel-size", "2"])):
-            http, sidecar = free_port(), free_port()
-            extra = connector_config(iid, http, pull, reply, sidecar_port=sidecar)
-            proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
-                                           extra_args=args,
-                                           env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
-            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}",
-                                       str(self.local.model_dir))
-        self.local.wait_ready(self.controller, timeout=60)
-        for e in self.engines.values():
-            self.local.wait_ready(e.proc, timeout=400)
-        self.http = httpx.Client(base_url=self.controller.url, timeout=60)
+# A controller and three MLA engines: ``m1`` (core 0), ``m2`` (core 1), and ``tp2`` with
+# ``--tensor-parallel-size 2`` (rank r on core r).
+ENGINES = {"m1": ("0", [], {}), "m2": ("1", [], {}),
+           "tp2": ("0|1", ["--tensor-parallel-size", "2"], {})}
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = MLAFleet(tmp_path_factory.mktemp("mla"))
-    try:
-        wait_instances_up(f.http, set(f.engines))
+    with ConnectorFleet.running(model_dir("tiny-mla", arch="mla"),
+                                tmp_path_factory.mktemp("mla"), ENGINES) as f:
         yield f
-    finally:
-        f.local.stop_all()
 
 
 def prompt(seed: int) -> list[int]:
@@ -67,7 +44,9 @@ def prompt(seed: int) -> list[int]:
 
 
 def test_an_mla_engine_registers_its_latent_layout(fleet):
-    for i in fleet.http.get("/instances").json()["instances"]:
+    listed = fleet.instances()
+    assert set(listed) == set(ENGINES)
+    for i in listed.values():
         layout = i["layout"]
         assert (layout["kind"], layout["backend"], layout["num_kv_heads"],
                 layout["total_kv_heads"], layout["head_size"]) == ("mla", "cpu_mla", 1, 1, 576)
@@ -113,7 +92,7 @@ def test_a_tensor_parallel_mla_engine_is_one_store_that_every_rank_loads_from(fl
     """tp2 registers once, as one rank (its one store: rank 0's); rank 1 started no store or
     sidecar and loads from rank 0's; served again from that store after a prefix-cache reset
     (hits N-1, the same greedy output: rank 1's heads read the latent vectors it loaded)."""
-    listed = {i["instance_id"]: i for i in fleet.http.get("/instances").json()["instances"]}
+    listed = fleet.instances()
     assert listed["tp2"]["world_size"] == 1 and len(listed["tp2"]["ranks"]) == 1
     log = fleet.engines["tp2"].proc.log_path.read_text(errors="replace")
     assert log.count("kvmove (rank 1 of 2, MLA): loads from rank 0's store") == 1

@@ -24,74 +24,32 @@ from __future__ import annotations
 import random
 import time
 
-import httpx
 import pytest
 
-from tests.harness.api import LOC, lookup, wait_instances_up, wait_lookup
-from tests.harness.engines import Engine, chunk_keys, connector_config, model_dir
-from tests.harness.processes import LocalCluster, free_port
+from tests.harness.api import LOC, lookup, wait_lookup
+from tests.harness.engines import ConnectorFleet, chunk_keys, model_dir
 
 N = 700
 CHUNK = 256
 
 
-def consecutive_ports() -> int:
-    """A free port whose successor is free too (rank 1's)."""
-    while True:
-        p, q = free_port(), free_port()
-        if q == p + 1:
-            return p
-
-
-class TensorParallelFleet:
-    """A controller, two TP=2 engines, ``tp2a`` and ``tp2b`` (vLLM's default block size),
-    sharing the machine's two cores (``VLLM_CPU_OMP_THREADS_BIND="0|1"``: rank r on core r),
-    and ``one32``, without tensor parallelism, with 32-token blocks (core 0). ``tp2a`` saves
-    in the background (``save_mode: background``: a saver thread per rank, chunks committed
-    once copied, reused blocks fenced — the path a GPU engine's side stream takes); the others
-    save inline."""
-
-    def __init__(self, workdir):
-        self.local = LocalCluster(model_dir(), workdir)
-        port, pull, reply = free_port(), free_port(), free_port()
-        self.controller = self.local.start_controller(port, pull, reply)
-        self.engines: dict[str, Engine] = {}
-        self.sidecar_ports: dict[str, int] = {}
-        for iid, cpu, args, save_mode in (
-                ("tp2a", "0|1", ["--tensor-parallel-size", "2"], "background"),
-                ("tp2b", "0|1", ["--tensor-parallel-size", "2"], "inline"),
-                ("one32", "0", ["--block-size", "32"], "auto")):
-            http, sidecar = free_port(), consecutive_ports()
-            extra = connector_config(iid, http, pull, reply, sidecar_port=sidecar,
-                                     p2p_init_port=consecutive_ports(), chunk_size=CHUNK,
-                                     save_mode=save_mode)
-            proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
-                                           extra_args=args,
-                                           env={"VLLM_SERVER_DEV_MODE": "1"})  # /reset_prefix_cache
-            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}",
-                                       str(self.local.model_dir))
-            self.sidecar_ports[iid] = sidecar
-        self.local.wait_ready(self.controller, timeout=60)
-        for e in self.engines.values():
-            self.local.wait_ready(e.proc, timeout=400)
-        self.http = httpx.Client(base_url=self.controller.url, timeout=60)
-
-    def rank_get(self, iid: str, rank: int, path: str) -> httpx.Response:
-        """GET ``path`` from rank ``rank``'s sidecar of engine ``iid``."""
-        return httpx.get(f"http://127.0.0.1:{self.sidecar_ports[iid] + rank}{path}", timeout=10)
-
-    def instances(self) -> dict[str, dict]:
-        return {i["instance_id"]: i for i in self.http.get("/instances").json()["instances"]}
+# A controller, two TP=2 engines, ``tp2a`` and ``tp2b`` (vLLM's default block size), sharing
+# the machine's two cores (rank r on core r), and ``one32``, without tensor parallelism, with
+# 32-token blocks (core 0). ``tp2a`` saves in the background (``save_mode: background``: a
+# saver thread per rank, chunks committed once copied, reused blocks fenced — the path a GPU
+# engine's side stream takes); the others save inline.
+ENGINES = {
+    "tp2a": ("0|1", ["--tensor-parallel-size", "2"],
+             {"chunk_size": CHUNK, "save_mode": "background"}),
+    "tp2b": ("0|1", ["--tensor-parallel-size", "2"], {"chunk_size": CHUNK, "save_mode": "inline"}),
+    "one32": ("0", ["--block-size", "32"], {"chunk_size": CHUNK, "save_mode": "auto"}),
+}
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    f = TensorParallelFleet(tmp_path_factory.mktemp("tp2"))
-    try:
-        wait_instances_up(f.http, set(f.engines))
+    with ConnectorFleet.running(model_dir(), tmp_path_factory.mktemp("tp2"), ENGINES) as f:
         yield f
-    finally:
-        f.local.stop_all()
 
 
 def test_each_engine_saves_as_configured(fleet):

@@ -3,6 +3,7 @@ it, and the seed's cluster (a controller and two engines on the seed's ports).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import ssl
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import httpx
 
@@ -110,6 +112,75 @@ def connector_config(instance_id: str, http_port: int, pull: int, reply: int,
             "controller_reply_url": f"localhost:{reply}", "sidecar_port": free_port(),
             "p2p_init_port": free_port(), "engine_url": f"http://127.0.0.1:{http_port}",
             "max_local_cpu_size": 0.25} | over
+
+
+def consecutive_ports() -> int:
+    """A free port whose successor is free too (a tensor-parallel engine's rank 1 takes it)."""
+    while True:
+        p, q = free_port(), free_port()
+        if q == p + 1:
+            return p
+
+
+class ConnectorFleet:
+    """A controller and engines with the connector on this host, started together.
+
+    Args:
+        model: the model directory every engine serves.
+        workdir: where their logs go.
+        engines: ``{instance_id: (cpus, vLLM arguments, connector config keys)}`` — cpus as
+            ``VLLM_CPU_OMP_THREADS_BIND`` takes them ("0|1": rank r on core r). Each engine's
+            sidecar and NIXL metadata ports are followed by a free one (rank 1's), and it
+            serves ``/reset_prefix_cache`` (``VLLM_SERVER_DEV_MODE``).
+    """
+
+    def __init__(self, model: Path, workdir: Path,
+                 engines: dict[str, tuple[str, list[str], dict[str, Any]]]):
+        self.local = LocalCluster(model, workdir)
+        try:
+            self._start(engines)
+        except BaseException:  # a failed start stops what it started
+            self.local.stop_all()
+            raise
+
+    def _start(self, engines: dict[str, tuple[str, list[str], dict[str, Any]]]) -> None:
+        port, pull, reply = free_port(), free_port(), free_port()
+        self.controller = self.local.start_controller(port, pull, reply)
+        self.engines: dict[str, Engine] = {}
+        self.sidecar_ports: dict[str, int] = {}
+        for iid, (cpu, args, keys) in engines.items():
+            http, sidecar = free_port(), consecutive_ports()
+            extra = connector_config(iid, http, pull, reply, sidecar_port=sidecar,
+                                     p2p_init_port=consecutive_ports(), **keys)
+            proc = self.local.start_engine(iid, http, cpu=cpu, extra_config=extra,
+                                           extra_args=args,
+                                           env={"VLLM_SERVER_DEV_MODE": "1"})
+            self.engines[iid] = Engine(iid, proc, f"http://127.0.0.1:{sidecar}",
+                                       str(self.local.model_dir))
+            self.sidecar_ports[iid] = sidecar
+        self.local.wait_ready(self.controller, timeout=60)
+        for e in self.engines.values():
+            self.local.wait_ready(e.proc, timeout=400)
+        self.http = httpx.Client(base_url=self.controller.url, timeout=60)
+
+    def rank_get(self, iid: str, rank: int, path: str) -> httpx.Response:
+        """GET ``path`` from rank ``rank``'s sidecar of engine ``iid``."""
+        return httpx.get(f"http://127.0.0.1:{self.sidecar_ports[iid] + rank}{path}", timeout=10)
+
+    def instances(self) -> dict[str, dict]:
+        return {i["instance_id"]: i for i in self.http.get("/instances").json()["instances"]}
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, *args: Any) -> Iterator["ConnectorFleet"]:
+        """A fleet whose engines are all up at the controller, stopped (every process, by
+        PID) when the block ends — a module fixture's body."""
+        fleet = cls(*args)
+        try:
+            wait_instances_up(fleet.http, set(fleet.engines))
+            yield fleet
+        finally:
+            fleet.local.stop_all()
 
 
 def chunk_keys(http, tokens: list[int], instance_id: str) -> list[str]:
